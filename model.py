@@ -1,0 +1,370 @@
+"""
+The GPT of the book (§4.1), plus the few things every script needs with it.
+
+    from model import GPT, GPTConfig, get_tokenizer
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128))
+    logits = model(idx)                    # (B, T, vocab_size)
+    loss = model(idx, targets, loss_mask)  # scalar, mean over masked target tokens
+    h = model.hidden_states(idx)           # (B, T, n_embd): reward model and critic put scalar heads here
+
+What is here, top to bottom:
+  §4.1.2 sinusoidal positional encoding   sinusoidal_positions()
+  §4.1.3 layer normalisation, written out LayerNorm
+  §4.1.1 causal self-attention            CausalSelfAttention (readable math path + fused SDPA path)
+         KV cache for incremental decoding KVCache
+         the transformer                   Block, GPT
+  tokenizer (GPT-2 BPE, offline), chat format, atomic checkpoint save / checked load.
+
+What it simplifies: no rotary or learned positions, no grouped-query attention, no mixture of experts;
+one attention implementation switch (`use_sdpa`) instead of a zoo of kernels.
+
+Left padding. Batched generation puts prompts of different lengths in one tensor by padding them on the
+left; `pad` (B,) says how many pad tokens each row starts with. Pad tokens are never attended to and
+positions count from each row's first real token, so a padded row computes exactly what it would alone.
+"""
+import math
+import os
+import tempfile
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257   # GPT-2 BPE: 50256 merges + <|endoftext|>
+    block_size: int = 256     # longest sequence (context window) the model is trained on
+    n_layer: int = 4          # transformer blocks
+    n_head: int = 4           # attention heads per block
+    n_embd: int = 128         # model width d_model
+    dropout: float = 0.0      # dropout on embeddings, attention weights and residual branches
+    bias: bool = True         # biases in Linear layers and LayerNorm beta
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4.1.2 Sinusoidal positional encoding
+#   PE(pos, 2i)   = sin(pos / 10000^(2i/d_model))
+#   PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))
+# Nothing is learned; any position up to max_len can be encoded.
+
+def sinusoidal_positions(max_len, d_model):
+    pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)             # (max_len, 1)
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float32)                  # (d_model/2,)
+    angle = pos / (10000.0 ** (two_i / d_model))                              # (max_len, d_model/2)
+    pe = torch.zeros(max_len, d_model)                                        # (max_len, d_model)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle)
+    return pe
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4.1.3 Layer normalisation: y = gamma * (x - mean) / sqrt(var + eps) + beta, over the last dimension.
+# Written out so a student sees every step; a test checks it equals F.layer_norm.
+
+class LayerNorm(nn.Module):
+    def __init__(self, d, bias=True, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))                             # gamma
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None            # beta
+
+    def forward(self, x):                                                     # x: (..., d)
+        mean = x.mean(dim=-1, keepdim=True)                                   # (..., 1)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)                     # (..., 1) biased, as in the paper
+        x_hat = (x - mean) / torch.sqrt(var + self.eps)                       # (..., d)
+        y = self.weight * x_hat                                               # (..., d)
+        return y + self.bias if self.bias is not None else y
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache: keys and values of every position seen so far, so decoding token t costs O(t), not O(t^2).
+
+class KVCache:
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device=None, dtype=torch.float32):
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)               # (L, B, nh, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)               # (L, B, nh, max_len, hs)
+        self.pos = 0                                                          # positions filled so far
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, nh, T, hs) for `layer`; return all keys/values so far."""
+        T = k.size(2)
+        if self.pos + T > self.k.size(3):
+            raise ValueError(f"KV cache is full: {self.pos} + {T} > {self.k.size(3)} positions")
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nh, pos+T, hs)
+
+
+def attention_mask(T_q, offset, pad, device):
+    """Boolean mask (B or 1, 1, T_q, offset+T_q): True where query i may attend to key j.
+
+    Causal (j <= i) and, with left padding, never to a pad key. Each position may always attend to
+    itself, so a pad query (whose output is ignored) still has one key and the softmax has no NaN."""
+    q_pos = offset + torch.arange(T_q, device=device)                         # (T_q,)
+    k_pos = torch.arange(offset + T_q, device=device)                         # (T_k,)
+    mask = k_pos[None, :] <= q_pos[:, None]                                   # (T_q, T_k) causal
+    if pad is not None:
+        real = k_pos[None, None, :] >= pad[:, None, None]                     # (B, 1, T_k) key is not padding
+        mask = (mask[None] & real) | (k_pos[None, :] == q_pos[:, None])[None]  # (B, T_q, T_k)
+    else:
+        mask = mask[None]                                                     # (1, T_q, T_k)
+    return mask.unsqueeze(1)                                                  # (B|1, 1, T_q, T_k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4.1.1 Causal self-attention: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + causal mask) V
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head, self.layer = cfg.n_head, layer
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)      # W_Q, W_K, W_V in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)         # W_O
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.use_sdpa = True   # False: the explicit math path below (same result, slower; edit it freely)
+
+    def forward(self, x, mask=None, cache=None):
+        B, T, C = x.shape                                                     # (B, T, d)
+        hs = C // self.n_head
+        q, k, v = self.qkv(x).split(C, dim=2)                                 # 3 x (B, T, d)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)                     # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)                     # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)                     # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)                             # (B, nh, T_k, hs), T_k >= T
+        p = self.dropout if self.training else 0.0
+        if self.use_sdpa:  # fused kernel (flash / memory-efficient attention on GPU)
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        else:  # the formula, step by step
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)                   # (B, nh, T, T_k)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
+            att = att.masked_fill(~mask, float("-inf"))                       # (B, nh, T, T_k)
+            att = F.softmax(att, dim=-1)                                      # (B, nh, T, T_k)
+            att = F.dropout(att, p=p, training=self.training)
+            y = att @ v                                                       # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                      # (B, T, d) heads side by side
+        return self.resid_drop(self.proj(y))                                  # (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):                                                     # (B, T, d)
+        return self.drop(self.proj(F.gelu(self.fc(x))))                      # (B, T, d) via (B, T, 4d)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask=None, cache=None):                              # (B, T, d)
+        x = x + self.attn(self.ln_1(x), mask, cache)                          # (B, T, d)
+        return x + self.mlp(self.ln_2(x))                                     # (B, T, d)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)                   # token embedding
+        self.register_buffer("pe", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                                 # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():                               # GPT-2: scale residual outputs
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+    def set_sdpa(self, on):
+        """Switch every attention layer between the fused SDPA kernel and the explicit math path."""
+        for block in self.blocks:
+            block.attn.use_sdpa = on
+
+    def new_cache(self, batch_size, max_len=None):
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
+                       device=self.wte.weight.device, dtype=self.wte.weight.dtype)
+
+    def hidden_states(self, idx, pad=None, cache=None):
+        """Final hidden states after ln_f, (B, T, d). `pad` (B,): left-pad count per row. With `cache`,
+        idx holds only the new tokens; their keys/values are appended to the cache."""
+        B, T = idx.shape
+        offset = cache.pos if cache is not None else 0
+        if offset + T > self.config.block_size:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
+        pos = offset + torch.arange(T, device=idx.device)                     # (T,)
+        if pad is not None:
+            pos = (pos[None, :] - pad[:, None]).clamp(min=0)                  # (B, T) count from first real token
+        mask = None                                                           # None means plain causal
+        if pad is not None or offset > 0:
+            mask = attention_mask(T, offset, pad, idx.device)                 # (B|1, 1, T, offset+T)
+        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.pe[pos]      # (B, T, d) §4.1.2 scale by sqrt(d)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, mask, cache)                                         # (B, T, d)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)                                                   # (B, T, d)
+
+    def forward(self, idx, targets=None, loss_mask=None, pad=None, cache=None):
+        """Without targets: logits (B, T, vocab). With targets (B, T): mean cross-entropy over the
+        positions where loss_mask (B, T) is True (all positions if it is None). Only those positions go
+        through the vocabulary projection, which is most of the cost on a CPU."""
+        h = self.hidden_states(idx, pad, cache)                               # (B, T, d)
+        if targets is None:
+            return self.lm_head(h)                                            # (B, T, V)
+        if loss_mask is None:
+            loss_mask = torch.ones_like(targets, dtype=torch.bool)
+        h_sel = h[loss_mask]                                                  # (N, d) N = trained tokens
+        logits = self.lm_head(h_sel)                                          # (N, V)
+        return F.cross_entropy(logits.float(), targets[loss_mask])            # scalar
+
+
+def param_groups(module, weight_decay):
+    """AdamW groups: decay matrices; no decay on gains, biases (1-D) or the (tied) token embedding."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "wte" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken's GPT-2 BPE, built from the vendored file so nothing is ever downloaded.
+
+TOKENIZER_FILE = os.path.join(HERE, "data", "gpt2.tiktoken")
+TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = 50256  # <|endoftext|>: ends every reply
+_tokenizer = None
+
+
+def get_tokenizer(path=TOKENIZER_FILE, expected_hash=TOKENIZER_SHA256):
+    global _tokenizer
+    if _tokenizer is not None and path == TOKENIZER_FILE:
+        return _tokenizer
+    import hashlib
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer file {path} is missing (it ships in data/; restore it with git)")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != expected_hash:
+        raise ValueError(f"tokenizer file {path} has sha256 {digest}, expected {expected_hash}: "
+                         "the file is corrupt or not GPT-2's BPE")
+    ranks = load_tiktoken_bpe(path, expected_hash=expected_hash)
+    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+    if path == TOKENIZER_FILE:
+        _tokenizer = enc
+    return enc
+
+
+# Chat format: Anthropic HH-RLHF transcripts, "\n\nHuman: ...\n\nAssistant: ...". A reply is encoded as
+# " " + text + <|endoftext|>, so a prompt always ends with "Assistant:" and a reply starts with a space.
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def format_prompt(turns):
+    """turns: list of strings, alternating human, assistant, human, ... ending with a human turn.
+    Returns the transcript text ending in "\\n\\nAssistant:" ready for the model to reply."""
+    if isinstance(turns, str):
+        turns = [turns]
+    text = ""
+    for i, t in enumerate(turns):
+        text += (HUMAN if i % 2 == 0 else ASSISTANT) + " " + t.strip()
+    return text + ASSISTANT
+
+
+def encode_reply(enc, reply):
+    return enc.encode_ordinary(" " + reply.strip()) + [EOT]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: one dict per file; written atomically (temp file + rename, so a crash mid-write never
+# leaves a half file) and loaded with weights_only=True (a checkpoint cannot run code).
+
+def save_checkpoint(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, made_by, map_location="cpu"):
+    """Load a checkpoint dict; `made_by` names the script that writes it, for the error message."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: run `python {made_by}` first to create it")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                         f"re-create it with `python {made_by}`") from None
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint of this project (no 'model_args'/'model'); "
+                         f"re-create it with `python {made_by}`")
+    return ckpt
+
+
+def config_from_dict(d):
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
+    return GPTConfig(**d)
+
+
+def gpt_from_checkpoint(ckpt, prefix=""):
+    """Rebuild a GPT from a checkpoint dict; `prefix` selects a sub-module's weights (e.g. 'body.')."""
+    cfg = config_from_dict(ckpt["model_args"])
+    model = GPT(cfg)
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}       # saved from a compiled model
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not match its config {asdict(cfg)}: {e}") from None
+    return model
