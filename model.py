@@ -250,6 +250,7 @@ class GPT(nn.Module):
             return self.lm_head(h)                                            # (B, T, V)
         if loss_mask is None:
             loss_mask = torch.ones_like(targets, dtype=torch.bool)
+        loss_mask = loss_mask.bool()  # a 0/1 integer mask (e.g. the uint8 *_mask.bin data) would index, not select
         h_sel = h[loss_mask]                                                  # (N, d) N = trained tokens
         logits = self.lm_head(h_sel)                                          # (N, V)
         return F.cross_entropy(logits.float(), targets[loss_mask])            # scalar
@@ -316,6 +317,36 @@ def format_prompt(turns):
 
 def encode_reply(enc, reply):
     return enc.encode_ordinary(" " + reply.strip()) + [EOT]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings: every script keeps its settings in a dataclass at the top and reads flags with this.
+
+def parse_settings(cls, presets=None, argv=None, doc=None):
+    """Command-line flags from a settings dataclass: every field becomes `--name value` (also `--name-with-dashes`)
+    whose help is the field's comment; `--flag` alone sets a bool. If `presets` is given (name -> dict of
+    field values) the chosen preset ("auto" = gpu if CUDA is available, else cpu) fills in the fields the
+    command line did not set."""
+    import argparse
+    import inspect
+    import re
+    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        is_bool = f.type is bool
+        names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
+        parser.add_argument(*sorted(names), dest=f.name, default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {f.default})",
+                            type=(lambda v: v.lower() in ("1", "true", "yes", "on")) if is_bool else f.type,
+                            nargs="?" if is_bool else None, const=True if is_bool else None)  # --resume == --resume true
+    given = vars(parser.parse_args(argv))
+    if presets is None:
+        return cls(**given)
+    preset = given.get("preset", cls.preset)
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() and given.get("device", "auto") != "cpu" else "cpu"
+    if preset not in presets:
+        parser.error(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
+    return cls(**{**presets[preset], **given, "preset": preset})
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,413 @@
+"""
+Turn Shakespeare's plays into (prompt, reply) dialogue turns, the SFT data of the book's chat model.
+
+    python data/prepare.py            # build data/cache/ once (a few seconds), print the counts
+    python data/prepare.py --force    # rebuild even if the cache exists
+    python data/prepare.py --plays    # also list the number of turns of every play
+
+    from data.prepare import prepare, load_turns, CACHE_DIR
+    meta = prepare()                  # builds data/cache/ if it is missing, returns meta.json as a dict
+    turns = load_turns("test")        # [{"work": "hamlet", "scene": 0, "prompt": "...", "reply": "..."}, ...]
+
+What it does, top to bottom:
+  1. read the 42 works (`*_gut.txt`) straight out of data/shakespeare.tar.xz (in memory, nothing downloaded);
+  2. parse_play(): drop the front matter and every [stage direction], split the text at ACT / SCENE lines,
+     find the speaker lines and collect each speech (verse line breaks become spaces);
+  3. turns_from_scenes(): two consecutive speeches by different speakers in the same scene make one turn,
+     prompt = the first speech, reply = the second (no turn crosses a scene);
+  4. cut long speeches at sentence boundaries to at most 64 GPT-2 tokens: a prompt keeps its END (the
+     words the reply answers), a reply keeps its BEGINNING;
+  5. split by whole play (held-out plays are never seen in training) and write, per split, data/cache/:
+       {split}.bin         uint16 token stream: format_prompt(prompt) tokens, then encode_reply(reply)
+                           tokens (reply + <|endoftext|>), turn after turn in play order
+       {split}_mask.bin    uint8, 1 on reply tokens incl. the EOT (what SFT trains on), 0 on prompt tokens
+       {split}_turns.jsonl one JSON object per turn: {"work", "scene", "prompt", "reply"} (plain text)
+     and meta.json (counts) last. Every file is written to a temp file and renamed, so an interrupted run
+     never leaves half a file, and meta.json only exists once everything else does.
+
+What it simplifies: a speaker is recognised by the layout of the line alone (no cast list), so a rare
+short speech line can be taken for a speaker or a speaker missed; speeches with no speaker (e.g. Gower's
+choruses in Pericles) are dropped, and unbracketed stage directions (a few in the Henry VI plays) are
+kept as speech. A turn is one exchange: no longer dialogue history is kept.
+"""
+import argparse
+import json
+import lzma
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # so `python data/prepare.py` finds model.py in the repo root
+    sys.path.insert(0, ROOT)
+from model import get_tokenizer, format_prompt, encode_reply  # noqa: E402
+
+TARBALL = os.path.join(HERE, "shakespeare.tar.xz")  # the vendored texts (see data/README.md)
+CACHE_DIR = os.path.join(HERE, "cache")             # generated files (git-ignored)
+MAX_TOKENS = 64                                     # longest prompt or reply text, in GPT-2 tokens
+VERSION = 1                                         # bump when the output changes, to rebuild old caches
+
+# Split by whole play, fixed lists. Test plays are well known, so they also give good demo prompts; the
+# held-out prompts used to evaluate the reward model and PPO come from test.
+VAL_PLAYS = ("macbeth", "much_ado_about_nothing")
+TEST_PLAYS = ("hamlet", "twelfth_night", "tempest")
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the archive
+
+def read_works(path=None):
+    """{work name: text} for every `*_gut.txt` in the archive, e.g. "hamlet" for shakespeare/hamlet_gut.txt.
+    A missing or unreadable archive raises an error that names the file."""
+    path = path or TARBALL
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: it ships with the repo (restore it with "
+                                f"`git checkout -- data/shakespeare.tar.xz`); see data/README.md")
+    works = {}
+    try:
+        with tarfile.open(path, "r:xz") as tar:
+            for member in tar.getmembers():
+                name = os.path.basename(member.name)
+                if member.isfile() and name.endswith("_gut.txt"):
+                    raw = tar.extractfile(member).read()
+                    works[name[:-len("_gut.txt")]] = raw.decode("utf-8", errors="replace")
+    except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable .tar.xz archive ({type(e).__name__}: {e})") from None
+    if not works:
+        raise ValueError(f"{path} holds no shakespeare/*_gut.txt files")
+    return dict(sorted(works.items()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing one play. Layout of the texts:
+#
+#   ACT I.                                   <- heading: ACT / SCENE / PROLOGUE / EPILOGUE / INDUCTION
+#
+#   Scene I. Elsinore. A platform ...        <- heading
+#
+#   [Francisco at his post. Enter ...]       <- stage direction, dropped (may span lines, or sit inline)
+#
+#   Ber.                                     <- speaker line: after a blank line, before a speech line
+#   Who's there?                             <- speech
+#
+#   KING. Ay, that is ...                    <- some plays: CAPS speaker and speech on one line
+
+ACT_RE = re.compile(r"^(ACT|Act)\s+([IVX]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b")  # ACT I. / ACT FIRST
+SCENE_RE = re.compile(r"^(SCENE|Scene)\s+([IVXLC]+|\d+)\b")       # SCENE II. / Scene I.--Athens
+SECTION_RE = re.compile(r"^(PROLOGUE|EPILOGUE|INDUCTION)\.?$")    # a heading only if a blank line follows
+# Speaker names: 1-4 words, maybe numbered ("1 Clown."), maybe several ("CAESAR, ANTONY, and LEPIDUS.").
+NUM, SEP = r"(\d\.? )?", r",? "                                   # "1 " or "1. "; words apart by " " or ", "
+TITLE_WORD = r"([A-Z][\w'-]*\.?|of|and|the|de|du|la|&)"           # Lady / M. / of
+CAPS_WORD = r"([A-Z][A-Z'-]*\.?|of|and|&)"                        # FIRST / LORD. / and
+TITLE_SPEAKER_RE = re.compile(rf"^{NUM}[A-Z][\w'-]*\.?({SEP}{TITLE_WORD}){{0,3}}\.$")  # Ber. / Lady M.
+CAPS_SPEAKER_RE = re.compile(rf"^{NUM}[A-Z][A-Z'-]+\.?({SEP}{CAPS_WORD}){{0,3}}$")     # THESEUS / FIRST LORD.
+# "KING. Ay, that is ...": CAPS name, '.', then speech that starts with no lowercase letter but has one
+CAPS_INLINE_RE = re.compile(rf"^(?P<name>{NUM}[A-Z][A-Z'-]+({SEP}([A-Z][A-Z'-]+|and|&)){{0,3}})\. +"
+                            r"(?P<speech>[^a-z].*[a-z].*)$")
+NUMERAL_RE = re.compile(r"^([IVX]{2,}|V|X)\.?$")                  # stanza number of a song: dropped
+BRACKET_RE = re.compile(r"\[[^\[\]]*\]")                         # one [stage direction] within a line
+
+
+def classify_lines(text):
+    """Split text into lines of (kind, text), kind one of "blank", "direction", "heading", "text", with
+    the stage directions removed: a line that held only a direction becomes kind "direction" with no
+    text. A direction opened with "[" and not closed on its line runs until "]" or a blank line."""
+    lines, in_direction = [], False
+    raw = [line.strip() for line in text.splitlines()]
+    for i, line in enumerate(raw):
+        if not line:
+            lines.append(("blank", ""))
+            in_direction = False                                   # an unclosed "[" ends at a blank line
+            continue
+        had_direction = in_direction or "[" in line or "]" in line
+        if in_direction:                                           # inside a multi-line [direction]
+            if "]" not in line:
+                lines.append(("direction", ""))
+                continue
+            line, in_direction = line.split("]", 1)[1], False      # keep what follows the "]"
+        line = BRACKET_RE.sub(" ", line)                           # inline [directions]
+        if "[" in line:                                            # a direction that goes on below
+            line, in_direction = line.split("[", 1)[0], True
+        line = " ".join(line.replace("]", " ").split())            # stray "]" and extra spaces
+        next_blank = i + 1 >= len(raw) or not raw[i + 1]
+        if not line or NUMERAL_RE.match(line):
+            lines.append(("direction" if had_direction or line else "blank", ""))
+        elif ACT_RE.match(line) or SCENE_RE.match(line) or (SECTION_RE.match(line) and next_blank):
+            lines.append(("heading", line))
+        elif lines and lines[-1][0] == "heading":                  # a scene heading's second line
+            lines.append(("heading", line))
+        else:
+            lines.append(("text", line))
+    return lines
+
+
+def speaker_name(line):
+    """The speaker's name if the line looks like one (1-4 words: Title-case ending in '.', or ALL CAPS),
+    else None. Whether it stands where a speaker line can stand is checked by parse_play."""
+    if TITLE_SPEAKER_RE.match(line) or CAPS_SPEAKER_RE.match(line):
+        return line.rstrip(".")
+    return None
+
+
+def parse_play(text):
+    """List of scenes, each a list of (speaker, speech) in order. The front matter before the first
+    heading (the cast list) is dropped; every heading starts a new scene; consecutive speeches of one
+    speaker (split only by a stage direction) are merged. Text without headings or speakers gives [].
+
+    A speaker line stands after a blank line (or a stage direction or heading) and
+      - looks like a name (speaker_name) and the next line (directions skipped) is speech, or
+      - is an ALL-CAPS name ending in '.' followed by blank lines / directions and then a line that is
+        speech, not another name (a few plays put a blank line between speaker and speech), or
+      - is "KING. Ay, that is ...": ALL-CAPS name and speech on one line.
+    So a one-line speech like "He." right below its speaker line is never taken for a speaker."""
+    lines = classify_lines(text)
+    scenes, scene, speaker, speech = [], [], None, []
+
+    def end_speech():
+        if speaker is not None and speech:
+            words = " ".join(speech)
+            if scene and scene[-1][0] == speaker:                  # same speaker again: one speech
+                scene[-1] = (speaker, scene[-1][1] + " " + words)
+            else:
+                scene.append((speaker, words))
+
+    def next_line(i, skip):                                        # first line after i of a kind not in skip
+        for j in range(i + 1, len(lines)):
+            if lines[j][0] not in skip:
+                return lines[j]
+        return "blank", ""
+
+    def is_speaker(i, line):
+        if speaker_name(line) is None:
+            return False
+        kind, after = next_line(i, skip=("direction",))
+        if kind == "text":                                         # "Ber." / "Who's there?"
+            return True
+        kind, after = next_line(i, skip=("direction", "blank"))   # "NESTOR." / "" / "[Aside]" / "And yet..."
+        return (CAPS_SPEAKER_RE.match(line) is not None and line.endswith(".") and kind == "text"
+                and speaker_name(after) is None and CAPS_INLINE_RE.match(after) is None)
+
+    started = False
+    for i, (kind, line) in enumerate(lines):
+        if kind == "heading":                                      # ACT / SCENE: the dialogue restarts
+            end_speech()
+            if scene:
+                scenes.append(scene)
+            scene, speaker, speech, started = [], None, [], True
+            continue
+        if not started or kind != "text":                          # front matter; blank or direction
+            continue
+        at_start = i == 0 or lines[i - 1][0] != "text"             # after a blank/direction/heading line
+        inline = CAPS_INLINE_RE.match(line)
+        if inline:                                                 # "KING. Ay, that is ..."
+            end_speech()
+            speaker, speech = inline["name"], [inline["speech"]]
+        elif at_start and is_speaker(i, line):                     # "Ber." then the speech below
+            end_speech()
+            speaker, speech = speaker_name(line), []
+        elif speaker is not None:                                  # a speech line (lines with no
+            speech.append(line)                                    # speaker yet are dropped)
+    end_speech()
+    if scene:
+        scenes.append(scene)
+    return scenes
+
+
+def turns_from_scenes(scenes):
+    """(prompt, reply, scene index) for every two consecutive speeches by different speakers."""
+    turns = []
+    for s, scene in enumerate(scenes):
+        for (who_a, said_a), (who_b, said_b) in zip(scene, scene[1:]):
+            if who_a != who_b:
+                turns.append((said_a, said_b, s))
+    return turns
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cutting long speeches to at most max_tokens tokens. Length is counted as the text is encoded in the
+# stream, with its leading space: len(enc.encode_ordinary(" " + text)).
+
+# A sentence ends after . ! ? ; or : and a space, maybe with a closing quote ("night.' Go") or a dash
+# ("a fool!--I met") in between.
+SENTENCE_END_RE = re.compile(r"(?<=[.!?;:])\s+|(?<=[.!?;:]['\")])\s+|(?<=[.!?;:]--)\s*")
+
+
+def n_tokens(enc, text):
+    """Tokens of text as it sits in the stream, after a space: "Human: <prompt>", "Assistant: <reply>"."""
+    return len(enc.encode_ordinary(" " + text))
+
+
+def _cut(text, enc, max_tokens, keep_end):
+    """Keep the longest run of whole sentences from the start (or the end) of text that fits."""
+    text = " ".join(text.split())
+    if n_tokens(enc, text) <= max_tokens:
+        return text
+    bounds = list(SENTENCE_END_RE.finditer(text))   # each match sits between two sentences
+    if keep_end:                                    # suffixes, longest first: the first that fits
+        for m in bounds:
+            if m.end() < len(text) and n_tokens(enc, text[m.end():]) <= max_tokens:
+                return text[m.end():]
+    else:                                           # prefixes, shortest first: the last that fits
+        best = None
+        for m in bounds:
+            if n_tokens(enc, text[:m.start()]) > max_tokens:
+                break
+            best = text[:m.start()]
+        if best:
+            return best
+    # Not even one sentence fits: cut by tokens, then drop the word the cut went through (if it did not
+    # fall on a space), and more words in the rare case that re-encoding the cut text grew it.
+    tokens = enc.encode_ordinary(" " + text)
+    if keep_end:
+        kept = enc.decode(tokens[-max_tokens:])
+        partial = not kept.startswith(" ")                                     # "...lov|'d him half"
+    else:
+        kept = enc.decode(tokens[:max_tokens])
+        partial = not enc.decode(tokens[max_tokens:]).startswith(" ")          # "...the cuck|old"
+    words = kept.split()
+    while len(words) > 1 and (partial or n_tokens(enc, " ".join(words)) > max_tokens):
+        words = words[1:] if keep_end else words[:-1]
+        partial = False
+    return " ".join(words)
+
+
+def cut_reply(text, enc, max_tokens=MAX_TOKENS):
+    """A reply keeps its BEGINNING: the first whole sentences that fit in max_tokens."""
+    return _cut(text, enc, max_tokens, keep_end=False)
+
+
+def cut_prompt(text, enc, max_tokens=MAX_TOKENS):
+    """A prompt keeps its END: the last whole sentences (what the reply answers) that fit."""
+    return _cut(text, enc, max_tokens, keep_end=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token stream and mask
+
+def encode_turn(enc, prompt, reply):
+    """Token ids and loss mask of one turn: prompt in chat format (mask 0), reply + EOT (mask 1)."""
+    p = enc.encode_ordinary(format_prompt(prompt))
+    r = encode_reply(enc, reply)
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def split_of(work):
+    return "test" if work in TEST_PLAYS else "val" if work in VAL_PLAYS else "train"
+
+
+def _write_atomic(path, data):
+    """Write bytes to path via a temp file in the same folder and a rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)                                       # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _outputs(cache_dir):
+    files = [f"{s}{ext}" for s in SPLITS for ext in (".bin", "_mask.bin", "_turns.jsonl")]
+    return [os.path.join(cache_dir, f) for f in files]
+
+
+def prepare(force=False, verbose=True):
+    """Build data/cache/ from data/shakespeare.tar.xz unless it is already there; return meta.json."""
+    meta_path = os.path.join(CACHE_DIR, "meta.json")
+    if not force and os.path.exists(meta_path) and all(os.path.exists(p) for p in _outputs(CACHE_DIR)):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("version") == VERSION:
+                return meta
+        except (OSError, ValueError):
+            pass                                                   # unreadable meta.json: rebuild
+    t0 = time.time()
+    if verbose:
+        print(f"building {CACHE_DIR} from {TARBALL} ...")
+    works = read_works(TARBALL)
+    missing = [w for w in VAL_PLAYS + TEST_PLAYS if w not in works]
+    if missing:
+        raise ValueError(f"{TARBALL} has no play(s) {missing} named in VAL_PLAYS / TEST_PLAYS")
+    enc = get_tokenizer()
+
+    # parse every work, cut the speeches, group the turns by split (in play order)
+    turns = {s: [] for s in SPLITS}
+    turns_per_play = {}
+    for work, text in works.items():
+        n = 0
+        for prompt, reply, scene in turns_from_scenes(parse_play(text)):
+            prompt, reply = cut_prompt(prompt, enc), cut_reply(reply, enc)
+            if prompt and reply:                                   # skip turns emptied by cleaning
+                turns[split_of(work)].append({"work": work, "scene": scene, "prompt": prompt, "reply": reply})
+                n += 1
+        if n:
+            turns_per_play[work] = n
+
+    # token stream + mask per split; meta.json last (removed first, so a rebuild cut short leaves none)
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    meta = {"version": VERSION, "source": os.path.basename(TARBALL), "max_tokens": MAX_TOKENS,
+            "works_read": len(works), "plays_with_dialogue": len(turns_per_play),
+            "val_plays": list(VAL_PLAYS), "test_plays": list(TEST_PLAYS),
+            "turns": {}, "tokens": {}, "reply_tokens": {}, "turns_per_play": turns_per_play}
+    for split in SPLITS:
+        ids, mask = [], []
+        for t in turns[split]:
+            i, m = encode_turn(enc, t["prompt"], t["reply"])
+            ids += i
+            mask += m
+        _write_atomic(os.path.join(CACHE_DIR, f"{split}.bin"), np.array(ids, dtype=np.uint16).tobytes())
+        _write_atomic(os.path.join(CACHE_DIR, f"{split}_mask.bin"), np.array(mask, dtype=np.uint8).tobytes())
+        lines = "".join(json.dumps(t) + "\n" for t in turns[split])
+        _write_atomic(os.path.join(CACHE_DIR, f"{split}_turns.jsonl"), lines.encode("utf-8"))
+        meta["turns"][split] = len(turns[split])
+        meta["tokens"][split] = len(ids)
+        meta["reply_tokens"][split] = int(sum(mask))
+    meta["seconds"] = round(time.time() - t0, 1)
+    _write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    if verbose:
+        print_counts(meta)
+    return meta
+
+
+def load_turns(split):
+    """The turns of one split: a list of {"work", "scene", "prompt", "reply"}. Builds the cache if needed."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    prepare(verbose=False)
+    path = os.path.join(CACHE_DIR, f"{split}_turns.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def print_counts(meta):
+    print(f"{meta['works_read']} works read, {meta['plays_with_dialogue']} plays with dialogue "
+          f"(built in {meta.get('seconds', '?')} s)")
+    print(f"{'split':<6} {'plays':>5} {'turns':>7} {'tokens':>9} {'reply tokens':>13}")
+    for s in SPLITS:
+        plays = sum(split_of(w) == s for w in meta["turns_per_play"])
+        print(f"{s:<6} {plays:>5} {meta['turns'][s]:>7} {meta['tokens'][s]:>9} {meta['reply_tokens'][s]:>13}")
+    print(f"val: {', '.join(meta['val_plays'])}   test: {', '.join(meta['test_plays'])}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Build data/cache/ (SFT turns) from data/shakespeare.tar.xz.")
+    ap.add_argument("--force", action="store_true", help="rebuild even if data/cache/meta.json exists")
+    ap.add_argument("--plays", action="store_true", help="also print the number of turns of every play")
+    args = ap.parse_args()
+    meta = prepare(force=args.force, verbose=False)
+    print_counts(meta)
+    if args.plays:
+        for work, n in meta["turns_per_play"].items():
+            print(f"  {work:<36} {n:>5} turns ({split_of(work)})")

@@ -1,0 +1,360 @@
+"""
+The maths of PPO for RLHF (§3.1 PPO, §3.3 policy optimisation, §4.2 the update), written once.
+train_ppo.py imports these; each is a short pure function with a test against hand-worked numbers or a
+plain Python loop in tests/test_ppo.py (run: python -m pytest -q tests/test_ppo.py).
+
+What is here, top to bottom:
+  log-probs of sampled tokens, a chunk of rows at a time    logprobs_from_hidden, response_logprobs
+  critic values of the response states                      response_values
+  KL estimators k1, k3 and the KL-penalty coefficient        kl_k1, kl_k3, AdaptiveKLController, FixedKLController
+  per-token rewards (-beta * KL, score at the last token)     per_token_rewards, apply_no_eos_penalty
+  §4.2.3 generalised advantage estimation                    gae, gae_fn
+  masked statistics and advantage whitening                  masked_mean, masked_var, whiten
+  §4.2.1-4.2.2 clipped surrogate, clipped value loss         ppo_loss, ppo_loss_fn
+  diagnostics                                                explained_variance
+
+Shapes. A rollout is `seq` (B, P+R): left-padded prompts (`pad` (B,) pad tokens at the start of each row),
+then R response tokens. `resp_mask` (B, R) is True on the generated tokens up to and including the first
+EOT (a prefix of each row). Every per-token tensor (logprobs, ref_logprobs, values, rewards, advantages,
+returns) is (B, R) and lines up with the response tokens. Masked positions never influence any result:
+they are replaced by zero with torch.where before any arithmetic, so even inf there does no harm.
+
+Two different KLs, measured against two different policies:
+  * the reward penalty (per_token_rewards) is KL(pi || pi_ref) against the FROZEN SFT reference model,
+    estimated per token with k1 = log pi - log pi_ref on the tokens the policy sampled. It keeps the
+    policy close to the model it started from, so it cannot drift into reward-model exploits.
+  * approx_kl (ppo_loss stats) is KL(pi_old || pi_theta) between the policy that produced the rollout
+    (old_logprobs) and the policy being updated now, estimated with k3. It only measures how far one
+    PPO update has moved the policy (a health check, often used for early stopping).
+
+What it simplifies: one response per prompt and a single reward at the end (no per-step rewards from the
+reward model); the KL penalty is the per-token k1 (no k2, no full-distribution KL); rows are episodes
+that end at the first EOT (or at the token budget, see apply_no_eos_penalty); no reward clipping or
+value-head normalisation; all averages are plain masked means over every valid token of the (mini)batch.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probabilities of the sampled tokens, log pi(a_t | s_t), the quantity every PPO formula is built on.
+#
+# Temperature: the rollout sampled from softmax(logits / temperature), so the policy pi whose probability
+# ratios PPO takes (§4.2.1) IS that tempered distribution. Computing log-probs at another temperature
+# would score the tokens under a distribution we never sampled from: the ratio would not be 1 before the
+# first update and the KL penalty would be wrong. So policy, old policy and reference all use the SAME
+# temperature as sampling. (Top-k / top-p change the distribution too: sample PPO rollouts without them.)
+#
+# Memory: B*T rows times a 50257-word vocabulary is large ((64*128) x 50257 float32 = 1.6 GB). We go
+# through the rows chunk_size at a time, in the forward pass and again in the backward pass, where each
+# chunk's logits are recomputed instead of stored (what torch.utils.checkpoint would do, written out here
+# with the gradient by hand). So at any time only one chunk's (chunk_size, V) tensors are alive.
+#
+# The gradient, with z = h W^T / temperature the logits and pi = softmax(z):
+#   d log pi(a) / dz = onehot(a) - pi        (raise the sampled token, lower every token by its probability)
+#   d H / dz         = -pi * (log pi + H)    (H = -sum pi log pi, the entropy)
+#   dL/dh = (dL/dz) W / temperature,   dL/dW = (dL/dz)^T h / temperature
+
+def _chunk_log_softmax(h, weight, temperature):
+    """h (n, d) -> log pi (n, V), in float32 even under autocast (bf16 logits make the ratios noisy)."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        logits = (h.float() @ weight.float().t()) / temperature               # (n, V)
+        return F.log_softmax(logits, dim=-1)                                  # (n, V)
+
+
+def _chunks(N, chunk_size):
+    return [slice(i, i + chunk_size) for i in range(0, N, chunk_size)]
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, tokens, temperature, chunk_size, with_entropy):  # h (N, d), tokens (N,)
+        ctx.save_for_backward(h, weight, tokens)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        logp = torch.zeros(h.size(0), device=h.device)                        # (N,) float32
+        entropy = torch.zeros(h.size(0), device=h.device)                     # (N,) float32 (0 if not asked)
+        for c in _chunks(h.size(0), chunk_size):
+            logp_all = _chunk_log_softmax(h[c], weight, temperature)          # (n, V)
+            logp[c] = logp_all.gather(1, tokens[c, None]).squeeze(1)          # (n,) log pi(token)
+            if with_entropy:
+                entropy[c] = -(logp_all.exp() * logp_all).sum(1)              # (n,) -sum_a pi(a) log pi(a)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):                               # (N,), (N,)
+        h, weight, tokens = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros(h.shape, device=h.device) if need_h else None     # (N, d) float32
+        grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None  # (V, d) float32
+        for c in _chunks(h.size(0), ctx.chunk_size):
+            logp_all = _chunk_log_softmax(h[c], weight, ctx.temperature)      # (n, V) recomputed
+            p = logp_all.exp()                                                # (n, V) pi
+            g = grad_logp[c, None]                                            # (n, 1)
+            if ctx.with_entropy:
+                H = -(p * logp_all).sum(1, keepdim=True)                      # (n, 1)
+                grad_z = -p * (g + grad_entropy[c, None] * (logp_all + H))    # (n, V)
+            else:
+                grad_z = -p * g                                               # (n, V)
+            grad_z.scatter_add_(1, tokens[c, None], g)                        # (n, V) + onehot(a) * g
+            grad_z /= ctx.temperature                                         # (n, V) dL/d(h W^T)
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                if need_h:
+                    grad_h[c] = grad_z @ weight.float()                       # (n, d)
+                if need_w:
+                    grad_w += grad_z.t() @ h[c].float()                       # (V, d)
+        grad_h = grad_h.to(h.dtype) if need_h else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=1024, with_entropy=False):
+    """log softmax(hidden @ weight^T / temperature)[tokens], without ever holding all (N, V) log-probs.
+
+    hidden (..., d), weight (V, d) (the tied lm_head), tokens (...) long. Returns logprobs (...) float32,
+    and with with_entropy=True also the entropy (...) of the tempered distribution at each position.
+    Differentiable with respect to hidden and weight (the PPO update backpropagates through it)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
+    if hidden.shape[:-1] != tokens.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and tokens {tuple(tokens.shape)} do not line up")
+    h = hidden.reshape(-1, hidden.size(-1))                                   # (N, d)
+    logp, entropy = _ChunkedLogprobs.apply(h, weight, tokens.reshape(-1), temperature, chunk_size,
+                                           with_entropy)                      # (N,), (N,)
+    if not with_entropy:
+        return logp.view(tokens.shape)                                        # (...)
+    return logp.view(tokens.shape), entropy.view(tokens.shape)                # (...), (...)
+
+
+def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=False, chunk_size=1024):
+    """log pi(response token j | prompt, tokens < j) for every response position: (B, R) [, entropy (B, R)].
+
+    The logits that predict token P+j sit at position P-1+j (a causal LM predicts the NEXT token), so the
+    R predicting positions are P-1 .. P+R-2. Use the same call, with the same temperature, for the policy,
+    the old policy and the frozen reference. Turn dropout off (model.eval() or dropout=0), or the policy
+    would disagree with itself and the ratio would not be 1 before the first update."""
+    P = seq.size(1) - resp_len
+    if resp_len < 1 or P < 1:
+        raise ValueError(f"need at least one prompt and one response token: seq {tuple(seq.shape)}, "
+                         f"resp_len {resp_len}")
+    hidden = model.hidden_states(seq, pad)                                    # (B, P+R, d)
+    h = hidden[:, P - 1:-1]                                                   # (B, R, d) states before the tokens
+    return logprobs_from_hidden(h, model.lm_head.weight, seq[:, P:], temperature, chunk_size,
+                                with_entropy)                                 # (B, R) [, (B, R)]
+
+
+def response_values(critic, seq, pad, resp_len):
+    """V(s_j): the critic's value of the state just before response token j is emitted, (B, R).
+
+    `critic` is anything with .values(idx, pad) -> (B, T) (reward.RewardModel). As for log-probs, the
+    state before token P+j ends at position P-1+j. The state after the last token is never needed: the
+    episode has ended there, so its value is 0 by definition (see gae)."""
+    P = seq.size(1) - resp_len
+    if resp_len < 1 or P < 1:
+        raise ValueError(f"need at least one prompt and one response token: seq {tuple(seq.shape)}, "
+                         f"resp_len {resp_len}")
+    values = critic.values(seq, pad)                                          # (B, P+R)
+    return values[:, P - 1:-1]                                                # (B, R)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KL(pi || pi_ref) = E_{a ~ pi}[log pi(a) - log pi_ref(a)], estimated from the ONE token a that pi sampled
+# at each position (the full sum over the vocabulary would cost a reference forward pass per word).
+# With x = pi_ref(a) / pi(a) (J. Schulman, "Approximating KL Divergence", 2020):
+#   k1 = -log x                unbiased; a single sample can be negative; high variance
+#   k3 = (x - 1) - log x       unbiased (E_pi[x - 1] = 0); always >= 0 (log x <= x - 1); lower variance
+
+def kl_k1(logprobs, ref_logprobs):
+    return logprobs - ref_logprobs                                            # (B, R)
+
+
+def kl_k3(logprobs, ref_logprobs):
+    log_x = ref_logprobs - logprobs                                           # (B, R) log pi_ref/pi
+    return torch.expm1(log_x) - log_x                                         # (B, R) >= 0
+
+
+# §3.3 KL-penalty coefficient beta. Adaptive (Ziegler et al. 2019, "Fine-Tuning Language Models from
+# Human Preferences"): move beta so the measured KL approaches `target`:
+#   e = clip(KL / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_steps / horizon)
+# n_steps is how many samples (episodes) the KL was measured on; horizon sets how fast beta reacts.
+
+class AdaptiveKLController:
+    def __init__(self, init_beta, target, horizon):
+        self.value, self.target, self.horizon = init_beta, target, horizon
+
+    def update(self, current_kl, n_steps):
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)  # proportional error, clipped
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    def __init__(self, beta):
+        self.value = beta
+
+    def update(self, current_kl, n_steps):
+        return self.value
+
+
+# ----------------------------------------------------------------------------------------------------
+# §3.3 The reward PPO maximises, per token t of a reply:
+#   r_t = -beta * (log pi(a_t) - log pi_ref(a_t))           on every valid reply token (k1 KL penalty)
+#       + score (the reward model's verdict on the reply)   added on the reply's LAST valid token
+# Summed over the reply: score - beta * (k1 estimate of the sequence KL(pi || pi_ref)).
+
+def per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta):
+    """scores (B,), logprobs / ref_logprobs (B, R) of the sampled tokens, resp_mask (B, R) bool.
+    Returns rewards (B, R) and kl (B, R) (k1 per token), both 0 on masked positions."""
+    kl = torch.where(resp_mask, kl_k1(logprobs, ref_logprobs), 0.0)          # (B, R)
+    rewards = -beta * kl                                                      # (B, R)
+    n_valid = resp_mask.sum(dim=1)                                            # (B,)
+    last = (n_valid - 1).clamp(min=0)                                         # (B,) index of the last valid token
+    score = torch.where(n_valid > 0, scores.to(rewards.dtype), 0.0)          # (B,) an empty row gets nothing
+    rewards = rewards.scatter_add(1, last[:, None], score[:, None])          # (B, R)
+    return rewards, kl
+
+
+def apply_no_eos_penalty(scores, ended, penalty=None):
+    """Replies that never emitted EOT within the token budget (`ended` (B,) False) were cut off mid-way:
+    the reward model scores a truncated text it never saw in training. Replace (not add to) their score
+    by `penalty` (e.g. -1.0), so the policy learns to finish its sentences. penalty=None: no change."""
+    if penalty is None:
+        return scores
+    return torch.where(ended, scores, torch.full_like(scores, penalty))      # (B,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4.2.3 Generalised advantage estimation, for each row b with T_b valid tokens:
+#   delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),     V(s_{T_b}) = 0 (the episode ended with the reply)
+#   A_t = sum_{l=0}^{T_b - t - 1} (gamma * lambda)^l * delta_{t+l}
+# The book writes the last exponent as T - t + 1 (1-indexed); with 0-indexed t the sum has T_b - t terms,
+# the last one l = T_b - t - 1. Computed backwards: A_t = delta_t + gamma * lambda * A_{t+1}, A_{T_b} = 0.
+# Returns (the critic's regression target) R_t = A_t + V(s_t), the lambda-return.
+
+def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
+    """rewards, values (B, R), resp_mask (B, R) bool prefix -> advantages, returns (B, R), 0 where masked."""
+    rewards = torch.where(resp_mask, rewards.detach(), 0.0)                  # (B, R) rollout data, no grad
+    values = torch.where(resp_mask, values.detach(), 0.0)                    # (B, R) V = 0 after the reply
+    next_values = F.pad(values[:, 1:], (0, 1))                                # (B, R) V(s_{t+1}), 0 at the end
+    deltas = rewards + gamma * next_values - values                           # (B, R) delta_t, 0 where masked
+    adv_t = torch.zeros_like(deltas[:, 0])                                    # (B,) A_{T} = 0
+    advantages = [None] * deltas.size(1)
+    for t in reversed(range(deltas.size(1))):                                 # masked tail: delta = 0, A stays 0
+        adv_t = deltas[:, t] + gamma * lam * adv_t                            # (B,) delta_t + gamma lam A_{t+1}
+        advantages[t] = adv_t
+    advantages = torch.where(resp_mask, torch.stack(advantages, dim=1), 0.0)  # (B, R)
+    returns = torch.where(resp_mask, advantages + values, 0.0)                # (B, R)
+    return advantages, returns
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
+
+
+def gae_fn(device):
+    """gae compiled with torch.compile on CUDA (the loop over t becomes one fused kernel; it is compiled
+    once per response length R), plain eager gae elsewhere (compiling on a CPU costs more than it saves)."""
+    return _compiled(gae) if torch.device(device).type == "cuda" else gae
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masked statistics: every average runs over the valid tokens only (masked entries are set to 0 first).
+
+def masked_mean(x, mask, dim=None):
+    x = torch.where(mask, x, 0.0)
+    if dim is None:
+        return x.sum() / mask.sum().clamp(min=1)                              # ()
+    return x.sum(dim) / mask.sum(dim).clamp(min=1)                            # x's shape without `dim`
+
+
+def masked_var(x, mask, unbiased=True):
+    """Variance over all valid entries (with Bessel's correction n / (n - 1) if unbiased)."""
+    centred = torch.where(mask, x - masked_mean(x, mask), 0.0)
+    var = masked_mean(centred ** 2, mask)                                     # ()
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mean) / std over the valid tokens; 0 where masked. Applied to advantages (over the whole
+    rollout batch) so the policy-gradient step has the same scale whatever the reward scale.
+    shift_mean=False only rescales (keeps the mean), e.g. for rewards."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)                                 # same shape as x
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4.2.1 Importance sampling ratio: the rollout was sampled by the old policy, the update changes theta:
+#   r_t(theta) = pi_theta(a_t | s_t) / pi_old(a_t | s_t) = exp(log pi_theta - log pi_old)
+# §4.2.2 Clipped surrogate objective (maximised; we minimise its negative):
+#   L^CLIP = E_t[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]
+# The min makes it pessimistic: the policy gains nothing from moving r_t beyond 1 +- eps in the direction
+# the advantage favours, but is still penalised for moves in the wrong direction.
+# Value loss, clipped the same way around the rollout's values:
+#   L^V = 0.5 * E_t[ max((V - R)^2, (clip(V, V_old - vf_clip, V_old + vf_clip) - R)^2) ]
+# Total: loss = -L^CLIP + vf_coef * L^V - ent_coef * entropy. Every E_t is a masked mean over all valid
+# tokens of the minibatch (each token weighs the same, so long replies weigh more than short ones).
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, resp_mask,
+             clip_eps=0.2, vf_clip=0.2, vf_coef=0.5, entropy=None, ent_coef=0.0):
+    """All tensors (B, R); logprobs, values (and entropy) carry gradients, the rest are rollout data.
+    Returns the scalar loss and a dict of detached 0-dim tensors for logging."""
+    m = resp_mask
+    log_ratio = torch.where(m, logprobs - old_logprobs, 0.0)                  # (B, R)
+    ratio = torch.exp(log_ratio)                                              # (B, R) §4.2.1 r_t(theta)
+    adv = torch.where(m, advantages, 0.0)                                     # (B, R)
+    pg_losses = -adv * ratio                                                  # (B, R)
+    pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, R)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), m)         # () §4.2.2 -L^CLIP
+
+    values = torch.where(m, values, 0.0)                                      # (B, R)
+    old_values, returns = torch.where(m, old_values, 0.0), torch.where(m, returns, 0.0)  # (B, R)
+    vf_losses = (values - returns) ** 2                                       # (B, R)
+    if vf_clip is None:
+        vf_loss = 0.5 * masked_mean(vf_losses, m)                             # ()
+        value_clipfrac = torch.zeros((), device=values.device)
+    else:
+        values_clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)  # (B, R)
+        vf_losses_clipped = (values_clipped - returns) ** 2                   # (B, R)
+        vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), m)  # () L^V
+        value_clipfrac = masked_mean(((values - old_values).abs() > vf_clip).float(), m)
+
+    if entropy is None:
+        if ent_coef != 0.0:
+            raise ValueError("ent_coef != 0 needs the entropy (response_logprobs(..., with_entropy=True))")
+        entropy_mean = torch.zeros((), device=logprobs.device)
+    else:
+        entropy_mean = masked_mean(entropy, m)                                # ()
+    loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy_mean              # ()
+
+    with torch.no_grad():
+        stats = dict(
+            pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), entropy=entropy_mean.detach(),
+            clipfrac=masked_mean(((ratio - 1.0).abs() > clip_eps).float(), m),
+            approx_kl=masked_mean((ratio - 1.0) - log_ratio, m),              # k3 of KL(pi_old || pi_theta)
+            ratio_mean=masked_mean(ratio, m),
+            ratio_max=torch.where(m, ratio, float("-inf")).max(),
+            value_clipfrac=value_clipfrac.detach(),
+        )
+    return loss, stats
+
+
+def ppo_loss_fn(device):
+    """ppo_loss compiled with torch.compile on CUDA (fuses the elementwise chain), eager elsewhere."""
+    return _compiled(ppo_loss) if torch.device(device).type == "cuda" else ppo_loss
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R] over valid tokens: 1 = the critic predicts the returns perfectly, 0 = no
+    better than a constant, < 0 = worse. nan when the returns do not vary."""
+    var_returns = masked_var(returns, mask)                                   # ()
+    ev = 1.0 - masked_var(returns - values, mask) / var_returns               # ()
+    return torch.where(var_returns > 0, ev, float("nan"))

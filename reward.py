@@ -1,0 +1,529 @@
+"""
+Reward: the reward model, the ranking losses that train it, the simulated rater panel that stands in for
+human raters, and the reader for human-feedback files.
+
+    from reward import RewardModel, bradley_terry_loss, Panel, read_feedback
+    rm = RewardModel.from_sft(load_checkpoint("out/sft.pt", made_by="train_sft.py"))
+    idx, pad, last = batch_replies(enc, prompts_tokens, replies_tokens, rm.body.config.block_size)
+    r = rm(idx, last, pad)                                   # (B,) raw scores, read at each reply's EOT
+    loss = bradley_terry_loss(r_chosen, r_rejected)          # §4.3.2
+    panel = Panel(); panel.gold("Thou art kind and gentle.") # the noise-free "human" score
+
+    python reward.py data/feedback.jsonl          # check feedback files: counts per kind, first errors
+    python reward.py --score "Good night, sweet prince."   # what the panel thinks of a reply
+
+What is here, top to bottom:
+  §5.2   the reward model: a GPT body with a scalar head (the PPO critic reuses it)  RewardModel
+         batching prompt + reply tokens, left-padded                                batch_replies
+  §4.3.2 Bradley-Terry pairwise loss, and the book's relu variant (with its bug)    bradley_terry_loss
+  §4.3.1 Plackett-Luce listwise loss (K = 2 is Bradley-Terry)                       plackett_luce_loss
+  §3.2   ratings as regression; metrics                                             rating_loss
+         the simulated rater panel (VADER lexicon, 10 raters)                       Panel
+  §3.2   the four kinds of human feedback in one JSONL schema, + HH-RLHF as-is       read_feedback
+
+What it simplifies: the reward is read at one token (the reply's EOT), no ensemble, no margin or
+length terms in the losses. The "humans" are ten lexicon raters who judge kindness by the words a reply
+uses, a bag of words with no grammar, negation or sarcasm. A correction is not a loss of its own: the
+reader turns it into a comparison (edited > original) plus an SFT example.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, ASSISTANT, HUMAN, HERE, format_prompt, gpt_from_checkpoint
+
+# ----------------------------------------------------------------------------------------------------
+# §5.2 The reward model: the SFT transformer with its vocabulary head swapped for one scalar.
+# r(x, y) = w . h_T + b, where h_T is the final hidden state at the reply's last token (its EOT): the
+# only position that has attended to the whole prompt and the whole reply.
+
+
+class RewardModel(nn.Module):
+    """GPT body + scalar head. `reward_mean` / `reward_std` are plain Python floats, not buffers: the
+    trainer sets them after training (e.g. mean and std of raw scores on held-out replies); not in
+    state_dict(), and checkpoint_dict() / from_checkpoint() carry them as the floats "reward_mean" and
+    "reward_std". One place, one type: a float works on any device and can be assigned directly."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.body = GPT(cfg)
+        self.head = nn.Linear(cfg.n_embd, 1)
+        # std 1/sqrt(d+1): with unit-variance LayerNorm outputs the initial scores have variance ~1
+        nn.init.normal_(self.head.weight, mean=0.0, std=1.0 / math.sqrt(cfg.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+        self.reward_mean, self.reward_std = 0.0, 1.0
+
+    def values(self, idx, pad=None):
+        """The head at every position, (B, T); the PPO critic's V(s_t)."""
+        h = self.body.hidden_states(idx, pad)                                 # (B, T, d)
+        return self.head(h).squeeze(-1)                                       # (B, T)
+
+    def forward(self, idx, last, pad=None):
+        """Raw scores (B,) read at position `last` (B,): the index of each reply's EOT in idx."""
+        h = self.body.hidden_states(idx, pad)                                 # (B, T, d)
+        h_last = h[torch.arange(idx.size(0), device=idx.device), last]        # (B, d)
+        return self.head(h_last).squeeze(-1)                                 # (B,)
+
+    def score(self, idx, last, pad=None):
+        """Normalised reward (raw - reward_mean) / reward_std, (B,): what PPO optimises."""
+        return (self(idx, last, pad) - self.reward_mean) / self.reward_std   # (B,)
+
+    @classmethod
+    def from_sft(cls, ckpt):
+        """Start from an SFT checkpoint dict: body = its "model" weights, head freshly initialised."""
+        body = gpt_from_checkpoint(ckpt)
+        rm = cls(body.config)
+        rm.body = body
+        return rm
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """Rebuild from an rm.pt dict (what checkpoint_dict() returns, plus whatever the trainer added)."""
+        missing = [k for k in ("head", "reward_mean", "reward_std") if k not in ckpt]
+        if missing:
+            raise ValueError(f"not a reward-model checkpoint (missing {missing}); make one with "
+                             "`python train_rm.py`")
+        rm = cls.from_sft(ckpt)
+        rm.head.load_state_dict(ckpt["head"])
+        rm.reward_mean, rm.reward_std = float(ckpt["reward_mean"]), float(ckpt["reward_std"])
+        return rm
+
+    def checkpoint_dict(self):
+        return {"model_args": asdict(self.body.config), "model": self.body.state_dict(),
+                "head": self.head.state_dict(), "reward_mean": float(self.reward_mean),
+                "reward_std": float(self.reward_std), "kind": "rm"}
+
+
+def batch_replies(enc, prompts_tokens, replies_tokens, block_size):
+    """Put prompt + reply token lists in one left-padded batch for the reward model.
+
+    Returns idx (B, T) long (pad token = EOT), pad (B,) long (left-pad counts) and last (B,) long, the
+    index of each row's final token (its EOT). With left padding every row ends at T - 1, so last is
+    T - 1 everywhere; it is returned so callers never have to know that. T is the longest row, not
+    block_size. A row longer than block_size loses tokens from the START of the prompt (the reply is
+    what is being judged, and its EOT is where the score is read); if the reply alone is longer than
+    block_size, only its last block_size tokens are kept, so the EOT stays."""
+    eot = enc.eot_token
+    rows = []
+    for p, r in zip(prompts_tokens, replies_tokens, strict=True):
+        if not r or r[-1] != eot:
+            raise ValueError("each reply's tokens must end with EOT (use model.encode_reply)")
+        keep = block_size - len(r)                                            # prompt tokens that fit
+        rows.append((list(p[-keep:]) if keep > 0 else []) + list(r[-block_size:]))
+    T = max(len(row) for row in rows)
+    idx = torch.full((len(rows), T), eot, dtype=torch.long)                   # (B, T)
+    pad = torch.tensor([T - len(row) for row in rows], dtype=torch.long)      # (B,)
+    for i, row in enumerate(rows):
+        idx[i, T - len(row):] = torch.tensor(row, dtype=torch.long)
+    last = torch.full((len(rows),), T - 1, dtype=torch.long)                  # (B,)
+    return idx, pad, last
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses on reward-model scores. Pure functions of tensors; "chosen" is always the preferred reply.
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """§4.3.2 Bradley-Terry: P(chosen > rejected) = sigmoid(r_c - r_r);
+    loss = mean(-log sigmoid(r_c - r_r)). logsigmoid never overflows, unlike log(sigmoid(.))."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()                        # scalar
+
+
+def book_relu_loss(r_chosen, r_rejected):
+    """The book's listing: mean(-log sigmoid(relu(r_c - r_r))). It is WRONG; kept for a test and an
+    exercise. For a mis-ranked pair (r_c < r_r) relu gives 0, so the loss is the constant log 2 and its
+    gradient is exactly zero: the model never learns from its mistakes. A correctly ranked pair is still
+    pushed the right way, so the loss falls and the bug is easy to miss. Use bradley_terry_loss."""
+    return -F.logsigmoid(F.relu(r_chosen - r_rejected)).mean()                # scalar
+
+
+def plackett_luce_loss(scores, mask=None):
+    """§4.3.1 Plackett-Luce: scores (B, K) ordered best-first; the probability of that ranking is
+    prod_k exp(s_k) / sum_{j>=k} exp(s_j), so loss = -mean_rows sum_k [s_k - logsumexp(s_k..s_K)].
+    The last position contributes 0. mask (B, K) bool, True where a reply is present (rows with fewer
+    than K replies; absent ones normally at the end, but any position works): absent replies are left
+    out of every logsumexp and every sum. For K = 2 this is exactly bradley_terry_loss, since
+    s_1 - logsumexp(s_1, s_2) = log sigmoid(s_1 - s_2)."""
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)                      # (B, K)
+    # a very negative finite fill: exp(.) = 0 inside the logsumexp, and no inf - inf = nan in backward
+    s = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)              # (B, K)
+    lse = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)                     # (B, K) logsumexp(s_k..s_K)
+    terms = torch.where(mask, s - lse, torch.zeros_like(s))                   # (B, K) log P(k-th pick)
+    return -terms.sum(-1).mean()                                              # scalar
+
+
+def rating_loss(r, ratings, lo=1, hi=5):
+    """§3.2 Ratings by regression: loss = mean((r - target)^2), target = (rating - mid) / half_range in
+    [-1, 1] (mid = (lo + hi) / 2, half_range = (hi - lo) / 2). lo, hi may be (B,) tensors for mixed
+    scales. Why regression and not pairs: a lone rating (chat.py's /rate on one reply) has no partner to
+    make a pair with, and regression uses every rating. The cost: it trusts each rater's absolute scale
+    (one rater's 4 is another's 3), which comparisons never need to."""
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    target = (ratings - mid) / half                                           # (B,) in [-1, 1]
+    return ((r - target) ** 2).mean()                                         # scalar
+
+
+def pairwise_accuracy(r_chosen, r_rejected):
+    """Fraction of pairs the reward model orders like the rater (ties count as wrong)."""
+    return (r_chosen > r_rejected).float().mean().item()
+
+
+def mean_margin(r_chosen, r_rejected):
+    return (r_chosen - r_rejected).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The simulated rater panel: the default "human" of this project.
+
+LEXICON_FILE = os.path.join(HERE, "data", "vader_lexicon.txt")
+WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")
+LEXICON_WORD_RE = re.compile(r"[a-z][a-z']*")
+N_RATERS = 10
+GOLD_EPS = 1e-9  # gold scores closer than this count as equal (a tie: no right order to agree with)
+
+
+def words(text):
+    return WORD_RE.findall(text.lower())
+
+
+def load_lexicon(path=LEXICON_FILE):
+    """VADER lexicon lines `token<TAB>mean<TAB>std<TAB>[r1, ..., r10]` -> (word -> row, ratings (V, 10)).
+    Only plain lowercase words are kept (no emoticons). Eight words (ok, lol, ...) appear twice, in the
+    emoticon/slang block at the top and in the word list; the later (word list) entry wins."""
+    index, rows = {}, []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            try:
+                token, ratings = parts[0], json.loads(parts[3])
+                if len(parts) != 4 or len(ratings) != N_RATERS or not all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) for x in ratings):
+                    raise ValueError
+            except (ValueError, IndexError, TypeError):
+                raise ValueError(f"{path}:{lineno}: expected token<TAB>mean<TAB>std<TAB>[{N_RATERS} "
+                                 f"ratings], got {line.strip()[:80]!r}") from None
+            if LEXICON_WORD_RE.fullmatch(token):
+                if token not in index:
+                    index[token] = len(rows)
+                    rows.append(None)
+                rows[index[token]] = ratings
+    if not rows:
+        raise ValueError(f"{path}: no word entries in the lexicon")
+    return index, np.array(rows, dtype=np.float64)                            # (V, 10)
+
+
+def _gumbel(rng, k):
+    """k standard Gumbel draws from a numpy Generator or a random.Random."""
+    if isinstance(rng, np.random.Generator):
+        return rng.gumbel(size=k)                                             # (k,)
+    return np.array([-math.log(max(rng.expovariate(1.0), 1e-300)) for _ in range(k)])  # -log Exp(1)
+
+
+def _rater(rng):
+    return int(rng.integers(N_RATERS)) if isinstance(rng, np.random.Generator) else rng.randrange(N_RATERS)
+
+
+class Panel:
+    """Ten simulated raters who want the Bard to be kind (or, with preference="unkind", cruel).
+
+    Scoring rule. Rater r (0..9) scores a reply by its kindness density:
+        s_r = sign * sum_{w in words(reply), w in lexicon} rating_r(w) / max(n, 1)
+    where n counts ALL the reply's words (in the lexicon or not), rating_r(w) in -4..+4 is the rating
+    the r-th of VADER's ten human annotators gave the word, and sign = +1 for "kind", -1 for "unkind".
+    Why per word: dividing by the length means a reply cannot win by being long (piling on words), and
+    one kind word in a short reply counts more than the same word in a long speech. Why individual
+    ratings and not the lexicon's mean: the ten people disagree, so the raters disagree as people do.
+    gold(text) is the noise-free panel: the mean of the ten s_r (the file's rounded mean column is not
+    used). A reply with no lexicon words scores 0.
+
+    Choice model. A rater ranks replies by Plackett-Luce on s_r / temperature: sort s_r / tau + Gumbel
+    noise, which draws an exact Plackett-Luce sample; for two replies it is Bradley-Terry,
+    P(a beats b) = sigmoid((s_r(a) - s_r(b)) / tau). So the rater is noisy where replies are close and
+    near-certain where they are far apart: the data the §4.3 losses assume."""
+
+    def __init__(self, preference="kind", temperature=0.1, path=LEXICON_FILE):
+        if preference not in ("kind", "unkind"):
+            raise ValueError(f"preference must be 'kind' or 'unkind', got {preference!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.preference, self.temperature = preference, temperature
+        self.sign = 1.0 if preference == "kind" else -1.0
+        self.index, self.ratings = load_lexicon(path)                         # dict, (V, 10)
+
+    def rater_scores(self, text):
+        """All ten raters' scores of one reply, (10,)."""
+        ws = words(text)
+        rows = [self.index[w] for w in ws if w in self.index]
+        return self.sign * self.ratings[rows].sum(0) / max(len(ws), 1)       # (10,)
+
+    def rater_score(self, text, rater):
+        return float(self.rater_scores(text)[rater])
+
+    def gold(self, text):
+        return float(self.rater_scores(text).mean())
+
+    def golds(self, texts):
+        return np.array([self.gold(t) for t in texts])                        # (N,)
+
+    def rank(self, replies, rng, rater=None):
+        """One rater's Plackett-Luce ranking: (order best-first as a list of indices, rater id).
+        rng: numpy Generator or random.Random; rater None draws one at random."""
+        rater = _rater(rng) if rater is None else rater
+        s = np.array([self.rater_scores(t)[rater] for t in replies])          # (K,)
+        noisy = s / self.temperature + _gumbel(rng, len(replies))             # (K,)
+        return [int(i) for i in np.argsort(-noisy, kind="stable")], rater
+
+    def compare(self, a, b, rng, rater=None):
+        """0 if the rater prefers a, else 1."""
+        return self.rank([a, b], rng, rater)[0][0]
+
+    def agree_prob(self, a, b):
+        """Probability that one random rater orders a, b as gold does:
+        mean_r sigmoid(sign(gold_a - gold_b) * (s_r(a) - s_r(b)) / tau). Needs unequal gold scores."""
+        sa, sb = self.rater_scores(a), self.rater_scores(b)                  # (10,), (10,)
+        g = sa.mean() - sb.mean()
+        if abs(g) < GOLD_EPS:
+            raise ValueError("the two replies have equal gold scores: there is no order to agree with")
+        z = math.copysign(1.0, g) * (sa - sb) / self.temperature              # (10,)
+        return float(np.mean(1.0 / (1.0 + np.exp(-z))))
+
+    def single_rater_ceiling(self, pairs):
+        """Mean agree_prob over (a, b) pairs with unequal gold -> (ceiling, number of pairs used).
+        How often a single rater's label agrees with gold: the accuracy against gold of the labels the
+        reward model is trained on, a yardstick for the reward model's own gold accuracy."""
+        probs = [self.agree_prob(a, b) for a, b in pairs if abs(self.gold(a) - self.gold(b)) >= GOLD_EPS]
+        if not probs:
+            raise ValueError("no pairs with different gold scores")
+        return float(np.mean(probs)), len(probs)
+
+    ceiling = single_rater_ceiling  # the name DESIGN.md uses
+
+
+def _numpy(x):
+    return x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
+def gold_accuracy(rm_a, rm_b, gold_a, gold_b):
+    """Fraction of pairs, among those with unequal gold, that the reward model orders like gold
+    (reward-model ties count as wrong) -> (accuracy, number of pairs used). Tensors or arrays."""
+    rm_a, rm_b, gold_a, gold_b = map(_numpy, (rm_a, rm_b, gold_a, gold_b))
+    g = gold_a - gold_b                                                       # (N,)
+    used = np.abs(g) >= GOLD_EPS
+    if not used.any():
+        raise ValueError("no pairs with different gold scores")
+    right = np.sign(rm_a - rm_b) == np.sign(g)                                # (N,)
+    return float(right[used].mean()), int(used.sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# §3.2 Human feedback files. One JSONL schema holds the four kinds (comparison, ranking, rating,
+# correction); Anthropic HH-RLHF lines ({"chosen", "rejected"} transcripts) are read as they are.
+# The schema, with an example of each, is in data/README.md. Every record is normalised to
+#   {"kind", "prompt": transcript ending in "\n\nAssistant:", "replies": best-first (a rating: [reply]),
+#    "tie": bool, "meta": {extra keys, kept as written}, "source": "file:line"}  (+ "rating", "scale")
+# A correction becomes replies [corrected, original]: a comparison, and sft_examples() gives its SFT pair.
+
+KINDS = ("comparison", "ranking", "rating", "correction")
+FIELDS = {"comparison": ("prompt", "chosen", "rejected", "tie"), "ranking": ("prompt", "replies"),
+          "rating": ("prompt", "reply", "rating", "scale"), "correction": ("prompt", "reply", "corrected")}
+
+
+def _reply(v, what):
+    """A required, non-empty string, stripped."""
+    if not isinstance(v, str):
+        raise ValueError(f"{what} must be a string, got {type(v).__name__}")
+    if not v.strip():
+        raise ValueError(f"{what} is empty")
+    return v.strip()
+
+
+def _text(obj, key):
+    if key not in obj:
+        raise ValueError(f"missing field {key!r}")
+    return _reply(obj[key], f"field {key!r}")
+
+
+def _number(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _prompt(obj):
+    """A plain human message is wrapped with format_prompt; a transcript is used as it is."""
+    p, raw = _text(obj, "prompt"), obj["prompt"]
+    if raw.startswith(HUMAN):
+        if not raw.endswith(ASSISTANT):
+            raise ValueError("a prompt transcript (starting with '\\n\\nHuman:') must end with "
+                             "'\\n\\nAssistant:'")
+        return raw
+    return format_prompt(p)
+
+
+def _split_hh(obj, key):
+    """HH-RLHF: a whole transcript; the reply is what follows its LAST "\\n\\nAssistant:"."""
+    _text(obj, key)
+    text = obj[key]
+    cut = text.rfind(ASSISTANT) + len(ASSISTANT)
+    if cut < len(ASSISTANT) or not text.startswith(HUMAN):
+        raise ValueError(f"{key!r} is not a transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
+    return text[:cut], _reply(text[cut:], f"the final Assistant reply of {key!r}")
+
+
+def _rating(obj):
+    scale = obj.get("scale", [1, 5])
+    if not isinstance(scale, list) or len(scale) != 2:
+        raise ValueError(f"field 'scale' must be [lowest, highest], got {scale!r}")
+    lo, hi = (_number(x, "a scale bound") for x in scale)
+    if "rating" not in obj:
+        raise ValueError("missing field 'rating'")
+    r = _number(obj["rating"], "field 'rating'")
+    if not lo < hi or not lo <= r <= hi:
+        raise ValueError(f"rating {obj['rating']!r} is not within scale [{lo:g}, {hi:g}]")
+    return r, [lo, hi]
+
+
+def parse_feedback(obj):
+    """One decoded JSON line -> normalised record (without "source"). ValueError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind is None and "chosen" in obj and "rejected" in obj:               # Anthropic HH-RLHF
+        (p, a), (p_r, b) = _split_hh(obj, "chosen"), _split_hh(obj, "rejected")
+        if p != p_r:
+            raise ValueError("chosen and rejected do not share a prompt (their text up to the last "
+                             "'\\n\\nAssistant:' differs)")
+        rec, used = {"kind": "comparison", "prompt": p, "replies": [a, b]}, ("chosen", "rejected")
+    elif kind is None:
+        raise ValueError(f"no 'kind' field: expected one of {list(KINDS)}, "
+                         "or an HH-RLHF chosen/rejected pair")
+    elif kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: expected one of {list(KINDS)}")
+    else:
+        rec, used = {"kind": kind, "prompt": _prompt(obj)}, ("kind",) + FIELDS[kind]
+        if kind == "comparison":
+            rec["replies"] = [_text(obj, "chosen"), _text(obj, "rejected")]
+            if not isinstance(obj.get("tie", False), bool):
+                raise ValueError(f"field 'tie' must be true or false, got {obj['tie']!r}")
+        elif kind == "ranking":
+            rs = obj.get("replies")
+            if not isinstance(rs, list) or len(rs) < 2:
+                raise ValueError("field 'replies' must be a list of at least 2 replies, best first")
+            rec["replies"] = [_reply(r, f"replies[{i}]") for i, r in enumerate(rs)]
+            if len(set(rec["replies"])) < len(rs):
+                raise ValueError("field 'replies' repeats a reply")
+        elif kind == "rating":
+            rec["replies"] = [_text(obj, "reply")]
+            rec["rating"], rec["scale"] = _rating(obj)
+        else:  # correction: the edited reply is preferred to the original
+            rec["replies"] = [_text(obj, "corrected"), _text(obj, "reply")]
+    # identical replies (HH-RLHF has some) carry no preference: kept, marked as a tie, not trained on
+    same = rec["kind"] in ("comparison", "correction") and rec["replies"][0] == rec["replies"][1]
+    rec["tie"] = same or (kind == "comparison" and obj.get("tie", False))
+    rec["meta"] = {k: v for k, v in obj.items() if k not in used}
+    return rec
+
+
+def _parse_line(raw, lineno):
+    """The bytes of one line -> normalised record, or None for a blank line."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")           # a BOM may start the file
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg}, column {e.colno})") from None
+    return parse_feedback(obj)
+
+
+def read_feedback(paths, skip_bad=False, errors=None):
+    """Read feedback JSONL file(s) -> (records, n_skipped): the normalised records (see above) in file
+    order, and the number of bad lines skipped. A bad line raises ValueError("file:line: what is
+    wrong"); with skip_bad=True it is skipped instead, a warning shows the first message, and all the
+    messages are appended to the list `errors` if one is given. Blank lines are ignored. No record at
+    all is an error."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("no feedback files given")
+    records, bad = [], []
+    for path in paths:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    rec = _parse_line(raw, lineno)
+                except ValueError as e:
+                    if not skip_bad:
+                        raise ValueError(f"{path}:{lineno}: {e}") from None
+                    bad.append(f"{path}:{lineno}: {e}")
+                    continue
+                if rec is not None:
+                    records.append({**rec, "source": f"{path}:{lineno}"})
+    if bad:
+        warnings.warn(f"skipped {len(bad)} bad feedback line(s); the first: {bad[0]}")
+        if errors is not None:
+            errors.extend(bad)
+    if not records:
+        raise ValueError(f"{', '.join(map(str, paths))}: no feedback records"
+                         + (f" ({len(bad)} bad line(s) skipped)" if bad else " (the file(s) are empty)"))
+    return records, len(bad)
+
+
+def write_feedback(path, record):
+    """Append one feedback object as a JSON line, flushed and fsynced (a crash loses at most this line).
+    The object is checked against the schema first, so a bad record never reaches the file."""
+    parse_feedback(record)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sft_examples(records):
+    """(prompt, corrected reply) pairs from the corrections: a corrected reply is also a demonstration."""
+    return [(r["prompt"], r["replies"][0]) for r in records if r["kind"] == "correction"]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description="Check feedback JSONL files, or score a reply with the panel.")
+    ap.add_argument("files", nargs="*", help="feedback JSONL files to check")
+    ap.add_argument("--score", default=None, help="a reply to score with the simulated rater panel")
+    args = ap.parse_args()
+    if args.score is not None:
+        panel = Panel()
+        found = [w for w in words(args.score) if w in panel.index]
+        print(f"gold {panel.gold(args.score):+.4f}  raters {np.round(panel.rater_scores(args.score), 3)}")
+        print(f"{len(words(args.score))} words, in the lexicon: {found}")
+    if args.files:
+        errors = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            records, _ = read_feedback(args.files, skip_bad=True, errors=errors)
+        for kind in KINDS:
+            n = sum(r["kind"] == kind for r in records)
+            print(f"{kind:>10}: {n} ({sum(r['tie'] for r in records if r['kind'] == kind)} ties)")
+        print(f"{len(errors)} bad line(s)" + "".join("\n  " + e for e in errors[:10]))
+        return 1 if errors else 0
+    if args.score is None:
+        ap.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

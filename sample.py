@@ -1,0 +1,206 @@
+"""
+Sample replies from a trained model (§5.4.1: temperature, top-k, top-p / nucleus, greedy decoding).
+
+    python sample.py --ckpt out/sft.pt --prompt "Good morrow, sir. How dost thou?" --num-samples 3
+    python sample.py --ckpt out/ppo.pt --prompt "To be, or not to be" --raw --greedy
+    python sample.py --help                # every setting below is a --flag
+
+The same functions are imported by train_ppo.py (rollouts) and chat.py (token-by-token streaming):
+
+    from sample import load_model, encode_prompt, generate, decode_replies
+    enc, (model, ckpt) = get_tokenizer(), load_model("out/sft.pt")          # get_tokenizer from model.py
+    seq, pad, resp_mask = generate(model, [encode_prompt(enc, "Hello")], max_new_tokens=64, top_p=0.95)
+    replies = decode_replies(enc, seq, resp_mask)
+
+Batched generation, step by step:
+  1. left-pad the prompts with <|endoftext|> to a common length P; `pad` (B,) counts the pad tokens, so the
+     model never attends to them and numbers positions from each row's first real token;
+  2. one forward pass over the whole prompt block fills the KV cache (the "prefill");
+  3. then one token per step: filter the last logits (temperature, top-k, top-p), sample, feed the token back.
+  A row that has produced <|endoftext|> is done: it keeps receiving <|endoftext|>, and resp_mask is False
+  there. Generation stops as soon as every row is done, or after max_new_tokens.
+
+What it simplifies: no beam search, no repetition penalty, no stop strings other than <|endoftext|>; a prompt
+that does not fit is cut from the left (its oldest tokens go) with a warning.
+"""
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import EOT, format_prompt, get_tokenizer, gpt_from_checkpoint, load_checkpoint, parse_settings
+
+
+@dataclass
+class Settings:
+    ckpt: str = "out/sft.pt"                 # checkpoint to sample from: sft.pt, ppo.pt, or rm.pt (its GPT body)
+    prompt: str = "Good morrow, sir. How dost thou?"  # what the human says (or plain text with --raw)
+    num_samples: int = 3                     # how many replies to draw for the prompt
+    max_new_tokens: int = 64                 # longest reply, in tokens
+    temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 = greedy
+    top_k: int = 50                          # keep only the k most likely tokens (0 = off)
+    top_p: float = 0.95                      # keep the smallest set of tokens with probability >= p (1.0 = off)
+    greedy: bool = False                     # always take the most likely token (ignores the three above)
+    seed: int = 1337                         # random seed: the same seed gives the same samples
+    raw: bool = False                        # use the prompt as plain text, not wrapped in Human/Assistant turns
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the model runs
+
+
+MADE_BY = {"sft.pt": "train_sft.py", "rm.pt": "train_rm.py", "ppo.pt": "train_ppo.py"}
+
+
+def load_model(path, device="cpu", made_by=None):
+    """Load the GPT stored under ckpt["model"] (any stage's checkpoint). Returns (model in eval mode, ckpt).
+    Missing file -> FileNotFoundError naming the script that writes it; bad file -> ValueError."""
+    made_by = made_by or MADE_BY.get(os.path.basename(path), "train_sft.py")
+    ckpt = load_checkpoint(path, made_by=made_by)
+    model = gpt_from_checkpoint(ckpt).to(device)
+    return model.eval(), ckpt
+
+
+def encode_prompt(enc, text, chat=True):
+    """Prompt tokens. chat=True wraps `text` (a str, or a list of alternating human/assistant turns ending
+    with a human turn) as "\\n\\nHuman: ...\\n\\nAssistant:"; chat=False encodes `text` as it is."""
+    return enc.encode_ordinary(format_prompt(text) if chat else text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# §5.4.1 Decoding strategies. Applied in this order: temperature, then top-k, then top-p on what is left.
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> (B, V) with the tokens that may not be sampled set to -inf.
+
+    temperature: logits / temperature (must be > 0 here; generate() treats 0 as greedy).
+    top_k: keep the k largest logits. Tokens tied with the k-th largest are kept too, so a row may keep
+        more than k tokens when there are exact ties (rare with real logits).
+    top_p (nucleus): keep the smallest set of most probable tokens whose total probability is >= top_p;
+        the most probable token is always kept. None (or 1.0) keeps everything."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 in filter_logits, got {temperature} (use greedy decoding)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    logits = logits / temperature                                             # (B, V)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                # (B, 1) k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))              # (B, V)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)           # (B, V), (B, V)
+        probs = F.softmax(sorted_logits, dim=-1)                              # (B, V) most probable first
+        before = probs.cumsum(dim=-1) - probs                                 # (B, V) mass of the tokens before
+        drop_sorted = before >= top_p                                         # (B, V) set already reached p
+        drop_sorted[:, 0] = False                                             # always keep the top token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V) back in vocab order
+        logits = logits.masked_fill(drop, float("-inf"))                      # (B, V)
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
+             generator=None, on_token=None):
+    """Sample a reply for every prompt (a list of token lists) in one batch.
+
+    Returns (seq, pad, resp_mask):
+      seq (B, P + R) long: left-padded prompts (pad token = EOT), then the R <= max_new_tokens generated
+          tokens; after a row's first EOT the row holds only EOT.
+      pad (B,) long: number of pad tokens at the start of each row.
+      resp_mask (B, R) bool: True for generated tokens up to and including the first EOT.
+    temperature == 0 or greedy=True: take the argmax. `generator`: a torch.Generator (on the model's device)
+    for reproducible sampling. `on_token(step, tokens (B,))` is called after every step (for streaming).
+    An empty prompt starts from <|endoftext|>, GPT-2's start-of-document token."""
+    block_size = model.config.block_size
+    device = model.wte.weight.device
+    if max_new_tokens < 1 or max_new_tokens >= block_size:
+        raise ValueError(f"max_new_tokens must be in [1, block_size={block_size}), got {max_new_tokens}")
+    if len(prompts) == 0:
+        raise ValueError("generate() needs at least one prompt")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    greedy = greedy or temperature == 0
+    prompts = [list(p) if len(p) > 0 else [EOT] for p in prompts]
+    room = block_size - max_new_tokens                                        # longest prompt that fits
+    if max(len(p) for p in prompts) > room:
+        warnings.warn(f"prompt longer than {room} tokens (block_size {block_size} - max_new_tokens "
+                      f"{max_new_tokens}): truncated from the left, its first tokens are dropped", stacklevel=2)
+        prompts = [p[-room:] for p in prompts]
+
+    B, P = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, P), EOT, dtype=torch.long)                           # (B, P) left padding with EOT
+    for i, p in enumerate(prompts):
+        idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    if idx.min() < 0 or idx.max() >= model.config.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {model.config.vocab_size})")
+    idx = idx.to(device)
+    pad = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)  # (B,)
+
+    was_training = model.training
+    model.eval()                                                              # no dropout while sampling
+    cache = model.new_cache(B, P + max_new_tokens)
+
+    def next_logits(new_ids):  # only the last position goes through lm_head: the prefill never builds (B, P, V)
+        return model.lm_head(model.hidden_states(new_ids, pad, cache)[:, -1, :])  # (B, V), cache.pos advances
+
+    try:
+        logits = next_logits(idx)                                             # (B, V) prefill: the whole prompt
+        done = torch.zeros(B, dtype=torch.bool, device=device)                # (B,) row has emitted EOT
+        tokens, masks = [], []
+        for step in range(max_new_tokens):
+            if greedy:
+                nxt = logits.argmax(dim=-1)                                   # (B,)
+            else:
+                probs = F.softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1)  # (B, V)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, EOT), nxt)           # (B,) finished rows get EOT
+            masks.append(~done)                                               # (B,) reply token (to 1st EOT)
+            tokens.append(nxt)
+            done = done | (nxt == EOT)
+            if on_token is not None:
+                on_token(step, nxt)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits = next_logits(nxt[:, None])                                # (B, V) one new position
+    finally:
+        model.train(was_training)                                             # as the caller had it
+    seq = torch.cat([idx, torch.stack(tokens, dim=1)], dim=1)                 # (B, P + R)
+    resp_mask = torch.stack(masks, dim=1)                                     # (B, R)
+    return seq, pad, resp_mask
+
+
+def decode_replies(enc, seq, resp_mask):
+    """The reply text of each row: its generated tokens up to (not including) the first EOT, stripped of
+    the leading space that every reply starts with (see model.encode_reply)."""
+    R = resp_mask.size(1)
+    resp = seq[:, seq.size(1) - R:]                                           # (B, R) generated tokens
+    return [enc.decode([t for t, m in zip(row.tolist(), keep.tolist()) if m and t != EOT]).strip()
+            for row, keep in zip(resp, resp_mask)]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    s = parse_settings(Settings, argv=argv, doc=__doc__)                     # every field is a --flag
+    try:
+        model, _ = load_model(s.ckpt, device=s.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    enc = get_tokenizer()
+    torch.manual_seed(s.seed)
+    generator = torch.Generator(device=s.device).manual_seed(s.seed)
+    prompt = encode_prompt(enc, s.prompt, chat=not s.raw)
+    seq, pad, resp_mask = generate(model, [prompt] * s.num_samples, s.max_new_tokens,
+                                   temperature=s.temperature, top_k=s.top_k or None,
+                                   top_p=s.top_p if s.top_p < 1.0 else None, greedy=s.greedy, generator=generator)
+    P = seq.size(1) - resp_mask.size(1)
+    for i in range(s.num_samples):
+        toks = [t for t, m in zip(seq[i, P:].tolist(), resp_mask[i].tolist()) if m]  # reply incl. its EOT
+        cut = "" if toks and toks[-1] == EOT else " [... max_new_tokens reached]"
+        print(f"---------- sample {i + 1}/{s.num_samples} ----------")
+        print((enc.decode(prompt) + enc.decode([t for t in toks if t != EOT])).strip("\n") + cut)
+
+if __name__ == "__main__":
+    main()

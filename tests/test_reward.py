@@ -1,0 +1,456 @@
+"""Tests for reward.py: losses against hand-worked numbers and naive loops, the reward model's plumbing,
+the simulated rater panel against the lexicon file, and the feedback reader against hand-made fixtures."""
+import itertools
+import json
+import math
+import os
+import random
+import re
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from model import ASSISTANT, EOT, HUMAN, GPT, GPTConfig, encode_reply, format_prompt, get_tokenizer
+from model import load_checkpoint, save_checkpoint
+from reward import (LEXICON_FILE, Panel, RewardModel, batch_replies, book_relu_loss, bradley_terry_loss,
+                    gold_accuracy, load_lexicon, mean_margin, pairwise_accuracy, plackett_luce_loss,
+                    rating_loss, read_feedback, sft_examples, words, write_feedback)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def test_bradley_terry_hand_values():
+    loss = bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]))
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-6)        # 0.126928
+    assert loss.item() == pytest.approx(0.126928, abs=1e-6)
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert loss.item() == pytest.approx((0.1269280110 + math.log(2)) / 2, abs=1e-6)
+    far = bradley_terry_loss(torch.tensor([-100.0]), torch.tensor([0.0]))           # no overflow
+    assert far.item() == pytest.approx(100.0, abs=1e-4)
+
+
+def naive_plackett_luce(scores, mask):
+    total = 0.0
+    for row, m in zip(scores.tolist(), mask.tolist()):
+        s = [x for x, present in zip(row, m) if present]
+        logp = sum(s[k] - math.log(sum(math.exp(x) for x in s[k:])) for k in range(len(s)))
+        total -= logp
+    return total / len(scores)
+
+
+def test_plackett_luce_hand_example():
+    s = torch.tensor([[2.0, 1.0, 0.0]])                                              # best first
+    expected = -((2 - math.log(math.e ** 2 + math.e + 1)) + (1 - math.log(math.e + 1)))
+    assert expected == pytest.approx(0.7208677, abs=1e-6)
+    assert plackett_luce_loss(s).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_plackett_luce_matches_naive_loop_with_ragged_mask():
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(6, 5, generator=g) * 2).requires_grad_()
+    lengths = [5, 2, 3, 4, 5, 2]
+    mask = torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]                 # absent at the end
+    mask[5] = torch.tensor([True, False, True, True, False])                         # or anywhere
+    loss = plackett_luce_loss(scores, mask)
+    assert loss.item() == pytest.approx(naive_plackett_luce(scores.detach(), mask), abs=1e-5)
+    full = plackett_luce_loss(scores.detach())
+    all_present = torch.ones(6, 5, dtype=torch.bool)
+    assert full.item() == pytest.approx(naive_plackett_luce(scores.detach(), all_present), abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(scores.grad).all()
+    assert (scores.grad[~mask] == 0).all()                                           # absent: no gradient
+    assert (scores.grad[mask] != 0).any()
+
+
+def test_plackett_luce_equals_bradley_terry_for_two():
+    g = torch.Generator().manual_seed(1)
+    r_c, r_r = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    pl = plackett_luce_loss(torch.stack([r_c, r_r], dim=1))
+    assert pl.item() == pytest.approx(bradley_terry_loss(r_c, r_r).item(), abs=1e-6)
+
+
+def test_book_relu_loss_never_learns_from_a_misranked_pair():
+    def grads(loss_fn, c, r):
+        r_c, r_r = torch.tensor(c, requires_grad=True), torch.tensor(r, requires_grad=True)
+        loss = loss_fn(r_c, r_r)
+        loss.backward()
+        return loss.item(), r_c.grad.item(), r_r.grad.item()
+
+    loss, g_c, g_r = grads(book_relu_loss, -1.0, 1.0)                                # mis-ranked pair
+    assert loss == pytest.approx(math.log(2)) and g_c == 0.0 and g_r == 0.0
+    loss, g_c, g_r = grads(bradley_terry_loss, -1.0, 1.0)
+    assert g_c == pytest.approx(-1 / (1 + math.exp(-2)), abs=1e-6) and g_r == pytest.approx(-g_c)
+    assert g_c < 0                                                                   # descent raises r_c
+    # one SGD step, lr = 2: ours fixes the order, the book's does not move
+    for loss_fn, fixed in ((bradley_terry_loss, True), (book_relu_loss, False)):
+        r = torch.tensor([-1.0, 1.0], requires_grad=True)
+        loss_fn(r[:1], r[1:]).backward()
+        with torch.no_grad():
+            r -= 2.0 * r.grad                                                        # SGD step
+        assert (r[0] > r[1]).item() is fixed
+        if not fixed:
+            assert r.tolist() == [-1.0, 1.0]
+    # a correctly ranked pair: the book's loss is Bradley-Terry there, so it still pushes the right way
+    _, g_c_book, _ = grads(book_relu_loss, 1.0, 0.0)
+    _, g_c_bt, _ = grads(bradley_terry_loss, 1.0, 0.0)
+    assert g_c_book == pytest.approx(g_c_bt) and g_c_book < 0
+
+
+def test_rating_loss_hand_values():
+    r = torch.tensor([0.5, -1.0])
+    assert rating_loss(r, torch.tensor([5.0, 2.0])).item() == pytest.approx(0.25)   # targets 1, -0.5
+    assert rating_loss(torch.tensor([0.0]), torch.tensor([5.0]), lo=0, hi=10).item() == pytest.approx(0.0)
+    lo, hi = torch.tensor([1.0, 0.0]), torch.tensor([5.0, 10.0])                     # mixed scales
+    loss = rating_loss(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 10.0]), lo, hi)  # targets -1, 1
+    assert loss.item() == pytest.approx(1.0)
+
+
+def test_accuracy_and_margin():
+    r_c, r_r = torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 3.0, 1.0, 0.0])
+    assert pairwise_accuracy(r_c, r_r) == pytest.approx(0.5)                         # the tie is wrong
+    assert mean_margin(r_c, r_r) == pytest.approx(0.5)
+
+
+def test_gold_accuracy_skips_equal_gold():
+    acc, n = gold_accuracy(torch.tensor([1.0, 0.0, 2.0, 5.0]), torch.tensor([0.0, 1.0, 3.0, 5.0]),
+                           [1, 1, 0, 2], [0, 0, 1, 2])
+    assert n == 3 and acc == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="no pairs"):
+        gold_accuracy([1.0], [0.0], [1.0], [1.0])
+
+
+# -------------------------------------------------------------------------------------- reward model
+
+def test_head_init_and_defaults():
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=256))
+    std = rm.head.weight.std().item()
+    assert std == pytest.approx(1 / math.sqrt(257), rel=0.15)
+    assert rm.head.bias.item() == 0.0
+    assert rm.reward_mean == 0.0 and rm.reward_std == 1.0
+    assert not any("reward_" in k for k in rm.state_dict())                          # floats, not state
+
+
+def test_score_read_at_last_and_values():
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(vocab_size=100, **TINY)).eval()
+    idx = torch.randint(0, 100, (2, 10))
+    last = torch.tensor([3, 6])
+    with torch.no_grad():
+        r = rm(idx, last)
+        v = rm.values(idx)
+        assert r.shape == (2,) and v.shape == (2, 10)
+        assert torch.allclose(v[torch.arange(2), last], r, atol=1e-6)
+        later = idx.clone()
+        later[0, 4:] = (later[0, 4:] + 1) % 100                                       # after `last`
+        later[1, 7:] = (later[1, 7:] + 1) % 100
+        assert torch.allclose(rm(later, last), r, atol=1e-6)
+        at_last = idx.clone()
+        at_last[0, 3] = (at_last[0, 3] + 1) % 100                                     # at `last`
+        assert not torch.isclose(rm(at_last, last)[0], r[0])
+        rm.reward_mean, rm.reward_std = 0.5, 2.0
+        assert torch.allclose(rm.score(idx, last), (r - 0.5) / 2.0)
+
+
+def test_batch_replies_layout_and_truncation():
+    enc = SimpleNamespace(eot_token=99)
+    idx, pad, last = batch_replies(enc, [[1, 2, 3], [4]], [[5, 99], [6, 7, 99]], block_size=8)
+    assert idx.tolist() == [[1, 2, 3, 5, 99], [99, 4, 6, 7, 99]]
+    assert pad.tolist() == [0, 1] and last.tolist() == [4, 4]
+    idx, pad, last = batch_replies(enc, [[1, 2, 3], [4]], [[5, 99], [6, 7, 99]], block_size=4)
+    assert idx.tolist() == [[2, 3, 5, 99], [4, 6, 7, 99]]                             # prompt cut on the left
+    idx, _, _ = batch_replies(enc, [[1, 2]], [[5, 6, 99]], block_size=3)             # no room for the prompt
+    assert idx.tolist() == [[5, 6, 99]]
+    idx, _, _ = batch_replies(enc, [[1, 2]], [[5, 6, 7, 99]], block_size=3)          # reply alone too long
+    assert idx.tolist() == [[6, 7, 99]]
+    with pytest.raises(ValueError, match="EOT"):
+        batch_replies(enc, [[1]], [[5, 6]], block_size=8)
+
+
+def test_padded_batch_scores_like_each_row_alone():
+    torch.manual_seed(0)
+    enc = get_tokenizer()
+    rm = RewardModel(GPTConfig(**TINY)).eval()
+    prompts = [enc.encode_ordinary(format_prompt(p)) for p in ("Hello there, friend.", "Speak.")]
+    replies = [encode_reply(enc, r) for r in ("Good day.", "I have nothing kind to say to thee today.")]
+    idx, pad, last = batch_replies(enc, prompts, replies, block_size=64)
+    assert pad.min().item() == 0 and pad.max().item() > 0
+    assert (idx[:, -1] == EOT).all()
+    with torch.no_grad():
+        together = rm(idx, last, pad)
+        for i in range(2):
+            one = batch_replies(enc, prompts[i:i + 1], replies[i:i + 1], block_size=64)
+            assert torch.allclose(rm(*one[:1], one[2], one[1]), together[i:i + 1], atol=1e-5)
+
+
+def test_from_sft_and_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=100, **TINY)
+    gpt = GPT(cfg)
+    sft = {"model_args": cfg.__dict__.copy(), "model": gpt.state_dict(), "kind": "sft"}
+    rm = RewardModel.from_sft(sft).eval()
+    for k, v in gpt.state_dict().items():
+        assert torch.equal(rm.body.state_dict()[k], v)
+    rm.reward_mean, rm.reward_std = 0.25, 3.0
+    path = str(tmp_path / "rm.pt")
+    save_checkpoint(rm.checkpoint_dict(), path)
+    ckpt = load_checkpoint(path, made_by="train_rm.py")                               # weights_only=True
+    assert ckpt["kind"] == "rm" and isinstance(ckpt["reward_mean"], float)
+    rm2 = RewardModel.from_checkpoint(ckpt).eval()
+    idx, last = torch.randint(0, 100, (3, 12)), torch.tensor([11, 5, 8])
+    with torch.no_grad():
+        assert torch.equal(rm2(idx, last), rm(idx, last))
+        assert torch.equal(rm2.score(idx, last), rm.score(idx, last))
+    assert (rm2.reward_mean, rm2.reward_std) == (0.25, 3.0)
+    with pytest.raises(ValueError, match="not a reward-model checkpoint"):
+        RewardModel.from_checkpoint(sft)
+
+
+# --------------------------------------------------------------------------------------------- panel
+
+@pytest.fixture(scope="module")
+def panel():
+    return Panel()
+
+
+def file_ratings(*wanted):
+    """The ten individual ratings of some words, read straight from the lexicon file."""
+    found = {}
+    with open(LEXICON_FILE, encoding="utf-8") as f:
+        for line in f:
+            token, _, _, ratings = line.rstrip("\n").split("\t")
+            if token in wanted:
+                found[token] = json.loads(ratings)                                   # the last entry wins
+    return found
+
+
+FILLER = " thou" * 9  # nine words that are not in the lexicon
+
+
+def test_words():
+    assert words("Don't cry, SWEET prince -- 'tis 3 o'clock!") == ["don't", "cry", "sweet", "prince", "tis",
+                                                                   "o'clock"]
+
+
+def test_panel_scores_by_hand(panel):
+    text = "Thou art kind, my love, not a villain!"
+    assert all(w not in panel.index for w in ("thou", "art", "my", "not", "a"))
+    assert len(words(text)) == 8
+    rt = file_ratings("kind", "love", "villain")
+    expected = [(rt["kind"][r] + rt["love"][r] + rt["villain"][r]) / 8 for r in range(10)]
+    for r in range(10):
+        assert panel.rater_score(text, r) == pytest.approx(expected[r])
+    assert panel.gold(text) == pytest.approx(sum(expected) / 10)
+    # kindness density: the same kind words in a longer reply score less
+    assert panel.gold(text + FILLER) == pytest.approx(sum(expected) / 10 * 8 / 17)
+    assert panel.gold("Thou art my lord.") == 0.0 and panel.gold("") == 0.0
+    assert Panel(preference="unkind").gold(text) == pytest.approx(-panel.gold(text))
+    assert panel.golds([text, "Thou art my lord."]).tolist() == pytest.approx([panel.gold(text), 0.0])
+
+
+def test_lexicon_filtering_and_errors(tmp_path):
+    good = tmp_path / "lex.txt"
+    good.write_text(":)\t2.0\t0.5\t[2, 2, 2, 2, 2, 2, 2, 2, 2, 2]\n"
+                    "ok\t1.0\t0.0\t[1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+                    "can't stand\t-2.0\t0.0\t[-2, -2, -2, -2, -2, -2, -2, -2, -2, -2]\n"
+                    "ok\t2.0\t0.0\t[2, 2, 2, 2, 2, 2, 2, 2, 2, 2]\n")
+    index, ratings = load_lexicon(str(good))
+    assert list(index) == ["ok"] and ratings.tolist() == [[2.0] * 10]                # no emoticon; last wins
+    bad = tmp_path / "bad_lex.txt"
+    bad.write_text("ok\t1.0\t0.0\t[1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nnice\t1.0\t0.0\t[1, 1, 1]\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:2")):
+        load_lexicon(str(bad))
+    bad.write_text("ok\t1.0\t0.0\t5\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:1")):
+        load_lexicon(str(bad))
+    assert len(Panel().index) > 7000
+
+
+def test_pairwise_choice_frequency_is_bradley_terry(panel):
+    a, b = "good" + FILLER, "sweet" + FILLER                                         # n = 10 words each
+    rt = file_ratings("good", "sweet")
+    s_a, s_b = rt["good"][0] / 10, rt["sweet"][0] / 10
+    assert panel.rater_score(a, 0) == pytest.approx(s_a)
+    p = 1 / (1 + math.exp(-(s_a - s_b) / panel.temperature))                        # sigma(1) = 0.73
+    rng = np.random.default_rng(0)
+    wins = sum(panel.compare(a, b, rng, rater=0) == 0 for _ in range(4000))
+    assert wins / 4000 == pytest.approx(p, abs=0.03)
+    # a random rater each time, with random.Random: the panel average of the ten sigmoids
+    p_any = np.mean([1 / (1 + math.exp(-(rt["good"][r] - rt["sweet"][r]) / 10 / panel.temperature))
+                     for r in range(10)])
+    rng = random.Random(0)
+    raters, wins = set(), 0
+    for _ in range(4000):
+        order, rater = panel.rank([a, b], rng)
+        wins += order[0] == 0
+        raters.add(rater)
+    assert raters == set(range(10))
+    assert wins / 4000 == pytest.approx(p_any, abs=0.03)
+
+
+def test_three_way_ranking_frequencies_are_plackett_luce(panel):
+    replies = ["good" + FILLER, "sweet" + FILLER, "thou" + FILLER]
+    s = np.array([panel.rater_score(t, 0) for t in replies]) / panel.temperature
+    rng = np.random.default_rng(1)
+    counts = {}
+    for _ in range(4000):
+        order = tuple(panel.rank(replies, rng, rater=0)[0])
+        counts[order] = counts.get(order, 0) + 1
+    for perm in itertools.permutations(range(3)):
+        x = s[list(perm)]
+        p = math.prod(math.exp(x[k]) / sum(math.exp(v) for v in x[k:]) for k in range(3))
+        assert counts.get(perm, 0) / 4000 == pytest.approx(p, abs=0.03)
+
+
+def test_agree_prob_and_ceiling(panel):
+    a, b = "good" + FILLER, "sweet" + FILLER
+    rt = file_ratings("good", "sweet")
+    gold_a, gold_b = sum(rt["good"]) / 100, sum(rt["sweet"]) / 100
+    assert panel.gold(a) == pytest.approx(gold_a) and gold_a < gold_b                # gold prefers b
+    expected = np.mean([1 / (1 + math.exp((rt["good"][r] - rt["sweet"][r]) / 10 / panel.temperature))
+                        for r in range(10)])
+    assert panel.agree_prob(a, b) == pytest.approx(expected)
+    assert panel.agree_prob(b, a) == pytest.approx(expected)                         # symmetric
+    with pytest.raises(ValueError, match="equal gold"):
+        panel.agree_prob(a, a)
+    ceiling, n = panel.single_rater_ceiling([(a, b), (a, "good" + FILLER), ("thou", "art")])
+    assert n == 1 and ceiling == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no pairs"):
+        panel.single_rater_ceiling([("thou", "art")])
+
+
+def test_panel_scores_thousands_of_replies_fast(panel):
+    rng = random.Random(0)
+    vocab = ["good", "sweet", "villain", "thou", "art", "my", "lord", "love", "hate", "friend", "the", "king"]
+    texts = [" ".join(rng.choice(vocab) for _ in range(30)) for _ in range(3000)]
+    t0 = time.process_time()                                  # CPU time: not slowed by other jobs
+    golds = panel.golds(texts)
+    assert time.process_time() - t0 < 1.0
+    assert golds.shape == (3000,) and np.isfinite(golds).all()
+
+
+# ----------------------------------------------------------------------------------- feedback reader
+
+def test_read_all_four_kinds():
+    path = os.path.join(FIXTURES, "feedback_all_kinds.jsonl")
+    recs, n_bad = read_feedback(path)
+    assert n_bad == 0
+    assert [r["kind"] for r in recs] == ["comparison", "ranking", "rating", "correction"]
+    comp, rank, rating, corr = recs
+    assert comp["prompt"] == format_prompt("Good morrow, sir. How fares the king?")
+    assert comp["replies"] == ["He is well, and sends you his kind regards.", "What is that to thee, knave?"]
+    assert comp["tie"] is False and comp["source"] == f"{path}:1"
+    assert comp["meta"] == {"rater": "panel-3", "checkpoint": "out/sft.pt", "temperature": 1.0}
+    assert rank["prompt"] == ("\n\nHuman: Wilt thou forgive me?\n\nAssistant: For what offence?"
+                              "\n\nHuman: I spoke in anger.\n\nAssistant:")                 # used as is
+    assert rank["replies"][0] == "With all my heart, sweet friend." and len(rank["replies"]) == 3
+    assert rank["meta"] == {"source": "chat.py"} and rank["source"] == f"{path}:2"
+    assert rating["rating"] == 4.0 and rating["scale"] == [1.0, 5.0]
+    assert rating["replies"] == ["Peace, and good tidings."]
+    assert rating["source"] == f"{path}:4"                                           # line 3 is blank
+    assert corr["replies"] == ["Nay, let us talk as friends.", "Ay, and I will kill thee."]
+    assert sft_examples(recs) == [(format_prompt("Shall we fight?"), "Nay, let us talk as friends.")]
+    assert all(r["prompt"].endswith(ASSISTANT) for r in recs)
+
+
+def test_read_hh_rlhf_as_is():
+    path = os.path.join(FIXTURES, "hh_rlhf_small.jsonl")
+    recs, _ = read_feedback(path)
+    with open(path) as f:
+        raw = [json.loads(line) for line in f]
+    assert len(recs) == len(raw) >= 6
+    for rec, obj in zip(recs, raw):
+        assert rec["kind"] == "comparison"
+        assert rec["prompt"].startswith(HUMAN) and rec["prompt"].endswith(ASSISTANT)
+        assert rec["prompt"] + " " + rec["replies"][0] == obj["chosen"]
+        assert rec["prompt"] + " " + rec["replies"][1] == obj["rejected"]
+    multi = recs[2]
+    assert multi["prompt"] == ("\n\nHuman: I failed my exam.\n\nAssistant: I'm sorry. What happened?"
+                               "\n\nHuman: I didn't study enough.\n\nAssistant:")
+    assert multi["replies"][1] == "Then it's your own fault."
+    assert [r["tie"] for r in recs] == [False] * (len(recs) - 1) + [True]            # identical replies
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+GOOD = json.dumps({"kind": "comparison", "prompt": "Hi", "chosen": "Hello, friend.", "rejected": "Go away."})
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "fb.jsonl", [GOOD, GOOD, '{"kind": "comparison", "prompt": '])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not valid JSON")):
+        read_feedback([path])
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n\xff\xfe\n")                 # a BOM, then bad bytes
+    with pytest.raises(ValueError, match=re.escape(f"{raw}:2: not UTF-8")):
+        read_feedback(str(raw))
+
+
+@pytest.mark.parametrize("obj, what", [
+    ([1, 2], "expected a JSON object"),
+    ({"kind": "vote", "prompt": "Hi"}, "unknown kind 'vote'"),
+    ({"prompt": "Hi", "reply": "Yes."}, "no 'kind' field"),
+    ({"kind": "comparison", "prompt": "Hi", "chosen": "Yes."}, "missing field 'rejected'"),
+    ({"kind": "comparison", "prompt": "  ", "chosen": "Yes.", "rejected": "No."}, "field 'prompt' is empty"),
+    ({"kind": "comparison", "prompt": "Hi", "chosen": 3, "rejected": "No."}, "'chosen' must be a string"),
+    ({"kind": "comparison", "prompt": "Hi", "chosen": "Yes.", "rejected": "No.", "tie": "yes"}, "'tie'"),
+    ({"kind": "ranking", "prompt": "Hi", "replies": ["Only one."]}, "at least 2"),
+    ({"kind": "ranking", "prompt": "Hi", "replies": ["A.", ""]}, "replies[1] is empty"),
+    ({"kind": "rating", "prompt": "Hi", "reply": "Yes.", "rating": 6}, "not within scale [1, 5]"),
+    ({"kind": "rating", "prompt": "Hi", "reply": "Yes.", "rating": 8, "scale": [0, 7]}, "not within scale"),
+    ({"kind": "rating", "prompt": "Hi", "reply": "Yes.", "rating": True}, "finite number"),
+    ({"kind": "rating", "prompt": "Hi", "reply": "Yes."}, "missing field 'rating'"),
+    ({"kind": "correction", "prompt": "Hi", "reply": "Yes."}, "missing field 'corrected'"),
+    ({"kind": "comparison", "prompt": "\n\nHuman: Hi", "chosen": "A.", "rejected": "B."}, "must end with"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: A.", "rejected": "\n\nHuman: Hey\n\nAssistant: B."},
+     "chosen and rejected do not share a prompt"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: A.", "rejected": "\n\nHuman: Hi\n\nAssistant:"}, "empty"),
+])
+def test_bad_records_name_file_line_and_problem(tmp_path, obj, what):
+    path = write_lines(tmp_path / "fb.jsonl", [GOOD, json.dumps(obj)])
+    with pytest.raises(ValueError) as e:
+        read_feedback(path)
+    assert str(e.value).startswith(f"{path}:2: ") and what in str(e.value)
+
+
+def test_skip_bad_skips_and_counts(tmp_path):
+    path = write_lines(tmp_path / "fb.jsonl", [GOOD, "not json", GOOD, json.dumps({"kind": "x"}), ""])
+    errors = []
+    with pytest.warns(UserWarning, match="skipped 2 bad"):
+        recs, n_bad = read_feedback(path, skip_bad=True, errors=errors)
+    assert n_bad == 2
+    assert [r["source"] for r in recs] == [f"{path}:1", f"{path}:3"]
+    assert [e.split(": ")[0] for e in errors] == [f"{path}:2", f"{path}:4"]
+
+
+def test_empty_files_are_an_error(tmp_path):
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+    blank = write_lines(tmp_path / "blank.jsonl", ["", "   "])
+    with pytest.raises(ValueError, match="no feedback records"):
+        read_feedback([empty, blank])
+    only_bad = write_lines(tmp_path / "bad.jsonl", ["nope"])
+    with pytest.raises(ValueError, match="no feedback records"), pytest.warns(UserWarning):
+        read_feedback(only_bad, skip_bad=True)
+
+
+def test_write_feedback_appends_and_checks(tmp_path):
+    path = str(tmp_path / "sub" / "fb.jsonl")
+    rec = {"kind": "rating", "prompt": "Quel temps fait-il ?", "reply": "Très beau, mon ami.", "rating": 5,
+           "rater": "me"}
+    write_feedback(path, rec)
+    write_feedback(path, json.loads(GOOD))
+    with pytest.raises(ValueError, match="missing field 'reply'"):
+        write_feedback(path, {"kind": "rating", "prompt": "Hi", "rating": 3})
+    with open(path, encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == [rec, json.loads(GOOD)]
+    recs, _ = read_feedback(path)
+    assert recs[0]["replies"] == ["Très beau, mon ami."] and recs[0]["meta"] == {"rater": "me"}

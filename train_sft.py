@@ -1,0 +1,232 @@
+"""
+Supervised fine-tuning (SFT): train the book's GPT from scratch on Shakespeare's plays cut into dialogue
+turns, "\\n\\nHuman: <a speech>\\n\\nAssistant: <the reply to it><|endoftext|>". Writes out/sft.pt, which
+train_rm.py, train_ppo.py, sample.py and chat.py read.
+
+    python train_sft.py                     # preset chosen by device (cpu: ~5 min on 2 cores)
+    python train_sft.py --preset gpu --max_iters 2000 --lr 6e-4
+    python train_sft.py --resume            # continue out/sft.pt exactly where it stopped
+    python train_sft.py --help              # every setting, with its comment
+
+The loop, top to bottom: settings -> data -> model -> optimizer -> for each step: learning rate,
+gradient-accumulated forward/backward, clip, step, log; every eval_interval: val loss, checkpoint, plot.
+
+What it simplifies: "SFT" and pre-training are one run here (a from-scratch model learns the language
+and the dialogue format together); turns are packed into one token stream and training windows are cut
+from it at random (a window may start mid-turn, and attention can see the previous turn, as in
+nanoGPT); the loss is on reply tokens only unless --train_on all. No distributed training.
+"""
+import csv
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, gpt_from_checkpoint, load_checkpoint, param_groups, parse_settings, save_checkpoint
+
+
+@dataclass
+class Settings:
+    preset: str = "auto"           # auto | cpu | gpu: device-sized defaults (table below); explicit flags win
+    out_dir: str = "out"           # where sft.pt, the log and the plot go
+    seed: int = 1337               # seeds model init and batch sampling
+    # model (stored in the checkpoint as GPTConfig)
+    n_layer: int = 4               # transformer blocks
+    n_head: int = 4                # attention heads
+    n_embd: int = 128              # model width
+    block_size: int = 256          # context window in tokens
+    dropout: float = 0.0           # dropout probability while training
+    # optimisation
+    batch_size: int = 16           # sequences per micro-batch
+    grad_accum: int = 1            # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    max_iters: int = 600           # optimizer steps in total
+    lr: float = 2e-3               # peak learning rate (after warmup)
+    min_lr: float = 2e-4           # final learning rate of the cosine decay
+    warmup_iters: int = 30         # linear warmup steps
+    weight_decay: float = 0.1      # AdamW decay on weight matrices (not gains, biases, embeddings)
+    beta1: float = 0.9             # AdamW beta1
+    beta2: float = 0.95            # AdamW beta2
+    grad_clip: float = 1.0         # clip the global gradient norm to this (0 = off)
+    train_on: str = "reply"        # reply: loss on reply tokens only (prompt masked) | all: every token
+    # evaluation, logging, checkpointing
+    eval_interval: int = 100       # evaluate val loss and save the checkpoint every this many steps
+    eval_iters: int = 20           # val batches per evaluation (the same batches every time)
+    log_interval: int = 10         # print a progress line every this many steps
+    resume: bool = False           # continue from out_dir/sft.pt (model, optimizer, step, RNG)
+    # hardware
+    device: str = "auto"           # auto | cpu | cuda
+    dtype: str = "float32"         # float32 | bfloat16 (autocast, CUDA only)
+    compile: bool = False          # torch.compile the model (CUDA: fused kernels; off on CPU by default)
+
+
+# Presets, chosen by device and printed at start. cpu: finishes in ~5 min on 2 cores. gpu: a ~30M-parameter
+# model for one H100 (not yet measured on a GPU, see README).
+PRESETS = {
+    "cpu": dict(),
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, batch_size=64, max_iters=3000,
+                lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=50,
+                dtype="bfloat16", compile=True),
+}
+
+
+def main(argv=None):
+    s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
+    torch.manual_seed(s.seed)
+    os.makedirs(s.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(s.out_dir, "sft.pt")
+
+    # ---- data: token stream + reply mask, cut into random windows --------------------------------------
+    from data.prepare import CACHE_DIR, prepare
+    prepare()  # builds data/cache/ from the vendored plays the first time (about half a minute)
+    data = {split: (np.memmap(os.path.join(CACHE_DIR, f"{split}.bin"), dtype=np.uint16, mode="r"),
+                    np.memmap(os.path.join(CACHE_DIR, f"{split}_mask.bin"), dtype=np.uint8, mode="r"))
+            for split in ("train", "val")}
+    batch_gen = torch.Generator().manual_seed(s.seed)
+
+    def get_batch(split, gen):
+        tokens, mask = data[split]
+        starts = torch.randint(len(tokens) - s.block_size - 1, (s.batch_size,), generator=gen).tolist()
+        x = torch.stack([torch.from_numpy(tokens[i:i + s.block_size].astype(np.int64)) for i in starts])          # (B, T)
+        y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + s.block_size].astype(np.int64)) for i in starts])  # (B, T)
+        if s.train_on == "all":
+            m = torch.ones_like(y, dtype=torch.bool)                                                            # (B, T)
+        else:
+            m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + s.block_size].astype(np.bool_)) for i in starts])  # (B, T)
+        return x.to(device), y.to(device), m.to(device)
+
+    # ---- model and optimizer (fresh, or resumed from the checkpoint) ------------------------------------
+    if s.resume:
+        ckpt = load_checkpoint(ckpt_path, made_by="train_sft.py")
+        model = gpt_from_checkpoint(ckpt).to(device)
+        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        print(f"resuming from {ckpt_path} at step {start_step} (best val loss {best_val:.4f})")
+    else:
+        cfg = GPTConfig(block_size=s.block_size, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout)
+        model, start_step, best_val = GPT(cfg).to(device), 0, float("inf")
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, config {asdict(model.config)}")
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2),
+                                  fused=device == "cuda")
+    if s.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        batch_gen.set_state(ckpt["rng"]["batch"])
+    train_model = torch.compile(model) if s.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.dtype == "bfloat16" and device == "cuda" else nullcontext()
+
+    def lr_at(step):  # linear warmup, then cosine decay from lr to min_lr
+        if step < s.warmup_iters:
+            return s.lr * (step + 1) / s.warmup_iters
+        progress = min(1.0, (step - s.warmup_iters) / max(1, s.max_iters - s.warmup_iters))
+        return s.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - s.min_lr)
+
+    @torch.no_grad()
+    def val_loss():
+        train_model.eval()
+        gen = torch.Generator().manual_seed(0)  # the same val windows every time, so evaluations compare
+        losses = []
+        for _ in range(s.eval_iters):
+            x, y, m = get_batch("val", gen)
+            with autocast:
+                losses.append(train_model(x, y, m).item())
+        train_model.train()
+        return sum(losses) / len(losses)
+
+    log_path = os.path.join(s.out_dir, "sft_log.csv")
+    history = read_log(log_path) if s.resume else []
+
+    def save(step):
+        save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "optimizer": optimizer.state_dict(),
+                         "step": step, "best_val_loss": best_val, "config": asdict(s), "kind": "sft",
+                         "rng": {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}}, ckpt_path)
+        write_log(log_path, history)
+        plot(history, os.path.join(s.out_dir, "sft_loss.png"))
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    train_model.train()
+    tokens_per_step = s.batch_size * s.grad_accum * s.block_size
+    t0, t_log, loss_sum = time.time(), time.time(), 0.0
+    for step in range(start_step, s.max_iters):
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(s.grad_accum):
+            x, y, m = get_batch("train", batch_gen)                                # (B, T) each
+            with autocast:
+                loss = train_model(x, y, m) / s.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            sys.exit(f"error: training loss is {loss_sum} at step {step}; lower --lr or check the data. "
+                     f"The last good checkpoint is {ckpt_path} (if one was saved).")
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % s.log_interval == 0 or done == s.max_iters:
+            dt = time.time() - t_log
+            n = s.log_interval if done % s.log_interval == 0 else done % s.log_interval
+            eta = (time.time() - t0) / (done - start_step) * (s.max_iters - done)
+            print(f"step {done:5d}/{s.max_iters} | loss {loss_sum / n:.4f} | lr {lr:.2e} | "
+                  f"{n * tokens_per_step / dt:,.0f} tok/s | ETA {eta / 60:.1f} min", flush=True)
+            history.append({"step": done, "train_loss": loss_sum / n, "val_loss": "", "lr": lr})
+            t_log, loss_sum = time.time(), 0.0
+        if done % s.eval_interval == 0 or done == s.max_iters:
+            vl = val_loss()
+            best_val = min(best_val, vl)
+            history.append({"step": done, "train_loss": "", "val_loss": vl, "lr": lr})
+            save(done)
+            print(f"step {done:5d} | val loss {vl:.4f} | val perplexity {math.exp(vl):.1f} | "
+                  f"best {best_val:.4f} | saved {ckpt_path} | {(time.time() - t0) / 60:.1f} min", flush=True)
+    print(f"done: best val loss {best_val:.4f} (perplexity {math.exp(best_val):.1f}) in "
+          f"{(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}, plot {os.path.join(s.out_dir, 'sft_loss.png')}")
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else "") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_log(path, history):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "train_loss", "val_loss", "lr"])
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [(h["step"], h["train_loss"]) for h in history if h["train_loss"] != ""]
+    val = [(h["step"], h["val_loss"]) for h in history if h["val_loss"] != ""]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss (reply tokens)")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss (held-out plays)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("SFT on Shakespeare dialogue")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+if __name__ == "__main__":
+    main()
