@@ -298,6 +298,12 @@ class Panel:
         z = math.copysign(1.0, g) * (sa - sb) / self.temperature              # (10,)
         return float(np.mean(1.0 / (1.0 + np.exp(-z))))
 
+    def vote(self, a, b):
+        """The panel's vote for b over a: the probability that one random rater prefers b,
+        mean_r sigmoid((s_r(b) - s_r(a)) / tau). 0.5 when the raters cannot tell them apart."""
+        z = (self.rater_scores(b) - self.rater_scores(a)) / self.temperature   # (10,)
+        return float(np.mean(1.0 / (1.0 + np.exp(-z))))
+
     def single_rater_ceiling(self, pairs):
         """Mean agree_prob over (a, b) pairs with unequal gold -> (ceiling, number of pairs used).
         How often a single rater's label agrees with gold: the accuracy against gold of the labels the
