@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from model import format_prompt, get_tokenizer, load_checkpoint, param_groups, parse_settings, save_checkpoint
-from reward import Panel, RewardModel, batch_replies, plackett_luce_loss, rating_loss, read_feedback
+from reward import GOLD_EPS, Panel, RewardModel, batch_replies, plackett_luce_loss, rating_loss, read_feedback
 from sample import decode_replies, encode_prompt, generate, load_model
 
 
@@ -63,6 +63,7 @@ class Settings:
     rating_weight: float = 1.0       # weight of the rating regression loss
     eval_interval: int = 50          # held-out evaluation + checkpoint every this many steps
     resume: bool = False             # continue from out_dir/rm.pt (uses out_dir/panel_labels.jsonl or --data)
+    sft_args: str = ""               # extra flags passed to train_sft.py when sft.pt is missing
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "float32"           # float32 | bfloat16 (autocast, CUDA only)
 
@@ -89,9 +90,10 @@ def main(argv=None):
 
     # ---- 1. the SFT model (trained first if missing) ------------------------------------------------------
     if not os.path.exists(sft_path):
-        print(f"{sft_path} is missing: running train_sft.py first (preset {s.preset})")
+        print(f"{sft_path} is missing: running train_sft.py first (preset {s.preset}"
+              + (f", flags {s.sft_args}" if s.sft_args else "") + ")")
         import train_sft
-        train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset])
+        train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset] + s.sft_args.split())
     sft_ckpt = load_checkpoint(sft_path, made_by="train_sft.py")
     policy, _ = load_model(sft_path, device=device)
     block_size = policy.config.block_size
@@ -109,6 +111,9 @@ def main(argv=None):
         """The panel ranks each prompt's replies: one randomly drawn rater, Plackett–Luce choice noise."""
         records = []
         for p, rs in zip(prompts, replies):
+            rs = list(dict.fromkeys(x.strip() for x in rs if x.strip()))  # empty or repeated replies rank nothing
+            if len(rs) < 2:
+                continue
             order, rater = panel.rank(rs, rng)
             records.append({"kind": "ranking", "prompt": p, "replies": [rs[i] for i in order], "rater": int(rater),
                             "gold": [round(float(panel.gold(rs[i])), 4) for i in order], "source": "panel"})
@@ -147,8 +152,12 @@ def main(argv=None):
     if not train_items:
         sys.exit(f"error: no usable feedback to train on ({len(records)} records, ties are not trained on)")
     if not eval_items:
-        heldout_prompts = unique_prompts(load_turns("test"), s.n_heldout, s.seed)
-        eval_items = labelled(heldout_prompts, os.path.join(s.out_dir, "panel_labels_heldout.jsonl"))
+        heldout_path = os.path.join(s.out_dir, "panel_labels_heldout.jsonl")
+        if s.resume and os.path.exists(heldout_path):
+            eval_items, _ = read_feedback([heldout_path])
+            print(f"resume: reusing {len(eval_items)} held-out panel labels from {heldout_path}")
+        else:
+            eval_items = labelled(unique_prompts(load_turns("test"), s.n_heldout, s.seed), heldout_path)
     print(f"train items: {len(train_items)}, held-out items: {len(eval_items)}")
 
     # ---- 3. the reward model --------------------------------------------------------------------------------
@@ -215,7 +224,7 @@ def main(argv=None):
                 for a in range(len(rs)):
                     for b in range(a + 1, len(rs)):
                         ga, gb = panel.gold(rs[a]), panel.gold(rs[b])
-                        if ga == gb:
+                        if abs(ga - gb) < GOLD_EPS:  # equal gold: no order to agree with
                             continue
                         gold_agree.append(float((sc[a] > sc[b]) == (ga > gb)))
                         ceiling.append(panel.agree_prob(rs[a], rs[b]))
@@ -230,7 +239,7 @@ def main(argv=None):
         with autocast:
             return rm(idx.to(device), last.to(device), pad.to(device)).float().tolist()
 
-    history = []
+    history = rm_ckpt.get("history", []) if s.resume else []
 
     def save(step, final=False):
         ckpt = {**rm.checkpoint_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(s),
@@ -240,13 +249,17 @@ def main(argv=None):
 
     # ---- the loop -------------------------------------------------------------------------------------------
     rm.train()
-    order = [i for _ in range(s.epochs) for i in torch.randperm(len(train_items)).tolist()]
+    order_gen = torch.Generator().manual_seed(s.seed)  # its own generator: a resumed run gets the same batches
+    batches = []  # max_iters lists of item indices: each epoch a fresh permutation, cut into batches
+    for _ in range(s.epochs):
+        perm = torch.randperm(len(train_items), generator=order_gen).tolist()
+        batches += [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
     t0 = time.time()
     for step in range(start_step, max_iters):
-        lr = s.lr * min(1.0, (step + 1) / s.warmup_iters) * 0.5 * (1 + math.cos(math.pi * step / max_iters))
+        lr = s.lr * min(1.0, (step + 1) / max(1, s.warmup_iters)) * 0.5 * (1 + math.cos(math.pi * step / max_iters))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [train_items[i] for i in order[step * s.batch_size:(step + 1) * s.batch_size]]
+        batch = [train_items[i] for i in batches[step]]
         loss, pairs = item_losses(batch)
         if not torch.isfinite(loss):
             sys.exit(f"error: reward-model loss is {loss.item()} at step {step}; lower --lr or check the feedback data")
@@ -336,4 +349,7 @@ def plot(history, path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # expected errors (missing file, bad feedback data): no traceback
+        sys.exit(f"error: {e}")

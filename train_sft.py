@@ -67,7 +67,7 @@ class Settings:
 # Presets, chosen by device and printed at start. cpu: finishes in ~5 min on 2 cores. gpu: a ~30M-parameter
 # model for one H100 (not yet measured on a GPU, see README).
 PRESETS = {
-    "cpu": dict(),
+    "cpu": dict(batch_size=8, max_iters=280, warmup_iters=20, eval_interval=70, eval_iters=10),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, batch_size=64, max_iters=3000,
                 lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=50,
                 dtype="bfloat16", compile=True),
@@ -77,6 +77,8 @@ PRESETS = {
 def main(argv=None):
     s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    if s.train_on not in ("reply", "all"):
+        sys.exit(f"error: --train_on must be 'reply' or 'all', not {s.train_on!r}")
     print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
     torch.manual_seed(s.seed)
@@ -152,7 +154,7 @@ def main(argv=None):
     # ---- the loop -----------------------------------------------------------------------------------------
     train_model.train()
     tokens_per_step = s.batch_size * s.grad_accum * s.block_size
-    t0, t_log, loss_sum = time.time(), time.time(), 0.0
+    t0, t_log, loss_sum, n_sum = time.time(), time.time(), 0.0, 0  # n_sum: steps in loss_sum since the last log
     for step in range(start_step, s.max_iters):
         lr = lr_at(step)
         for group in optimizer.param_groups:
@@ -163,6 +165,7 @@ def main(argv=None):
                 loss = train_model(x, y, m) / s.grad_accum
             loss.backward()
             loss_sum += loss.item()
+        n_sum += 1
         if not math.isfinite(loss_sum):
             sys.exit(f"error: training loss is {loss_sum} at step {step}; lower --lr or check the data. "
                      f"The last good checkpoint is {ckpt_path} (if one was saved).")
@@ -173,12 +176,12 @@ def main(argv=None):
         done = step + 1
         if done % s.log_interval == 0 or done == s.max_iters:
             dt = time.time() - t_log
-            n = s.log_interval if done % s.log_interval == 0 else done % s.log_interval
+            n = n_sum  # not log_interval: a resumed run's first log covers fewer steps
             eta = (time.time() - t0) / (done - start_step) * (s.max_iters - done)
             print(f"step {done:5d}/{s.max_iters} | loss {loss_sum / n:.4f} | lr {lr:.2e} | "
                   f"{n * tokens_per_step / dt:,.0f} tok/s | ETA {eta / 60:.1f} min", flush=True)
             history.append({"step": done, "train_loss": loss_sum / n, "val_loss": "", "lr": lr})
-            t_log, loss_sum = time.time(), 0.0
+            t_log, loss_sum, n_sum = time.time(), 0.0, 0
         if done % s.eval_interval == 0 or done == s.max_iters:
             vl = val_loss()
             best_val = min(best_val, vl)
@@ -229,4 +232,7 @@ def plot(history, path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # expected errors (missing checkpoint or data): no traceback
+        sys.exit(f"error: {e}")

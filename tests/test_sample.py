@@ -293,3 +293,13 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "train_sft.py" in err and "not found" in err
+
+
+def test_sample_from_matches_distribution_and_never_draws_zero_probability():
+    # inverse-CDF sampling: frequencies follow probs, and a zero-probability token is never drawn
+    from sample import sample_from
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.0, 0.2]]).repeat(20000, 1)
+    draws = sample_from(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert freq[1] == 0 and freq[3] == 0
+    assert torch.allclose(freq, probs[0], atol=0.015)

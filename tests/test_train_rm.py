@@ -1,0 +1,369 @@
+"""End-to-end tests of train_rm.py on a tiny SFT model: the default panel pipeline, reward normalisation,
+the feedback formats (HH-RLHF, all four kinds, several files), bad input, a missing sft.pt, --resume.
+
+The default pipeline runs as a real subprocess (`python train_rm.py ...`: command line, exit code, what it
+prints). The other runs call train_rm.main(argv), or run the script's `__main__` block with runpy for the
+error exits, in this process: a new interpreter costs ~5 s of imports (torch, torch._dynamo, the
+tokenizer), and the two test files must stay under a minute on 2 shared cores. In-process runs skip the
+plots. The tiny sft.pt is shared with test_train_sft.py.
+"""
+import contextlib
+import io
+import math
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import train_rm
+from model import get_tokenizer, load_checkpoint
+from reward import Panel, RewardModel, batch_replies, read_feedback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+HH = os.path.join(FIXTURES, "hh_rlhf_small.jsonl")
+ALL_KINDS = os.path.join(FIXTURES, "feedback_all_kinds.jsonl")
+# Must match test_train_sft.py: both files share one tiny SFT run (whichever runs first trains it).
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--batch_size", "4",
+        "--eval_iters", "1", "--device", "cpu"]
+SHARED = TINY + ["--max_iters", "8", "--lr", "1e-2", "--min_lr", "1e-2", "--warmup_iters", "2",
+                 "--eval_interval", "4", "--log_interval", "2"]
+# The reward-model run: 24 train prompts x 3 replies -> 3 steps of 8 rankings; 8 held-out prompts.
+RM = dict(n_prompts=24, n_heldout=8, k=3, max_new_tokens=8, epochs=1, batch_size=8, eval_interval=2, device="cpu")
+# Runs on --data files sample too (held-out prompts for the panel; 256 replies to normalise over when there
+# are no panel labels), and every sampled token is a softmax and a draw over 50257 tokens per row, slow on a
+# CPU: they draw 2-token replies.
+DATA = dict(RM, n_heldout=4, max_new_tokens=2, eval_interval=100)
+
+
+def flags(out_dir, base=RM, **over):
+    """Command-line flags for train_rm.py: the settings in `base`, with `over` replacing some."""
+    return ["--out_dir", str(out_dir)] + [x for k, v in {**base, **over}.items() for x in (f"--{k}", str(v))]
+
+
+def run(*args, timeout=300):
+    """Run a script of the repo in a fresh interpreter, one thread, from the repo root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def shared_sft(tmp_path_factory):
+    """out_dir of the tiny SFT run shared by both test files (the same function in test_train_sft.py)."""
+    d = tmp_path_factory.getbasetemp() / "tiny_sft"
+    if not (d / "stdout.txt").exists():  # written only after a successful run
+        d.mkdir(exist_ok=True)
+        r = run("train_sft.py", "--out_dir", str(d), *SHARED)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (d / "stdout.txt").write_text(r.stdout)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    return shared_sft(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process runs use one thread too: on 2 shared cores a second OpenMP thread only spin-waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_plot(monkeypatch):
+    """In-process runs skip the matplotlib plot (~0.5 s a checkpoint); the subprocess run draws its own."""
+    monkeypatch.setattr(train_rm, "plot", lambda history, path: None)
+
+
+def run_main_block(script, *args):
+    """Run `script` as `python script args` does, but in this process (a new interpreter costs ~5 s of
+    imports): its `if __name__ == "__main__":` block included. Returns how it exited (SystemExit)."""
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return e.value
+
+
+def out_dir_with_sft(parent, sft_dir, name="out"):
+    d = parent / name
+    d.mkdir()
+    shutil.copy(sft_dir / "sft.pt", d / "sft.pt")
+    return d
+
+
+def load_rm(path):
+    ckpt = load_checkpoint(str(path), made_by="train_rm.py")
+    return RewardModel.from_checkpoint(ckpt).eval(), ckpt
+
+
+@pytest.fixture(scope="module")
+def panel_run(tmp_path_factory, sft_dir):
+    """The default pipeline, as a user runs it: the panel ranks SFT samples, the RM trains on them."""
+    d = out_dir_with_sft(tmp_path_factory.mktemp("rm"), sft_dir, "panel")
+    r = run("train_rm.py", *flags(d))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return d, r.stdout
+
+
+# ---- the default pipeline --------------------------------------------------------------------------------------
+
+def test_panel_pipeline_outputs(panel_run):
+    d, out = panel_run
+    for name in ("rm.pt", "panel_labels.jsonl", "panel_labels_heldout.jsonl", "rm_curves.png"):
+        assert (d / name).stat().st_size > 0, name
+    records, n_bad = read_feedback([str(d / "panel_labels.jsonl")])
+    assert n_bad == 0 and 20 <= len(records) <= 24  # a prompt whose replies are all alike is left out
+    panel = Panel()
+    for r in records:
+        assert r["kind"] == "ranking" and not r["tie"] and r["meta"]["source"] == "panel"
+        assert 2 <= len(r["replies"]) <= 3 and r["prompt"].startswith("\n\nHuman: ")
+        assert r["meta"]["rater"] in range(10)
+        # the gold list is in the rater's order (not sorted): gold[i] is the panel's score of replies[i]
+        assert r["meta"]["gold"] == [round(panel.gold(x), 4) for x in r["replies"]]
+    assert sum(len(r["replies"]) == 3 for r in records) >= 20
+
+    m = re.search(r"held-out label accuracy (\S+), gold accuracy (\S+) vs single-rater ceiling (\S+) on (\d+) pairs",
+                  out)
+    assert m, out
+    acc, gold_acc, ceiling = (float(x) for x in m.groups()[:3])
+    assert 0 <= acc <= 1
+    for x in (gold_acc, ceiling):  # nan when no held-out pair has different gold scores
+        assert math.isnan(x) or 0 <= x <= 1
+    assert (math.isnan(ceiling)) == (int(m.group(4)) == 0)
+    assert "train items: " + str(len(records)) in out
+
+    rm, ckpt = load_rm(d / "rm.pt")
+    assert ckpt["kind"] == "rm" and ckpt["final"] and ckpt["step"] == math.ceil(len(records) / 8)
+    assert math.isfinite(rm.reward_mean) and math.isfinite(rm.reward_std) and rm.reward_std > 0
+    assert rm.body.config.n_layer == 1 and rm.body.config.n_embd == 32
+    steps = [h["step"] for h in ckpt["history"] if "train_loss" in h]
+    assert steps == list(range(1, ckpt["step"] + 1))
+    assert any("eval_acc" in h for h in ckpt["history"])
+    assert all(math.isfinite(h["train_loss"]) for h in ckpt["history"] if "train_loss" in h)
+
+
+def test_reward_is_normalised_over_the_panel_replies(panel_run):
+    # what the script does: the first 512 panel records, every reply, read at its EOT; then (raw - mean) / std
+    d, _ = panel_run
+    rm, _ = load_rm(d / "rm.pt")
+    enc = get_tokenizer()
+    records, _ = read_feedback([str(d / "panel_labels.jsonl")])
+    pairs = [(r["prompt"], x) for r in records[:512] for x in r["replies"]]
+    idx, pad, last = batch_replies(enc, [enc.encode_ordinary(p) for p, _ in pairs],
+                                   [enc.encode_ordinary(" " + x) + [enc.eot_token] for _, x in pairs],
+                                   rm.body.config.block_size)
+    with torch.no_grad():
+        z = rm.score(idx, last, pad).double()                                 # (N,)
+    assert len(z) == sum(len(r["replies"]) for r in records)
+    assert abs(z.mean().item()) < 1e-3
+    assert z.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-2)
+
+
+def test_empty_and_repeated_sft_replies_are_left_out_of_rankings(tmp_path, sft_dir, capsys, monkeypatch, no_plot):
+    # A trained SFT model often says the same short thing twice ("Ay, my lord.") or stops at once (an empty
+    # reply); the schema rejects both in a ranking, so the panel must not write them.
+    real = train_rm.decode_replies
+
+    def alike(enc, seq, resp_mask):  # replies come k = 3 per prompt, in prompt order
+        texts = real(enc, seq, resp_mask)
+        for j in range(0, len(texts) - 2, 3):
+            if j % 6 == 0:
+                texts[j:j + 3] = ["", "Ay, my lord.", " Ay, my lord. "]  # one distinct reply: no ranking
+            else:
+                texts[j:j + 3] = ["Ay, my lord.", texts[j + 1], "Ay, my lord."]  # two distinct
+        return texts
+
+    monkeypatch.setattr(train_rm, "decode_replies", alike)
+    d = out_dir_with_sft(tmp_path, sft_dir)
+    train_rm.main(flags(d, DATA, n_prompts=8))
+    records, _ = read_feedback([str(d / "panel_labels.jsonl")])  # would raise on an empty or repeated reply
+    assert len(records) == 4 and all(len(r["replies"]) == 2 for r in records)
+    assert all("Ay, my lord." in r["replies"] for r in records)
+    assert load_rm(d / "rm.pt")[1]["final"]
+
+
+# ---- other feedback: HH-RLHF, the four kinds, several files ------------------------------------------------------
+
+def test_trains_on_hh_rlhf_as_is(tmp_path, sft_dir, capsys, no_plot):
+    # 8 pairs, one a tie. batch_size 16 > items and 2 epochs: each epoch is one (short) batch
+    d = out_dir_with_sft(tmp_path, sft_dir)
+    ev = train_rm.main(flags(d, DATA, data=HH, epochs=2, batch_size=16))
+    out = capsys.readouterr().out
+    assert f"read 8 feedback records from {HH}" in out
+    assert "comparison=8, ranking=0, rating=0, correction=0; ties (kept, not trained on): 1" in out
+    n_train = int(re.search(r"train items: (\d+)", out).group(1))
+    assert 5 <= n_train <= 7  # 7 non-tie pairs, ~10% of prompts held out
+    assert not (d / "panel_labels.jsonl").exists()  # --data without --mix_panel: no panel labels
+    assert "reward normalised over 256 SFT replies" in out  # fresh SFT samples instead
+    _, ckpt = load_rm(d / "rm.pt")
+    assert ckpt["final"] and ckpt["step"] == 2 and ckpt["config"]["data"] == HH
+    assert 0 <= ev["acc"] <= 1
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad_file(tmp_path_factory):
+    """The four kinds of feedback (the fixture file) with a broken JSON line inserted as line 3."""
+    with open(ALL_KINDS) as f:
+        good = [line.strip() for line in f if line.strip()]
+    broken = '{"kind": "rating", "prompt": "Hi", "reply": '
+    return write_lines(tmp_path_factory.mktemp("bad") / "bad.jsonl", good[:2] + [broken] + good[2:])
+
+
+@pytest.fixture(scope="module")
+def kinds_run(tmp_path_factory, sft_dir, bad_file):
+    """One run on all four kinds (+ one bad line, skipped) that records what rating_loss is given."""
+    seen, real = [], train_rm.rating_loss
+
+    def spy(r, ratings, lo, hi):
+        seen.append((ratings.tolist(), lo.tolist(), hi.tolist()))
+        return real(r, ratings, lo, hi)
+
+    d = out_dir_with_sft(tmp_path_factory.mktemp("kinds"), sft_dir)
+    real_plot, buf = train_rm.plot, io.StringIO()
+    train_rm.rating_loss, train_rm.plot = spy, lambda history, path: None
+    try:
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_rm.main(flags(d, DATA, data=bad_file) + ["--skip_bad"])
+    finally:
+        train_rm.rating_loss, train_rm.plot = real, real_plot
+    return d, buf.getvalue(), seen, [str(w.message) for w in caught]
+
+
+def test_all_four_kinds_train_and_ratings_use_rating_loss(kinds_run):
+    d, out, seen, _ = kinds_run
+    assert "comparison=1, ranking=1, rating=1, correction=1; ties (kept, not trained on): 0" in out
+    assert seen and all(s == ([4.0], [1.0], [5.0]) for s in seen)  # the one rating, on its 1..5 scale
+    _, ckpt = load_rm(d / "rm.pt")
+    assert ckpt["final"] and ckpt["step"] == 1
+
+
+def test_two_files_mixed_with_the_panel(tmp_path, sft_dir, capsys, no_plot):
+    d = out_dir_with_sft(tmp_path, sft_dir)
+    train_rm.main(flags(d, DATA, data=f"{HH},{ALL_KINDS}", n_prompts=8, max_new_tokens=4) + ["--mix_panel"])
+    out = capsys.readouterr().out
+    assert f"read 12 feedback records from {HH}, {ALL_KINDS}" in out
+    n_panel = len(read_feedback([str(d / "panel_labels.jsonl")])[0])
+    assert "panel ranked 3 SFT replies for each of 8 prompts" in out and 6 <= n_panel <= 8
+    assert f"comparison=9, ranking={1 + n_panel}, rating=1, correction=1" in out
+    n_train = int(re.search(r"train items: (\d+)", out).group(1))
+    assert n_panel + 8 <= n_train <= n_panel + 11  # panel + file items (minus the tie and held-out prompts)
+    assert load_rm(d / "rm.pt")[1]["final"]
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+def test_malformed_line_is_an_error_naming_file_and_line(tmp_path, sft_dir, bad_file):
+    # the script's __main__ block: a SystemExit whose code is a string, which Python prints to stderr
+    # without a traceback, exiting with status 1
+    d = out_dir_with_sft(tmp_path, sft_dir)
+    e = run_main_block("train_rm.py", *flags(d, DATA, data=bad_file))
+    assert isinstance(e.code, str) and e.code.startswith(f"error: {bad_file}:3: not valid JSON")
+    assert not (d / "rm.pt").exists()
+
+
+def test_skip_bad_skips_and_counts_the_bad_line(kinds_run, bad_file):
+    _, out, _, caught = kinds_run
+    assert f"read 4 feedback records from {bad_file} (skipped 1 bad lines)" in out
+    assert any(m.startswith("skipped 1 bad feedback line(s); the first: " + bad_file + ":3:") for m in caught)
+
+
+def test_empty_feedback_file_is_a_clear_error(tmp_path, sft_dir):
+    empty = write_lines(tmp_path / "empty.jsonl", ["", "  "])
+    d = out_dir_with_sft(tmp_path, sft_dir)
+    # ValueError -> "error: ..." and exit 1 from the script's `if __name__ == "__main__"` (see the test above)
+    with pytest.raises(ValueError, match=re.escape(empty) + ": no feedback records"):
+        train_rm.main(flags(d, DATA, data=empty))
+    assert not (d / "rm.pt").exists()
+
+
+# ---- a missing sft.pt is trained first -------------------------------------------------------------------------
+
+def test_missing_sft_is_trained_first_with_sft_args(tmp_path, capsys, no_plot, monkeypatch):
+    import train_sft
+    monkeypatch.setattr(train_sft, "plot", lambda history, path: None)
+    d = tmp_path / "fresh"
+    sft_args = " ".join(TINY + ["--max_iters", "1"])
+    train_rm.main(flags(d, DATA, n_prompts=8, sft_args=sft_args))
+    out = capsys.readouterr().out
+    assert "sft.pt is missing: running train_sft.py first" in out
+    sft = load_checkpoint(str(d / "sft.pt"), made_by="train_sft.py")
+    assert sft["kind"] == "sft" and sft["step"] == 1 and sft["model_args"]["n_embd"] == 32
+    rm, ckpt = load_rm(d / "rm.pt")
+    assert ckpt["final"] and ckpt["sft_ckpt"] == str(d / "sft.pt")
+    for k, v in sft["model"].items():  # the RM body starts from this SFT model (and has trained since)
+        assert ckpt["model"][k].shape == v.shape
+
+
+# ---- --resume ----------------------------------------------------------------------------------------------------
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_midway_completes_like_a_straight_run(tmp_path, sft_dir, panel_run, capsys, monkeypatch):
+    """Stop right after the step-2 checkpoint, resume: the result equals the uninterrupted panel_run."""
+    d = out_dir_with_sft(tmp_path, sft_dir)
+
+    def plot_then_stop(history, path):  # save() plots right after writing rm.pt
+        raise Stop
+
+    monkeypatch.setattr(train_rm, "plot", plot_then_stop)
+    with pytest.raises(Stop):
+        train_rm.main(flags(d))
+    monkeypatch.setattr(train_rm, "plot", lambda history, path: None)
+    _, mid = load_rm(d / "rm.pt")
+    assert mid["step"] == 2 and not mid["final"]
+    straight_dir = panel_run[0]
+    assert (d / "panel_labels.jsonl").read_text() == (straight_dir / "panel_labels.jsonl").read_text(), \
+        "the same seed must give the same SFT samples and panel labels"
+    capsys.readouterr()
+
+    train_rm.main(flags(d) + ["--resume"])
+    out = capsys.readouterr().out
+    n = len(read_feedback([str(d / "panel_labels.jsonl")])[0])
+    assert f"resume: reusing {n} panel labels" in out and "at step 2" in out
+    assert "panel ranked" not in out  # nothing sampled again
+    rm, ckpt = load_rm(d / "rm.pt")
+    ref, ref_ckpt = load_rm(straight_dir / "rm.pt")
+    assert ckpt["final"] and ckpt["step"] == ref_ckpt["step"] == 3
+    assert [h["step"] for h in ckpt["history"] if "train_loss" in h] == [1, 2, 3]  # history kept
+    for k in ref_ckpt["model"]:
+        assert torch.allclose(ckpt["model"][k], ref_ckpt["model"][k], rtol=1e-5, atol=1e-6), k
+    assert torch.allclose(rm.head.weight, ref.head.weight, rtol=1e-5, atol=1e-6)
+    assert rm.reward_mean == pytest.approx(ref.reward_mean, rel=1e-4, abs=1e-5)
+    assert rm.reward_std == pytest.approx(ref.reward_std, rel=1e-4)
+
+
+def test_resume_a_finished_run_changes_nothing(tmp_path, panel_run, capsys, no_plot):
+    d = tmp_path / "copy"
+    shutil.copytree(panel_run[0], d)
+    before = load_checkpoint(str(d / "rm.pt"), made_by="train_rm.py")
+    train_rm.main(flags(d) + ["--resume"])
+    out = capsys.readouterr().out
+    assert "resume: reusing" in out and "at step 3" in out and "panel ranked" not in out
+    after = load_checkpoint(str(d / "rm.pt"), made_by="train_rm.py")
+    assert after["step"] == before["step"] == 3 and after["final"]
+    assert after["history"][:len(before["history"])] == before["history"]  # not wiped
+    for k in before["model"]:
+        assert torch.equal(after["model"][k], before["model"][k]), k
+    assert after["reward_mean"] == pytest.approx(before["reward_mean"], rel=1e-4, abs=1e-5)
