@@ -101,10 +101,11 @@ def main(argv=None):
     def sample_replies(prompts, k):
         """k replies per prompt from the SFT model, in prompt order: list of lists of reply texts."""
         ids = [encode_prompt(enc, p) for p in prompts for _ in range(k)]
-        texts = []
+        texts, t0 = [], time.time()
         for i in range(0, len(ids), s.gen_batch):
             seq, pad, resp_mask = generate(policy, ids[i:i + s.gen_batch], s.max_new_tokens, temperature=s.temperature)
             texts += decode_replies(enc, seq, resp_mask)
+            print(f"  sampled {len(texts)}/{len(ids)} replies ({time.time() - t0:.0f}s)", flush=True)
         return [texts[j * k:(j + 1) * k] for j in range(len(prompts))]
 
     def panel_rankings(prompts, replies):

@@ -53,6 +53,8 @@ class Settings:
     beta2: float = 0.95            # AdamW beta2
     grad_clip: float = 1.0         # clip the global gradient norm to this (0 = off)
     train_on: str = "reply"        # reply: loss on reply tokens only (prompt masked) | all: every token
+    feedback: str = ""             # comma-separated feedback JSONL: its corrections (chat.py /fix) join the training data
+    feedback_copies: int = 20      # copies of each correction in the training stream (a few among ~1.5M tokens)
     # evaluation, logging, checkpointing
     eval_interval: int = 100       # evaluate val loss and save the checkpoint every this many steps
     eval_iters: int = 20           # val batches per evaluation (the same batches every time)
@@ -91,6 +93,19 @@ def main(argv=None):
     data = {split: (np.memmap(os.path.join(CACHE_DIR, f"{split}.bin"), dtype=np.uint16, mode="r"),
                     np.memmap(os.path.join(CACHE_DIR, f"{split}_mask.bin"), dtype=np.uint8, mode="r"))
             for split in ("train", "val")}
+    if s.feedback:  # corrections are demonstrations too (§3.2): append them to the training stream
+        from model import encode_reply, get_tokenizer
+        from reward import read_feedback, sft_examples
+        enc = get_tokenizer()
+        examples = sft_examples(read_feedback([f for f in s.feedback.split(",") if f])[0])
+        ids, mask = [], []
+        for prompt, reply in examples * s.feedback_copies:  # prompt: a transcript ending in "Assistant:"
+            p, r = enc.encode_ordinary(prompt), encode_reply(enc, reply)
+            ids, mask = ids + p + r, mask + [0] * len(p) + [1] * len(r)
+        tokens, reply_mask = data["train"]
+        data["train"] = (np.concatenate([tokens, np.array(ids, dtype=np.uint16)]),
+                         np.concatenate([reply_mask, np.array(mask, dtype=np.uint8)]))
+        print(f"added {len(examples)} corrections x {s.feedback_copies} copies ({len(ids)} tokens) from {s.feedback}")
     batch_gen = torch.Generator().manual_seed(s.seed)
 
     def get_batch(split, gen):

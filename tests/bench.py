@@ -128,11 +128,12 @@ class Bench:
         res = {}
         for name, fn in variants.items():
             try:
-                before = dynamo_counts()
+                before, breaks = dynamo_counts(), graph_breaks()
                 first, out = self.timed(fn)
+                graphs, breaks = dynamo_counts() - before, graph_breaks() - breaks
                 for _ in range(warmup - 1):
                     self.timed(fn)
-                res[name] = dict(first=first, times=[], outs=[], out=out, graphs_first=dynamo_counts() - before)
+                res[name] = dict(first=first, times=[], outs=[], out=out, graphs_first=graphs, breaks_first=breaks)
             except Exception as e:  # noqa: BLE001 (an untested path on some device must not end the run)
                 res[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
         live = [n for n in variants if "error" not in res[n]]
@@ -190,7 +191,8 @@ def speedup(base, t):
 
 def compile_note(name, r):
     return (f"{name}: first call {fmt_time(r['first'])} (includes compiling), {r['graphs_first']} graph(s) "
-            f"compiled then, {r.get('graphs_timed', 0)} more during the timed repeats")
+            f"compiled and {r['breaks_first']} graph break(s) then, {r.get('graphs_timed', 0)} graph(s) more "
+            "during the timed repeats")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,7 +254,6 @@ def row_sft(bench, sh, compile_on):
     }
     if compile_on:
         compiled = torch.compile(model)                                       # what train_sft --compile does
-        breaks0 = graph_breaks()
         variants["ours torch.compile(model)"] = lambda: sft_step(compiled, model, optimizer, x, y, all_mask, autocast)
     hf_model = None
     try:
@@ -285,9 +286,9 @@ def row_sft(bench, sh, compile_on):
             bench.notes.append("sft " + compile_note(name, r))
     if hf_model is None:
         bench.add("1 sft", "HF GPT2LMHeadModel", shape, None, "not installed (pip install transformers to compare)")
-    if compile_on and "ours torch.compile(model)" in res:
-        bench.notes.append(f"sft: torch.compile(model) graph breaks: {graph_breaks() - breaks0} "
-                           "(the boolean-mask select h[loss_mask] has a data-dependent shape)")
+    if compile_on and "error" not in res.get("ours torch.compile(model)", {"error": 1}):
+        bench.notes.append("sft: our graph breaks come from GPT.forward's h[loss_mask] (a boolean-mask select has "
+                           "a data-dependent shape), so the forward is two compiled graphs plus an eager select")
     flops = sft_flops(cfg, n_body, B, B * T)
     bench.notes.append(f"sft FLOPs/step = 6*N_body*B*T + 6*d*V*n_loss + 12*L*d*T*B*T with N_body = {n_body:,} "
                        f"(block weights+biases), d*V = {cfg.n_embd * cfg.vocab_size:,} (tied lm_head matmul), "
@@ -557,7 +558,7 @@ def row_ppo(bench, sh, compile_on):
     s0 = train_ppo.Settings(**base_s, compile=False)
     batches = [prompts[i * s0.batch_size:(i + 1) * s0.batch_size] for i in range(8)]
     shape = (f"L={cfg.n_layer} d={cfg.n_embd} T<={cfg.block_size}, batch {s0.batch_size}, max_new_tokens "
-             f"{s0.max_new_tokens}, {s0.ppo_epochs} epochs x {-(-s0.batch_size // s0.minibatch_size)} minibatches "
+             f"{s0.max_new_tokens}, {s0.ppo_epochs} epoch(s) x {-(-s0.batch_size // s0.minibatch_size)} minibatches "
              f"of {s0.minibatch_size}, {s0.dtype if not bench.cuda else 'bf16 autocast'}"
              f"{'' if s0.ppo_epochs == train_ppo.Settings.ppo_epochs else f' (preset: {train_ppo.Settings.ppo_epochs} epochs)'}")
     ctxs = {"eager": build_ppo_ctx(s0, cfg, dev)}
@@ -565,7 +566,6 @@ def row_ppo(bench, sh, compile_on):
         ctxs["compiled (s.compile: hidden_states, gae, ppo_loss)"] = \
             build_ppo_ctx(train_ppo.Settings(**base_s, compile=True), cfg, dev)
     counters = {name: [0] for name in ctxs}
-    breaks0 = graph_breaks()
     res = bench.side_by_side({name: (lambda n=name: ppo_iteration(ctxs[n], batches, counters[n])) for name in ctxs},
                              warmup=max(1, bench.args.warmup))
     base = res["eager"].get("median")
@@ -579,8 +579,8 @@ def row_ppo(bench, sh, compile_on):
                f"{fmt_time(parts['update'])}; {s0.batch_size / r['median']:,.1f} episodes/s")
         bench.add("5 ppo", name, shape, r["median"], thr, speedup(base, r["median"]) if base else "")
         if "compiled" in name:
-            bench.notes.append("ppo " + compile_note(name, r) + f"; graph breaks so far {graph_breaks() - breaks0}. "
-                               "To see why each recompile happens: TORCH_LOGS=recompiles python tests/bench.py --rows ppo")
+            bench.notes.append("ppo " + compile_note(name, r) + ". To see why each recompile happens: "
+                               "TORCH_LOGS=recompiles python tests/bench.py --rows ppo")
     if not compile_on and not bench.cuda and not bench.args.no_compile:
         bench.notes.append("ppo: compiled variant skipped on CPU (train_ppo compiles on CUDA); --cpu-compile runs it")
 

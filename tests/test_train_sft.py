@@ -252,3 +252,13 @@ def test_sample_from_the_trained_checkpoint(sft_dir, capsys):
     assert capsys.readouterr().out == first
     run_sample(*args, "2")
     assert capsys.readouterr().out != first
+
+
+def test_corrections_from_feedback_join_the_training_stream(tmp_path, capsys, no_plot):
+    # a correction (chat.py /fix) is also a demonstration: --feedback appends it to the SFT training stream
+    fixture = os.path.join(ROOT, "tests", "fixtures", "feedback_all_kinds.jsonl")
+    train_sft.main(TINY + ["--out_dir", str(tmp_path), "--max_iters", "1", "--eval_interval", "1",
+                           "--feedback", fixture, "--feedback_copies", "3"])
+    out = capsys.readouterr().out
+    assert "added 1 corrections x 3 copies" in out
+    assert load_checkpoint(str(tmp_path / "sft.pt"), made_by="train_sft.py")["config"]["feedback"] == fixture
