@@ -13,8 +13,11 @@ Rows (full shape on CUDA / --small shape, the default on a CPU):
              clip, AdamW on model.param_groups): eager vs torch.compile'd, tokens/s and MFU; Hugging Face's
              GPT2LMHeadModel at the same shape as a peer when `transformers` is importable (never required).
   2 gen      sample.generate with the KV cache, batch 1 and 64: eager vs its forward compiled the way
-             train_ppo.py compiles it (hidden_states, dynamic=True), HF generate with the same sampling.
-  3 gae      a plain Python double loop vs ppo.gae eager vs ppo.gae compiled (ppo.gae_fn on CUDA).
+             train_ppo.py compiles it (hidden_states, dynamic=True), HF generate with the same sampling;
+             on a CPU also eager with one thread (decode-step ops are too small to share between threads).
+  3 gae      a plain Python double loop vs ppo.gae eager vs ppo.gae compiled (ppo.gae_fn on CUDA). Dynamo
+             unrolls gae's loop over t, so compiling takes time that grows with T (on this CPU: ~11 s at
+             T=64, ~36 s at T=256); at the full T=1024 expect minutes. PPO itself only sees T = R <= 64.
   4 logprob  log-probs of sampled tokens, forward + backward: naive log_softmax(h @ W^T).gather vs
              ppo.logprobs_from_hidden (chunked); time and peak memory (CUDA: max_memory_allocated; CPU: the
              rise of VmHWM over VmRSS in a fresh subprocess, i.e. the real resident peak of the computation).
@@ -30,6 +33,7 @@ dropout off everywhere.
 """
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -135,7 +139,7 @@ class Bench:
                     self.timed(fn)
                 res[name] = dict(first=first, times=[], outs=[], out=out, graphs_first=graphs, breaks_first=breaks)
             except Exception as e:  # noqa: BLE001 (an untested path on some device must not end the run)
-                res[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+                res[name] = dict(error=self.failed(e))
         live = [n for n in variants if "error" not in res[n]]
         for _ in range(self.args.repeats):
             for name in live:
@@ -149,11 +153,18 @@ class Bench:
                     res[name]["out"] = out
                     res[name]["graphs_timed"] = res[name].get("graphs_timed", 0) + (dynamo_counts() - before)
                 except Exception as e:  # noqa: BLE001
-                    res[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    res[name] = dict(error=self.failed(e))
         for r in res.values():
             if "error" not in r:
                 r["median"] = statistics.median(r["times"])
         return res
+
+    def failed(self, e):
+        """One line for the table; frees what a failed (e.g. out-of-memory) variant left in the CUDA cache."""
+        if self.cuda:
+            torch.cuda.empty_cache()
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}".replace("|", "/")
 
     def add(self, row, variant, shape, time_s=None, thr="", ratio="", error=None):
         if error is not None:
@@ -334,6 +345,8 @@ def row_gen(bench, sh, compile_on):
         shape = f"L={cfg.n_layer} d={cfg.n_embd} V={cfg.vocab_size} B={B} prompt {P} + {R} new"
         prompts = torch.randint(0, EOT, (B, P), generator=torch.Generator().manual_seed(B)).tolist()
         variants = {"ours eager": lambda: ours(model, prompts)}
+        if not bench.cuda and torch.get_num_threads() > 1:
+            variants["ours eager, torch.set_num_threads(1)"] = lambda: one_thread(lambda: ours(model, prompts))
         if comp_model is not None:
             variants["ours compiled hidden_states (dynamic=True)"] = lambda: ours(comp_model, prompts)
         if hf_model is not None:
@@ -354,6 +367,16 @@ def row_gen(bench, sh, compile_on):
     if not compile_on and not bench.cuda and not bench.args.no_compile:
         bench.notes.append("gen: compiled generation skipped on CPU (compiling takes minutes here); "
                            "--cpu-compile runs it")
+
+
+def one_thread(fn):
+    """Run fn with one intra-op thread: tiny decode-step ops then never wait for a second thread to wake."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,8 +461,9 @@ def logprob_fn(variant, h, W, tokens, grad):
 
 def rss_peak_child(spec):
     """Run in a fresh process: the rise of the resident-set high-water mark (VmHWM) over the resident set
-    before the computation (VmRSS), in bytes. PyTorch's CPU allocator has no cache and large blocks are
-    mmap'ed, so freed tensors leave the resident set at once: the rise is the computation's peak."""
+    before the computation (VmRSS), in bytes. PyTorch's CPU allocator has no cache and (with the fixed
+    MALLOC_MMAP_THRESHOLD_ the parent sets) large blocks are mmap'ed, so a freed tensor leaves the resident
+    set at once: the rise is the peak of live tensors of the computation (to the page)."""
     def status(key):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
@@ -466,16 +490,23 @@ def row_logprob(bench, sh, compile_on):
         if "error" in res[name]:
             continue
         if bench.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            variants[name]()
-            torch.cuda.synchronize()
-            peaks[name] = torch.cuda.max_memory_allocated() - base
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                variants[name]()
+                torch.cuda.synchronize()
+                peaks[name] = torch.cuda.max_memory_allocated() - base
+            except Exception as e:  # noqa: BLE001
+                bench.notes.append(f"logprob: memory of {name} not measured: {bench.failed(e)}")
         else:
             spec = dict(variant=k, B=B, T=T, V=V, d=d, threads=torch.get_num_threads())
+            # A fixed glibc mmap threshold: every block >= 1 MiB is mmap'ed and returned to the OS when freed.
+            # (By default glibc raises the threshold after the first large free, later blocks of that size
+            # come from the heap and freed ones stay resident: the high-water mark would count dead tensors.)
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", json.dumps(spec)],
-                                 capture_output=True, text=True, cwd=ROOT)
+                                 capture_output=True, text=True, cwd=ROOT, env=env)
             if out.returncode == 0:
                 peaks[name] = int(out.stdout.strip().splitlines()[-1])
             else:
@@ -497,8 +528,9 @@ def row_logprob(bench, sh, compile_on):
             bench.notes.append(f"logprob: {name} max |logp - naive| = {(r['out'] - ref).abs().max().item():.1e}")
     how = "torch.cuda.max_memory_allocated() above the inputs" if bench.cuda else \
         "VmHWM - VmRSS of a fresh subprocess running one forward+backward (inputs excluded)"
-    bench.notes.append(f"logprob: peak memory = {how}; one (B*T, V) float32 tensor is "
-                       f"{fmt_bytes(B * T * V * 4)}, one (chunk, V) is {fmt_bytes(min(1024, B * T) * V * 4)}")
+    sizes = ", ".join(f"(chunk={c}, V) {fmt_bytes(min(c, B * T) * V * 4)}" for c in sh["lp_chunks"])
+    bench.notes.append(f"logprob: peak memory = {how}; one float32 (B*T, V) tensor is {fmt_bytes(B * T * V * 4)}, "
+                       f"{sizes}; (V, d) weight gradient {fmt_bytes(V * d * 4)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,7 +559,9 @@ def build_ppo_ctx(s, cfg, device):
             body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.dtype == "bfloat16" and device == "cuda" \
         else torch.autocast("cpu", enabled=False)
-    gae = ppo._compiled(ppo.gae) if s.compile else ppo.gae                    # gae_fn / ppo_loss_fn on CUDA
+    # train_ppo.main takes gae_fn(device) / ppo_loss_fn(device), compiled on CUDA even without --compile.
+    # Here "eager" is eager throughout and "compiled" compiles all three, so the two variants compare cleanly.
+    gae = ppo._compiled(ppo.gae) if s.compile else ppo.gae
     loss_fn = ppo._compiled(ppo.ppo_loss) if s.compile else ppo.ppo_loss
     from model import get_tokenizer
     return dict(s=s, enc=get_tokenizer(), device=device, autocast=autocast, policy=policy, ref=ref, rm=rm,
@@ -556,7 +590,7 @@ def row_ppo(bench, sh, compile_on):
     from data.prepare import load_turns
     prompts = train_ppo.unique_prompts(load_turns("train"), None, 1337)
     s0 = train_ppo.Settings(**base_s, compile=False)
-    batches = [prompts[i * s0.batch_size:(i + 1) * s0.batch_size] for i in range(8)]
+    batches = [[prompts[(i * s0.batch_size + j) % len(prompts)] for j in range(s0.batch_size)] for i in range(8)]
     shape = (f"L={cfg.n_layer} d={cfg.n_embd} T<={cfg.block_size}, batch {s0.batch_size}, max_new_tokens "
              f"{s0.max_new_tokens}, {s0.ppo_epochs} epoch(s) x {-(-s0.batch_size // s0.minibatch_size)} minibatches "
              f"of {s0.minibatch_size}, {s0.dtype if not bench.cuda else 'bf16 autocast'}"
@@ -632,6 +666,9 @@ def main(argv=None):
         t_row = time.time()
         print(f"[bench] row {name} ...", file=sys.stderr, flush=True)
         fn(bench, sh, comp)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()                         # the next row gets the memory this one freed
         print(f"[bench] row {name} done in {time.time() - t_row:.0f} s", file=sys.stderr, flush=True)
 
     print("| row | variant | shape | time | throughput / memory | ratio vs baseline |")
