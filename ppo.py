@@ -128,21 +128,34 @@ def logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=102
     return logp.view(tokens.shape), entropy.view(tokens.shape)                # (...), (...)
 
 
-def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=False, chunk_size=1024):
+def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=False, chunk_size=1024, resp_mask=None):
     """log pi(response token j | prompt, tokens < j) for every response position: (B, R) [, entropy (B, R)].
 
     The logits that predict token P+j sit at position P-1+j (a causal LM predicts the NEXT token), so the
     R predicting positions are P-1 .. P+R-2. Use the same call, with the same temperature, for the policy,
     the old policy and the frozen reference. Turn dropout off (model.eval() or dropout=0), or the policy
-    would disagree with itself and the ratio would not be 1 before the first update."""
+    would disagree with itself and the ratio would not be 1 before the first update.
+    With resp_mask (B, R), only the valid reply tokens go through the vocabulary projection (the positions
+    after <|endoftext|> are skipped, often more than half of them) and the rest are returned as 0."""
     P = seq.size(1) - resp_len
     if resp_len < 1 or P < 1:
         raise ValueError(f"need at least one prompt and one response token: seq {tuple(seq.shape)}, "
                          f"resp_len {resp_len}")
     hidden = model.hidden_states(seq, pad)                                    # (B, P+R, d)
     h = hidden[:, P - 1:-1]                                                   # (B, R, d) states before the tokens
-    return logprobs_from_hidden(h, model.lm_head.weight, seq[:, P:], temperature, chunk_size,
-                                with_entropy)                                 # (B, R) [, (B, R)]
+    tokens = seq[:, P:]                                                       # (B, R)
+    if resp_mask is None:
+        return logprobs_from_hidden(h, model.lm_head.weight, tokens, temperature, chunk_size,
+                                    with_entropy)                             # (B, R) [, (B, R)]
+    out = logprobs_from_hidden(h[resp_mask], model.lm_head.weight, tokens[resp_mask], temperature, chunk_size,
+                               with_entropy)                                  # (N_valid,) [, (N_valid,)]
+    out = out if with_entropy else (out,)
+    full = []
+    for x in out:                                                             # scatter back into (B, R)
+        y = torch.zeros(tokens.shape, device=x.device, dtype=x.dtype)         # (B, R) 0 after EOT
+        y[resp_mask] = x
+        full.append(y)
+    return tuple(full) if with_entropy else full[0]
 
 
 def response_values(critic, seq, pad, resp_len):

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from model import EOT, format_prompt, get_tokenizer, load_checkpoint, param_groups, parse_settings, save_checkpoint
-from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, gae_fn, kl_k1,
-                 kl_k3, masked_mean, per_token_rewards, ppo_loss_fn, response_logprobs, response_values, whiten)
+from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, gae, gae_fn, kl_k1,
+                 kl_k3, per_token_rewards, ppo_loss, ppo_loss_fn, response_logprobs, response_values, whiten)
 from reward import GOLD_EPS, Panel, RewardModel
 from sample import decode_replies, generate, load_model
 
@@ -56,13 +56,13 @@ class Settings:
     # reward: RM score at the last token, minus beta * KL(policy || frozen SFT reference) on every token
     init_kl_coef: float = 0.05       # beta at the start
     adaptive_kl: bool = True         # adapt beta towards kl_target (Ziegler et al. 2019); false: beta fixed
-    kl_target: float = 6.0           # target KL per reply, in nats, for the adaptive controller
-    kl_horizon: int = 2000           # episodes over which the controller closes the gap
+    kl_target: float = 5.0           # target KL per reply, in nats, for the adaptive controller
+    kl_horizon: int = 300            # episodes over which the controller closes the gap (smaller = faster)
     no_eos_penalty: float = -2.0     # score given to a reply that never emits <|endoftext|> (normalised RM units)
     # PPO update
     ppo_epochs: int = 4              # passes over each rollout batch
     minibatch_size: int = 16         # episodes per gradient step
-    lr: float = 5e-5                 # policy learning rate (Adam)
+    lr: float = 3e-4                 # policy learning rate (Adam)
     critic_lr: float = 1e-4          # critic learning rate
     clip_eps: float = 0.2            # §4.2.2 ratio clip: the ratio is kept in [1 - eps, 1 + eps]
     vf_clip: float = 0.2             # value clip around the rollout's values
@@ -83,7 +83,7 @@ class Settings:
 
 
 PRESETS = {
-    "cpu": dict(),
+    "cpu": dict(batch_size=32, n_eval=64, n_report=200, eval_interval=15),
     "gpu": dict(iters=150, batch_size=256, max_new_tokens=64, minibatch_size=64, n_eval=256, n_report=512,
                 eval_interval=15, dtype="bfloat16", compile=True),
 }
@@ -116,28 +116,10 @@ def main(argv=None):
     ref, _ = load_model(paths["sft"], device=device)           # frozen: the KL penalty is measured against it
     rm_ckpt = load_checkpoint(paths["rm"], made_by="train_rm.py")
     rm = RewardModel.from_checkpoint(rm_ckpt).to(device)       # frozen
-    # The critic starts as the reward model: its features already tell good replies from bad ones, and its
-    # value at the last token is the (normalised) score itself, so early value estimates are sensible and
-    # advantages are not noise while a fresh value head would learn. The normalisation is folded into the
-    # head so the critic's output is in the same units as the rewards it predicts.
-    critic = RewardModel.from_checkpoint(rm_ckpt).to(device)   # trained
-    with torch.no_grad():
-        critic.head.weight /= rm.reward_std
-        critic.head.bias.sub_(rm.reward_mean).div_(rm.reward_std)
-    critic.reward_mean, critic.reward_std = 0.0, 1.0
-    for m in (policy, ref, rm, critic):
-        m.eval()                                               # dropout off everywhere, also while training
-        m.requires_grad_(m is policy or m is critic)
-    optimizer = torch.optim.Adam([{"params": [p for p in policy.parameters()], "lr": s.lr},
-                                  {"params": [p for p in critic.parameters()], "lr": s.critic_lr}])
+    critic = RewardModel.from_checkpoint(rm_ckpt).to(device)   # trained (starts as the reward model, see build_ctx)
+    ctx = build_ctx(s, enc, device, policy, ref, rm, critic)
+    optimizer = ctx["optimizer"]
     kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl else FixedKLController(s.init_kl_coef)
-    if s.compile:
-        for m in (policy, ref, rm, critic):
-            body = m.body if isinstance(m, RewardModel) else m
-            body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.dtype == "bfloat16" and device == "cuda" else torch.autocast("cpu", enabled=False)
-    ctx = dict(s=s, enc=enc, device=device, autocast=autocast, policy=policy, ref=ref, rm=rm, critic=critic,
-               optimizer=optimizer, gae=gae_fn(device), loss_fn=ppo_loss_fn(device))
     panel = Panel(preference=rm_ckpt.get("config", {}).get("preference", "kind"))
     print(f"models: policy/reference {policy.num_params() / 1e6:.2f}M params, reward model and critic "
           f"{rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
@@ -214,6 +196,32 @@ def main(argv=None):
     return rep
 
 
+def build_ctx(s, enc, device, policy, ref, rm, critic):
+    """Everything the three steps below need, in one dict: the four models set up for PPO, the optimizer,
+    autocast, and the GAE and loss functions (compiled with --compile, which is meant for CUDA)."""
+    # The critic starts as the reward model: its features already tell good replies from bad ones, and its
+    # value at the last token is the (normalised) score itself, so early value estimates are sensible and
+    # advantages are not noise while a fresh value head would learn. The normalisation is folded into the
+    # head so the critic's output is in the same units as the rewards it predicts.
+    with torch.no_grad():
+        critic.head.weight /= rm.reward_std
+        critic.head.bias.sub_(rm.reward_mean).div_(rm.reward_std)
+    critic.reward_mean, critic.reward_std = 0.0, 1.0
+    for m in (policy, ref, rm, critic):
+        m.eval()                                               # dropout off everywhere, also while training
+        m.requires_grad_(m is policy or m is critic)
+    optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": s.lr},
+                                  {"params": list(critic.parameters()), "lr": s.critic_lr}])
+    if s.compile:  # fused kernels: each model's forward, the GAE loop and the PPO loss
+        for m in (policy, ref, rm, critic):
+            body = m.body if isinstance(m, RewardModel) else m
+            body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
+    use_bf16 = s.dtype == "bfloat16" and device == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+    return dict(s=s, enc=enc, device=device, autocast=autocast, policy=policy, ref=ref, rm=rm, critic=critic,
+                optimizer=optimizer, gae=gae_fn(device) if s.compile else gae, loss_fn=ppo_loss_fn(device) if s.compile else ppo_loss)
+
+
 # ---- 1. rollout -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -221,7 +229,8 @@ def rollout(ctx, prompts, model=None, generator=None):
     """The policy replies to each prompt by pure sampling. Returns seq (B, P+R), pad (B,), resp_mask (B, R)."""
     s, enc = ctx["s"], ctx["enc"]
     ids = [enc.encode_ordinary(format_prompt(p)) for p in prompts]
-    seq, pad, resp_mask = generate(model or ctx["policy"], ids, s.max_new_tokens, temperature=1.0, generator=generator)
+    with ctx["autocast"]:  # bf16 on CUDA; the sampling itself is done in float32 (sample.filter_logits)
+        seq, pad, resp_mask = generate(model or ctx["policy"], ids, s.max_new_tokens, temperature=1.0, generator=generator)
     return {"seq": seq, "pad": pad, "resp_mask": resp_mask}
 
 
@@ -237,8 +246,8 @@ def score(ctx, roll, beta):
     last = P + n_valid - 1                                                    # (B,) index of each reply's last token
     ended = seq[torch.arange(B), last] == EOT                                 # (B,) emitted <|endoftext|>
     with autocast:
-        logprobs = response_logprobs(ctx["policy"], seq, pad, R)              # (B, R) log pi_old(a_t | s_t)
-        ref_logprobs = response_logprobs(ctx["ref"], seq, pad, R)             # (B, R) log pi_ref(a_t | s_t)
+        logprobs = response_logprobs(ctx["policy"], seq, pad, R, resp_mask=resp_mask)   # (B, R) log pi_old(a_t | s_t)
+        ref_logprobs = response_logprobs(ctx["ref"], seq, pad, R, resp_mask=resp_mask)  # (B, R) log pi_ref(a_t | s_t)
         values = response_values(ctx["critic"], seq, pad, R).float()          # (B, R) V(s_t)
         scores = ctx["rm"].score(seq, last, pad).float()                      # (B,) normalised RM score
     scores = apply_no_eos_penalty(scores, ended, s.no_eos_penalty)            # (B,)
@@ -246,7 +255,7 @@ def score(ctx, roll, beta):
     advantages, returns = ctx["gae"](rewards, values, resp_mask, s.gamma, s.lam)      # (B, R) each, §4.2.3
     if s.whiten_advantages:
         advantages = whiten(advantages, resp_mask)                            # (B, R)
-    return {"seq": seq, "pad": pad, "resp_mask": resp_mask, "logprobs": logprobs, "values": values,
+    return {"seq": seq, "pad": pad, "resp_mask": resp_mask, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
             "advantages": advantages, "returns": returns, "scores": scores, "beta": beta,
             "kl_per_reply": kl.sum(1).mean().item(),                          # k1 summed over each reply's tokens
             "kl_k3_per_reply": torch.where(resp_mask, kl_k3(logprobs, ref_logprobs), 0.0).sum(1).mean().item(),
@@ -263,7 +272,8 @@ def update(ctx, b):
         for mb in torch.randperm(B).split(s.minibatch_size):                 # mb: (M,) episode indices
             mb_seq, mb_pad, mb_mask = b["seq"][mb], b["pad"][mb], b["resp_mask"][mb]
             with autocast:
-                mb_logprobs, mb_entropy = response_logprobs(policy, mb_seq, mb_pad, R, with_entropy=True)  # (M, R) x2
+                mb_logprobs, mb_entropy = response_logprobs(policy, mb_seq, mb_pad, R, with_entropy=True,
+                                                            resp_mask=mb_mask)  # (M, R) x2
                 mb_values = response_values(critic, mb_seq, mb_pad, R).float()                            # (M, R)
             loss, stats = ctx["loss_fn"](mb_logprobs, b["logprobs"][mb], b["advantages"][mb], mb_values,
                                          b["values"][mb], b["returns"][mb], mb_mask, clip_eps=s.clip_eps,
@@ -308,10 +318,8 @@ def evaluate(ctx, panel, prompts, sft_texts, seed, batch=128, keep_texts=False):
         texts += decode_replies(enc, roll["seq"], roll["resp_mask"])
         rm_scores += b["scores"].tolist()
         mask = roll["resp_mask"]
-        kl = torch.where(mask, kl_k1(b["logprobs"], response_logprobs(ctx["ref"], roll["seq"], roll["pad"], mask.size(1))), 0.0)
-        kls += kl.sum(1).tolist()
-        kl3 = torch.where(mask, kl_k3(b["logprobs"], response_logprobs(ctx["ref"], roll["seq"], roll["pad"], mask.size(1))), 0.0)
-        kl3s += kl3.sum(1).tolist()
+        kls += torch.where(mask, kl_k1(b["logprobs"], b["ref_logprobs"]), 0.0).sum(1).tolist()   # nats per reply
+        kl3s += torch.where(mask, kl_k3(b["logprobs"], b["ref_logprobs"]), 0.0).sum(1).tolist()
     gold, gold_sft = panel.golds(texts), panel.golds(sft_texts)
     wins = np.where(np.abs(gold - gold_sft) < GOLD_EPS, 0.5, (gold > gold_sft).astype(float))  # gold verdict, ties half
     votes = [panel.vote(a, c) for a, c in zip(sft_texts, texts)]                 # P(a random rater prefers PPO)

@@ -69,7 +69,7 @@ class Settings:
 
 
 PRESETS = {
-    "cpu": dict(),
+    "cpu": dict(n_prompts=1200, n_heldout=150, max_new_tokens=40, epochs=3, lr=1e-3, eval_interval=75),
     "gpu": dict(n_prompts=8000, n_heldout=500, gen_batch=512, epochs=2, batch_size=32, max_new_tokens=64,
                 eval_interval=100, dtype="bfloat16"),
 }

@@ -537,35 +537,12 @@ def row_logprob(bench, sh, compile_on):
 # Row 5: one PPO iteration through train_ppo's own rollout / score / update.
 
 def build_ppo_ctx(s, cfg, device):
-    """ctx with the keys train_ppo.main builds, from randomly initialised models instead of checkpoints.
-    Mirrors main's "four models" block line by line (see the report: train_ppo could expose it)."""
+    """The ctx train_ppo.main builds (train_ppo.build_ctx), from randomly initialised models instead of checkpoints."""
+    from model import get_tokenizer
     torch.manual_seed(s.seed)
     policy = GPT(cfg).to(device)
-    ref = copy.deepcopy(policy)                                               # frozen SFT copy
     rm = RewardModel(cfg).to(device)
-    critic = copy.deepcopy(rm)                                                # starts as the reward model
-    with torch.no_grad():                                                     # fold normalisation into the head
-        critic.head.weight /= rm.reward_std
-        critic.head.bias.sub_(rm.reward_mean).div_(rm.reward_std)
-    critic.reward_mean, critic.reward_std = 0.0, 1.0
-    for m in (policy, ref, rm, critic):
-        m.eval()
-        m.requires_grad_(m is policy or m is critic)
-    optimizer = torch.optim.Adam([{"params": [p for p in policy.parameters()], "lr": s.lr},
-                                  {"params": [p for p in critic.parameters()], "lr": s.critic_lr}])
-    if s.compile:
-        for m in (policy, ref, rm, critic):
-            body = m.body if isinstance(m, RewardModel) else m
-            body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.dtype == "bfloat16" and device == "cuda" \
-        else torch.autocast("cpu", enabled=False)
-    # train_ppo.main takes gae_fn(device) / ppo_loss_fn(device), compiled on CUDA even without --compile.
-    # Here "eager" is eager throughout and "compiled" compiles all three, so the two variants compare cleanly.
-    gae = ppo._compiled(ppo.gae) if s.compile else ppo.gae
-    loss_fn = ppo._compiled(ppo.ppo_loss) if s.compile else ppo.ppo_loss
-    from model import get_tokenizer
-    return dict(s=s, enc=get_tokenizer(), device=device, autocast=autocast, policy=policy, ref=ref, rm=rm,
-                critic=critic, optimizer=optimizer, gae=gae, loss_fn=loss_fn)
+    return train_ppo.build_ctx(s, get_tokenizer(), device, policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
 
 
 def ppo_iteration(ctx, batches, counter):

@@ -444,3 +444,17 @@ def test_response_values_indexing():
     assert v.shape == (B, R)
     for j in range(R):                                                        # state before token P+j: P-1+j
         assert_close(v[:, j], 100.0 * (P - 1 + j) + seq[:, P - 1 + j].float())
+
+
+def test_response_logprobs_with_mask_skips_positions_after_eot():
+    # only valid reply tokens go through the vocabulary projection; the others are returned as 0
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
+    seq = torch.randint(0, 97, (3, 9))
+    pad = torch.tensor([0, 2, 1])
+    R = 4
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    full, full_h = response_logprobs(model, seq, pad, R, with_entropy=True)
+    part, part_h = response_logprobs(model, seq, pad, R, with_entropy=True, resp_mask=mask)
+    assert torch.allclose(part[mask], full[mask], atol=1e-6) and torch.allclose(part_h[mask], full_h[mask], atol=1e-5)
+    assert (part[~mask] == 0).all() and (part_h[~mask] == 0).all()
