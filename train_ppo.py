@@ -56,7 +56,7 @@ class Settings:
     # reward: RM score at the last token, minus beta * KL(policy || frozen SFT reference) on every token
     init_kl_coef: float = 0.05       # beta at the start
     adaptive_kl: bool = True         # adapt beta towards kl_target (Ziegler et al. 2019); false: beta fixed
-    kl_target: float = 5.0           # target KL per reply, in nats, for the adaptive controller
+    kl_target: float = 4.0           # target KL per reply, in nats, for the adaptive controller
     kl_horizon: int = 300            # episodes over which the controller closes the gap (smaller = faster)
     no_eos_penalty: float = -2.0     # score given to a reply that never emits <|endoftext|> (normalised RM units)
     # PPO update
