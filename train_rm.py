@@ -177,7 +177,7 @@ def main(argv=None):
     max_iters = s.epochs * steps_per_epoch
 
     def item_losses(batch):
-        """Loss and (chosen, rejected) score pairs for a batch of feedback items."""
+        """Loss, (chosen, rejected) score pairs, and each item's reply scores, for a batch of feedback items."""
         prompts, replies, owner = [], [], []
         for j, r in enumerate(batch):
             for reply in r["replies"]:
@@ -206,22 +206,23 @@ def main(argv=None):
             lo = torch.tensor([float(r["scale"][0]) for r in rated_records], device=device)       # (n,) scale bottom
             hi = torch.tensor([float(r["scale"][1]) for r in rated_records], device=device)       # (n,) scale top
             loss = loss + s.rating_weight * rating_loss(scores[rated], ratings, lo, hi)
-        return loss, pairs
+        values = scores.detach().tolist()                                          # one device sync per batch
+        item_scores = [[values[i] for i, o in enumerate(owner) if o == j] for j in range(len(batch))]
+        return loss, pairs, item_scores
 
     @torch.no_grad()
     def evaluate():
         rm.eval()
-        losses, agree, gold_agree, ceiling, n_gold = [], [], [], [], 0
+        losses, agree, gold_agree, ceiling = [], [], [], []
         for i in range(0, len(eval_items), s.batch_size):
             batch = eval_items[i:i + s.batch_size]
-            loss, pairs = item_losses(batch)
+            loss, pairs, item_scores = item_losses(batch)
             losses.append(loss.item())
             agree += [float(c > r) for c, r in pairs]
-            for r in batch:  # the panel's gold order on every pair of replies with different gold scores
+            for r, sc in zip(batch, item_scores):  # the panel's gold order on every pair with different gold
                 if r["kind"] == "rating":
                     continue
                 rs = r["replies"]
-                sc = rm_scores(r["prompt"], rs)
                 for a in range(len(rs)):
                     for b in range(a + 1, len(rs)):
                         ga, gb = panel.gold(rs[a]), panel.gold(rs[b])
@@ -233,12 +234,6 @@ def main(argv=None):
         return dict(loss=float(np.mean(losses)), acc=float(np.mean(agree)) if agree else float("nan"),
                     gold_acc=float(np.mean(gold_agree)) if gold_agree else float("nan"),
                     rater_ceiling=float(np.mean(ceiling)) if ceiling else float("nan"), gold_pairs=len(gold_agree))
-
-    def rm_scores(prompt, replies):
-        idx, pad, last = batch_replies(enc, [enc.encode_ordinary(prompt)] * len(replies),
-                                       [enc.encode_ordinary(" " + x.strip()) + [enc.eot_token] for x in replies], block_size)
-        with autocast:
-            return rm(idx.to(device), last.to(device), pad.to(device)).float().tolist()
 
     history = rm_ckpt.get("history", []) if s.resume else []
 
@@ -261,7 +256,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = [train_items[i] for i in batches[step]]
-        loss, pairs = item_losses(batch)
+        loss, pairs, _ = item_losses(batch)
         if not torch.isfinite(loss):
             sys.exit(f"error: reward-model loss is {loss.item()} at step {step}; lower --lr or check the feedback data")
         loss.backward()
