@@ -11,14 +11,6 @@ import model as M
 from model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and when other processes share the 2 cores the
-    OpenMP workers spin-wait for each other (measured: this suite 60 s with 2 threads, 11 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(seed=0, **kw):

@@ -14,14 +14,6 @@ from sample import Settings, decode_replies, encode_prompt, filter_logits, gener
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and when other processes share the 2 cores the
-    OpenMP workers spin-wait for each other (measured: this suite 60 s with 2 threads, 11 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(seed=0, block_size=64, dtype=torch.float32):

@@ -19,6 +19,7 @@ import sys
 import warnings
 
 import pytest
+from conftest import ROOT, SHARED, TINY, run, run_main_block, shared_sft, sft_dir  # noqa: F401
 import torch
 
 import train_rm
@@ -30,10 +31,6 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 HH = os.path.join(FIXTURES, "hh_rlhf_small.jsonl")
 ALL_KINDS = os.path.join(FIXTURES, "feedback_all_kinds.jsonl")
 # Must match test_train_sft.py: both files share one tiny SFT run (whichever runs first trains it).
-TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--batch_size", "4",
-        "--eval_iters", "1", "--device", "cpu"]
-SHARED = TINY + ["--max_iters", "8", "--lr", "1e-2", "--min_lr", "1e-2", "--warmup_iters", "2",
-                 "--eval_interval", "4", "--log_interval", "2"]
 # The reward-model run: 24 train prompts x 3 replies -> 3 steps of 8 rankings; 8 held-out prompts.
 RM = dict(n_prompts=24, n_heldout=8, k=3, max_new_tokens=8, epochs=1, batch_size=8, eval_interval=2, device="cpu")
 # Runs on --data files sample too (held-out prompts for the panel; 256 replies to normalise over when there
@@ -47,36 +44,8 @@ def flags(out_dir, base=RM, **over):
     return ["--out_dir", str(out_dir)] + [x for k, v in {**base, **over}.items() for x in (f"--{k}", str(v))]
 
 
-def run(*args, timeout=300):
-    """Run a script of the repo in a fresh interpreter, one thread, from the repo root."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
-def shared_sft(tmp_path_factory):
-    """out_dir of the tiny SFT run shared by both test files (the same function in test_train_sft.py)."""
-    d = tmp_path_factory.getbasetemp() / "tiny_sft"
-    if not (d / "stdout.txt").exists():  # written only after a successful run
-        d.mkdir(exist_ok=True)
-        r = run("train_sft.py", "--out_dir", str(d), *SHARED)
-        assert r.returncode == 0, r.stdout + r.stderr
-        (d / "stdout.txt").write_text(r.stdout)
-    return d
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    return shared_sft(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process runs use one thread too: on 2 shared cores a second OpenMP thread only spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -85,17 +54,6 @@ def no_plot(monkeypatch):
     monkeypatch.setattr(train_rm, "plot", lambda history, path: None)
 
 
-def run_main_block(script, *args):
-    """Run `script` as `python script args` does, but in this process (a new interpreter costs ~5 s of
-    imports): its `if __name__ == "__main__":` block included. Returns how it exited (SystemExit)."""
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return e.value
 
 
 def out_dir_with_sft(parent, sft_dir, name="out"):

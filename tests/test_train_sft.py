@@ -17,6 +17,7 @@ import sys
 from dataclasses import fields
 
 import pytest
+from conftest import ROOT, SHARED, TINY, run, run_main_block, shared_sft, sft_dir  # noqa: F401
 import torch
 
 import train_sft
@@ -24,44 +25,12 @@ from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny model every test uses; --device cpu also picks the cpu preset, so a GPU machine runs the same.
-TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--batch_size", "4",
-        "--eval_iters", "1", "--device", "cpu"]
 # The shared run (the same flags in test_train_rm.py): 8 steps at a constant lr of 1e-2 after a 2-step
 # warmup take the loss from ~10.8 (= ln 50257, random init) to ~9.1.
-SHARED = TINY + ["--max_iters", "8", "--lr", "1e-2", "--min_lr", "1e-2", "--warmup_iters", "2",
-                 "--eval_interval", "4", "--log_interval", "2"]
 
 
-def run(*args, timeout=300):
-    """Run a script of the repo in a fresh interpreter, one thread, from the repo root."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
-def shared_sft(tmp_path_factory):
-    """out_dir of the tiny SFT run shared by both test files (trained by whichever needs it first)."""
-    d = tmp_path_factory.getbasetemp() / "tiny_sft"
-    if not (d / "stdout.txt").exists():  # written only after a successful run
-        d.mkdir(exist_ok=True)
-        r = run("train_sft.py", "--out_dir", str(d), *SHARED)
-        assert r.returncode == 0, r.stdout + r.stderr
-        (d / "stdout.txt").write_text(r.stdout)
-    return d
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    return shared_sft(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process runs use one thread too: on 2 shared cores a second OpenMP thread only spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -70,17 +39,6 @@ def no_plot(monkeypatch):
     monkeypatch.setattr(train_sft, "plot", lambda history, path: None)
 
 
-def run_main_block(script, *args):
-    """Run `script` as `python script args` does, but in this process (a new interpreter costs ~5 s of
-    imports): its `if __name__ == "__main__":` block included. Returns how it exited (SystemExit)."""
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return e.value
 
 
 def read_csv(path):
