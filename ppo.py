@@ -8,10 +8,11 @@ What is here, top to bottom:
   critic values of the response states                      response_values
   KL estimators k1, k3 and the KL-penalty coefficient        kl_k1, kl_k3, AdaptiveKLController, FixedKLController
   per-token rewards (-beta * KL, score at the last token)     per_token_rewards, apply_no_eos_penalty
-  §4.2.3 generalised advantage estimation                    gae, gae_fn
+  §4.2.3 generalised advantage estimation                    gae
   masked statistics and advantage whitening                  masked_mean, masked_var, whiten
-  §4.2.1-4.2.2 clipped surrogate, clipped value loss         ppo_loss, ppo_loss_fn
+  §4.2.1-4.2.2 clipped surrogate, clipped value loss         ppo_loss
   diagnostics                                                explained_variance
+  fused kernels: gae and ppo_loss through torch.compile       fused
 
 Shapes. A rollout is `seq` (B, P+R): left-padded prompts (`pad` (B,) pad tokens at the start of each row),
 then R response tokens. `resp_mask` (B, R) is True on the generated tokens up to and including the first
@@ -243,7 +244,13 @@ def apply_no_eos_penalty(scores, ended, penalty=None):
 #   delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),     V(s_{T_b}) = 0 (the episode ended with the reply)
 #   A_t = sum_{l=0}^{T_b - t - 1} (gamma * lambda)^l * delta_{t+l}
 # The book writes the last exponent as T - t + 1 (1-indexed); with 0-indexed t the sum has T_b - t terms,
-# the last one l = T_b - t - 1. Computed backwards: A_t = delta_t + gamma * lambda * A_{t+1}, A_{T_b} = 0.
+# the last one l = T_b - t - 1. The usual way to compute it is a loop backwards over t,
+#   A_t = delta_t + gamma * lambda * A_{t+1},   A_{T_b} = 0
+# (that is the reference the tests compare against). Here the sum is computed as it is written, for all t
+# at once: with the (R, R) matrix D[t, s] = (gamma * lambda)^(s - t) for s >= t (0 below the diagonal),
+# A = deltas @ D^T. One matrix multiply instead of R small steps: no Python loop, so torch.compile makes
+# one graph for every R (a loop would be unrolled R times and recompiled for each new R), and the GPU gets
+# one large kernel instead of R tiny launches. Masked tokens have delta = 0, so they add nothing.
 # Returns (the critic's regression target) R_t = A_t + V(s_t), the lambda-return.
 
 def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
@@ -252,25 +259,13 @@ def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
     values = torch.where(resp_mask, values.detach(), 0.0)                    # (B, R) V = 0 after the reply
     next_values = F.pad(values[:, 1:], (0, 1))                                # (B, R) V(s_{t+1}), 0 at the end
     deltas = rewards + gamma * next_values - values                           # (B, R) delta_t, 0 where masked
-    adv_t = torch.zeros_like(deltas[:, 0])                                    # (B,) A_{T} = 0
-    advantages = [None] * deltas.size(1)
-    for t in reversed(range(deltas.size(1))):                                 # masked tail: delta = 0, A stays 0
-        adv_t = deltas[:, t] + gamma * lam * adv_t                            # (B,) delta_t + gamma lam A_{t+1}
-        advantages[t] = adv_t
-    advantages = torch.where(resp_mask, torch.stack(advantages, dim=1), 0.0)  # (B, R)
+    t = torch.arange(deltas.size(1), device=deltas.device)                    # (R,)
+    lag = t[None, :] - t[:, None]                                             # (R, R) lag[t, s] = s - t
+    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp(min=0).to(deltas.dtype), 0.0)  # (R, R) D[t, s]
+    advantages = deltas @ discount.T                                          # (B, R) A_t = sum_s D[t, s] delta_s
+    advantages = torch.where(resp_mask, advantages, 0.0)                      # (B, R)
     returns = torch.where(resp_mask, advantages + values, 0.0)                # (B, R)
     return advantages, returns
-
-
-@functools.cache
-def _compiled(fn):
-    return torch.compile(fn)
-
-
-def gae_fn(device):
-    """gae compiled with torch.compile on CUDA (the loop over t becomes one fused kernel; it is compiled
-    once per response length R), plain eager gae elsewhere (compiling on a CPU costs more than it saves)."""
-    return _compiled(gae) if torch.device(device).type == "cuda" else gae
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,14 +355,21 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, re
     return loss, stats
 
 
-def ppo_loss_fn(device):
-    """ppo_loss compiled with torch.compile on CUDA (fuses the elementwise chain), eager elsewhere."""
-    return _compiled(ppo_loss) if torch.device(device).type == "cuda" else ppo_loss
-
-
 def explained_variance(values, returns, mask):
     """1 - Var[R - V] / Var[R] over valid tokens: 1 = the critic predicts the returns perfectly, 0 = no
     better than a constant, < 0 = worse. nan when the returns do not vary."""
     var_returns = masked_var(returns, mask)                                   # ()
     ev = 1.0 - masked_var(returns - values, mask) / var_returns               # ()
     return torch.where(var_returns > 0, ev, float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused kernels. Eager PyTorch runs gae and ppo_loss as a chain of small elementwise ops, each one a kernel
+# launch and a round trip through memory. torch.compile traces a function once and generates fused kernels
+# (Triton on CUDA, C++/OpenMP loops on a CPU) that read each input once. dynamic=True: one graph serves every
+# batch size and response length R (a PPO run's R changes with every rollout), instead of a recompile each.
+
+@functools.cache
+def fused(fn):
+    """fn (gae or ppo_loss) compiled by torch.compile; same arguments, same results. train_ppo.py --compile."""
+    return torch.compile(fn, dynamic=True)

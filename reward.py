@@ -65,13 +65,20 @@ class RewardModel(nn.Module):
     def values(self, idx, pad=None):
         """The head at every position, (B, T); the PPO critic's V(s_t)."""
         h = self.body.hidden_states(idx, pad)                                 # (B, T, d)
-        return self.head(h).squeeze(-1)                                       # (B, T)
+        return self.scalar_head(h)                                            # (B, T)
 
     def forward(self, idx, last, pad=None):
         """Raw scores (B,) read at position `last` (B,): the index of each reply's EOT in idx."""
         h = self.body.hidden_states(idx, pad)                                 # (B, T, d)
         h_last = h[torch.arange(idx.size(0), device=idx.device), last]        # (B, d)
-        return self.head(h_last).squeeze(-1)                                 # (B,)
+        return self.scalar_head(h_last)                                       # (B,)
+
+    def scalar_head(self, h):
+        """(..., d) -> (...,) in float32, also under bf16 autocast: bf16 keeps 8 bits (scores like 1.15 and
+        1.16 would round to the same number), and the differences of scores are what the ranking losses,
+        the accuracy and PPO's advantages are made of. A d-vector dot product costs nothing in float32."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.float()).squeeze(-1)                           # (...,)
 
     def score(self, idx, last, pad=None):
         """Normalised reward (raw - reward_mean) / reward_std, (B,): what PPO optimises."""

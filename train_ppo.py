@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from model import EOT, format_prompt, get_tokenizer, load_checkpoint, param_groups, parse_settings, save_checkpoint
-from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, gae, gae_fn, kl_k1,
-                 kl_k3, per_token_rewards, ppo_loss, ppo_loss_fn, response_logprobs, response_values, whiten)
+from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, fused, gae, kl_k1,
+                 kl_k3, per_token_rewards, ppo_loss, response_logprobs, response_values, whiten)
 from reward import GOLD_EPS, Panel, RewardModel
 from sample import decode_replies, generate, load_model
 
@@ -78,8 +78,8 @@ class Settings:
     n_report: int = 256              # held-out prompts in the final report
     resume: bool = False             # continue from out_dir/ppo.pt
     device: str = "auto"             # auto | cpu | cuda
-    dtype: str = "float32"           # float32 | bfloat16 (autocast, CUDA only)
-    compile: bool = False            # torch.compile the forward passes, GAE and the loss (CUDA)
+    dtype: str = "float32"           # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
+    compile: bool = False            # torch.compile the forward passes, GAE and the loss (gpu preset)
 
 
 PRESETS = {
@@ -92,6 +92,8 @@ PRESETS = {
 def main(argv=None):
     s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    if s.dtype not in ("float32", "bfloat16"):
+        sys.exit(f"error: --dtype must be float32 or bfloat16, not {s.dtype!r}")
     print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
     t_start = time.time()
@@ -198,7 +200,7 @@ def main(argv=None):
 
 def build_ctx(s, enc, device, policy, ref, rm, critic):
     """Everything the three steps below need, in one dict: the four models set up for PPO, the optimizer,
-    autocast, and the GAE and loss functions (compiled with --compile, which is meant for CUDA)."""
+    autocast, and the GAE and loss functions (compiled with --compile)."""
     # The critic starts as the reward model: its features already tell good replies from bad ones, and its
     # value at the last token is the (normalised) score itself, so early value estimates are sensible and
     # advantages are not noise while a fresh value head would learn. The normalisation is folded into the
@@ -211,15 +213,15 @@ def build_ctx(s, enc, device, policy, ref, rm, critic):
         m.eval()                                               # dropout off everywhere, also while training
         m.requires_grad_(m is policy or m is critic)
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": s.lr},
-                                  {"params": list(critic.parameters()), "lr": s.critic_lr}])
-    if s.compile:  # fused kernels: each model's forward, the GAE loop and the PPO loss
+                                  {"params": list(critic.parameters()), "lr": s.critic_lr}],
+                                 fused=torch.device(device).type == "cuda")    # one kernel for all parameters
+    if s.compile:  # fused kernels: each model's forward, GAE and the PPO loss
         for m in (policy, ref, rm, critic):
             body = m.body if isinstance(m, RewardModel) else m
             body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
-    use_bf16 = s.dtype == "bfloat16" and device == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     return dict(s=s, enc=enc, device=device, autocast=autocast, policy=policy, ref=ref, rm=rm, critic=critic,
-                optimizer=optimizer, gae=gae_fn(device) if s.compile else gae, loss_fn=ppo_loss_fn(device) if s.compile else ppo_loss)
+                optimizer=optimizer, gae=fused(gae) if s.compile else gae, loss_fn=fused(ppo_loss) if s.compile else ppo_loss)
 
 
 # ---- 1. rollout -------------------------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def rollout(ctx, prompts, model=None, generator=None):
     """The policy replies to each prompt by pure sampling. Returns seq (B, P+R), pad (B,), resp_mask (B, R)."""
     s, enc = ctx["s"], ctx["enc"]
     ids = [enc.encode_ordinary(format_prompt(p)) for p in prompts]
-    with ctx["autocast"]:  # bf16 on CUDA; the sampling itself is done in float32 (sample.filter_logits)
+    with ctx["autocast"]:  # bf16 with --dtype bfloat16; the sampling itself is done in float32 (sample.filter_logits)
         seq, pad, resp_mask = generate(model or ctx["policy"], ids, s.max_new_tokens, temperature=1.0, generator=generator)
     return {"seq": seq, "pad": pad, "resp_mask": resp_mask}
 

@@ -65,7 +65,7 @@ class Settings:
     resume: bool = False             # continue from out_dir/rm.pt (uses out_dir/panel_labels.jsonl or --data)
     sft_args: str = ""               # extra flags passed to train_sft.py when sft.pt is missing
     device: str = "auto"             # auto | cpu | cuda
-    dtype: str = "float32"           # float32 | bfloat16 (autocast, CUDA only)
+    dtype: str = "float32"           # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
 
 
 PRESETS = {
@@ -78,6 +78,8 @@ PRESETS = {
 def main(argv=None):
     s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    if s.dtype not in ("float32", "bfloat16"):
+        sys.exit(f"error: --dtype must be float32 or bfloat16, not {s.dtype!r}")
     print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
     t_start = time.time()
@@ -169,10 +171,10 @@ def main(argv=None):
         print(f"resuming from {rm_path} at step {start_step}")
     else:
         rm, start_step = RewardModel.from_sft(sft_ckpt).to(device), 0
-    optimizer = torch.optim.AdamW(param_groups(rm, s.weight_decay), lr=s.lr)
+    optimizer = torch.optim.AdamW(param_groups(rm, s.weight_decay), lr=s.lr, fused=torch.device(device).type == "cuda")
     if s.resume:
         optimizer.load_state_dict(rm_ckpt["optimizer"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.dtype == "bfloat16" and device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     steps_per_epoch = math.ceil(len(train_items) / s.batch_size)
     max_iters = s.epochs * steps_per_epoch
 

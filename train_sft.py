@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -62,8 +61,8 @@ class Settings:
     resume: bool = False           # continue from out_dir/sft.pt (model, optimizer, step, RNG)
     # hardware
     device: str = "auto"           # auto | cpu | cuda
-    dtype: str = "float32"         # float32 | bfloat16 (autocast, CUDA only)
-    compile: bool = False          # torch.compile the model (CUDA: fused kernels; off on CPU by default)
+    dtype: str = "float32"         # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
+    compile: bool = False          # torch.compile the model: fused kernels (on in the gpu preset)
 
 
 # Presets, chosen by device and printed at start. cpu: finishes in ~5 min on 2 cores. gpu: a ~30M-parameter
@@ -79,6 +78,8 @@ PRESETS = {
 def main(argv=None):
     s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    if s.dtype not in ("float32", "bfloat16"):
+        sys.exit(f"error: --dtype must be float32 or bfloat16, not {s.dtype!r}")
     if s.train_on not in ("reply", "all"):
         sys.exit(f"error: --train_on must be 'reply' or 'all', not {s.train_on!r}")
     print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
@@ -130,13 +131,13 @@ def main(argv=None):
         model, start_step, best_val = GPT(cfg).to(device), 0, float("inf")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, config {asdict(model.config)}")
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2),
-                                  fused=device == "cuda")
+                                  fused=torch.device(device).type == "cuda")
     if s.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         batch_gen.set_state(ckpt["rng"]["batch"])
     train_model = torch.compile(model) if s.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.dtype == "bfloat16" and device == "cuda" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
 
     def lr_at(step):  # linear warmup, then cosine decay from lr to min_lr
         if step < s.warmup_iters:

@@ -12,19 +12,20 @@ Rows (full shape on CUDA / --small shape, the default on a CPU):
   1 sft      one SFT optimizer step as train_sft.py takes it (forward with targets + loss_mask, backward,
              clip, AdamW on model.param_groups): eager vs torch.compile'd, tokens/s and MFU; Hugging Face's
              GPT2LMHeadModel at the same shape as a peer when `transformers` is importable (never required).
-  2 gen      sample.generate with the KV cache, batch 1 and 64: eager vs its forward compiled the way
-             train_ppo.py compiles it (hidden_states, dynamic=True), HF generate with the same sampling;
-             on a CPU also eager with one thread (decode-step ops are too small to share between threads).
-  3 gae      a plain Python double loop vs ppo.gae eager vs ppo.gae compiled (ppo.gae_fn on CUDA). Dynamo
-             unrolls gae's loop over t, so compiling takes time that grows with T (on this CPU: ~11 s at
-             T=64, ~36 s at T=256); at the full T=1024 expect minutes. PPO itself only sees T = R <= 64.
+  2 gen      sample.generate with the KV cache, batch 1 and 64, as train_ppo.rollout runs it (under bf16
+             autocast on CUDA, the gpu preset's dtype): eager vs its forward compiled the way train_ppo.py
+             compiles it (hidden_states, dynamic=True), HF generate with the same sampling; on a CPU also
+             eager with one thread (decode-step ops are too small to share between threads).
+  3 gae      a plain Python double loop vs ppo.gae eager vs ppo.fused(ppo.gae) (what train_ppo --compile
+             runs: torch.compile, dynamic shapes).
   4 logprob  log-probs of sampled tokens, forward + backward: naive log_softmax(h @ W^T).gather vs
              ppo.logprobs_from_hidden (chunked); time and peak memory (CUDA: max_memory_allocated; CPU: the
              rise of VmHWM over VmRSS in a fresh subprocess, i.e. the real resident peak of the computation).
   5 ppo      one PPO iteration through train_ppo.rollout / score / update on a ctx built like train_ppo.main
              builds it, from randomly initialised models (no checkpoints needed).
 
-Every time is the median of --repeats runs after warm-up; the variants of a row take turns repeat by repeat
+Compiled variants run on every device (unless --no-compile); on a CPU they may be slower than eager, and
+the table says so. Every time is the median of --repeats runs after warm-up; the variants of a row take turns repeat by repeat
 (A B A B ...), so a neighbour's load on a shared machine hits them alike. CUDA timings synchronize.
 
 What it simplifies: random weights (speed does not depend on them; generation never stops early because a
@@ -308,8 +309,8 @@ def row_sft(bench, sh, compile_on):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Row 2: generation with the KV cache (sample.generate, pure sampling at temperature 1 as train_ppo.rollout
-# calls it; float32, since rollout runs generate outside autocast).
+# Row 2: generation with the KV cache (sample.generate, pure sampling at temperature 1, as train_ppo.rollout
+# calls it: under bf16 autocast on CUDA, the gpu preset's dtype; float32 on a CPU, the cpu preset's).
 
 def row_gen(bench, sh, compile_on):
     dev, cfg = bench.device, sh["gen_cfg"]
@@ -330,15 +331,19 @@ def row_gen(bench, sh, compile_on):
         pass
     gen = torch.Generator(device=dev).manual_seed(0)
 
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bench.cuda)
+
     def ours(m, prompts):
-        seq, pad, resp_mask = generate(m, prompts, R, temperature=1.0, generator=gen)
+        with autocast:
+            seq, pad, resp_mask = generate(m, prompts, R, temperature=1.0, generator=gen)
         return resp_mask.numel()                                              # B * R generated tokens
 
     @torch.no_grad()
     def hf(ids):
-        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=R, min_new_tokens=R,
-                                pad_token_id=EOT)
+        with autocast:
+            out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=R, min_new_tokens=R,
+                                    pad_token_id=EOT)
         return ids.size(0) * (out.size(1) - ids.size(1))
 
     for B in sh["gen_batches"]:
@@ -364,9 +369,6 @@ def row_gen(bench, sh, compile_on):
                 bench.notes.append(f"gen B={B} " + compile_note(name, r))
         if hf_model is None:
             bench.add("2 gen", "HF generate", shape, None, "not installed")
-    if not compile_on and not bench.cuda and not bench.args.no_compile:
-        bench.notes.append("gen: compiled generation skipped on CPU (compiling takes minutes here); "
-                           "--cpu-compile runs it")
 
 
 def one_thread(fn):
@@ -412,8 +414,8 @@ def row_gae(bench, sh, compile_on):
     variants = {"naive Python double loop": lambda: gae_loop(rewards, values, lengths, gamma, lam),
                 "ppo.gae eager": lambda: ppo.gae(rewards, values, mask, gamma, lam)}
     if compile_on:
-        gae_c = ppo.gae_fn(dev) if bench.cuda else ppo._compiled(ppo.gae)     # gae_fn compiles on CUDA only
-        variants["ppo.gae compiled (gae_fn)"] = lambda: gae_c(rewards, values, mask, gamma, lam)
+        gae_c = ppo.fused(ppo.gae)                                            # what train_ppo --compile runs
+        variants["ppo.fused(ppo.gae) compiled"] = lambda: gae_c(rewards, values, mask, gamma, lam)
     res = bench.side_by_side(variants)
     adv_ref = torch.tensor(res["naive Python double loop"]["out"][0], device=dev)
     base = res["naive Python double loop"]["median"]
@@ -427,8 +429,6 @@ def row_gae(bench, sh, compile_on):
             bench.notes.append(f"gae: {name} max |advantage - loop| = {err:.1e}")
         if "compiled" in name:
             bench.notes.append("gae " + compile_note(name, r))
-    if not compile_on and not bench.cuda and not bench.args.no_compile:
-        bench.notes.append("gae: compiled variant skipped on CPU (ppo.gae_fn is eager there); --cpu-compile runs it")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -592,8 +592,6 @@ def row_ppo(bench, sh, compile_on):
         if "compiled" in name:
             bench.notes.append("ppo " + compile_note(name, r) + ". To see why each recompile happens: "
                                "TORCH_LOGS=recompiles python tests/bench.py --rows ppo")
-    if not compile_on and not bench.cuda and not bench.args.no_compile:
-        bench.notes.append("ppo: compiled variant skipped on CPU (train_ppo compiles on CUDA); --cpu-compile runs it")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -608,8 +606,6 @@ def main(argv=None):
     p.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
                    help="small shapes (default: on for CPU, off for CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile variant")
-    p.add_argument("--cpu-compile", action="store_true",
-                   help="on a CPU also run the compiled variants of rows gen, gae and ppo (slow to compile)")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)                     # internal: memory subprocess
     args = p.parse_args(argv)
     if args.rss_child:
@@ -633,10 +629,9 @@ def main(argv=None):
     bench = Bench(args, device)
     bench.device_name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     sh = shapes(args.small)
-    compile_main = not args.no_compile                       # sft row: compiled on every device
-    compile_extra = not args.no_compile and (cuda or args.cpu_compile)
-    rows = {"sft": (row_sft, compile_main), "gen": (row_gen, compile_extra), "gae": (row_gae, compile_extra),
-            "logprob": (row_logprob, False), "ppo": (row_ppo, compile_extra)}
+    comp = not args.no_compile
+    rows = {"sft": (row_sft, comp), "gen": (row_gen, comp), "gae": (row_gae, comp), "logprob": (row_logprob, False),
+            "ppo": (row_ppo, comp)}
     t0, load0 = time.time(), " ".join(f"{x:.1f}" for x in os.getloadavg())  # others' jobs on a shared machine
     for name in wanted:
         fn, comp = rows[name]
@@ -654,7 +649,7 @@ def main(argv=None):
         print("| " + " | ".join(r) + " |")
     print()
     print(f"device: {bench.device_name} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"dtype: {'bf16 autocast (sft, ppo), float32 (gen, gae, logprob)' if cuda else 'float32'} | "
+          f"dtype: {'bf16 autocast (sft, gen, ppo), float32 (gae, logprob)' if cuda else 'float32'} | "
           f"shapes: {'small (CPU)' if args.small else 'full'} | median of {args.repeats} after {args.warmup} warm-up | "
           f"total {time.time() - t0:.0f} s | load average at start {load0}")
     for n in bench.notes:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, gae,
-                 gae_fn, kl_k1, kl_k3, logprobs_from_hidden, masked_mean, masked_var, per_token_rewards,
-                 ppo_loss, ppo_loss_fn, response_logprobs, response_values, whiten)
+from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, fused, gae,
+                 kl_k1, kl_k3, logprobs_from_hidden, masked_mean, masked_var, per_token_rewards, ppo_loss,
+                 response_logprobs, response_values, whiten)
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-5):
@@ -100,8 +100,50 @@ def test_gae_lambda_one_gives_discounted_return_minus_value():
             assert adv[b, t].item() == pytest.approx(G - values[b, t].item())
 
 
-def test_gae_fn_is_eager_on_cpu():
-    assert gae_fn("cpu") is gae and ppo_loss_fn(torch.device("cpu")) is ppo_loss
+def graphs_compiled():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def test_fused_gae_matches_eager_with_one_graph_for_every_length():
+    # torch.compile(gae, dynamic=True), what train_ppo --compile runs (here with the CPU's C++ backend): the
+    # same numbers as eager gae, and a new response length R does not compile a new graph (R changes with
+    # every rollout; a loop over t would be unrolled and recompiled for each R).
+    torch.manual_seed(3)
+    compiled, before = fused(gae), graphs_compiled()
+    for R in (6, 11, 3, 24):
+        lengths = torch.randint(0, R + 1, (5,)).tolist()
+        mask = prefix_mask(lengths, R)
+        rewards, values = torch.randn(5, R), torch.randn(5, R)
+        adv, ret = compiled(rewards, values, mask, 0.99, 0.9)
+        adv_ref, ret_ref = gae_reference(rewards.double(), values.double(), lengths, 0.99, 0.9)
+        assert_close(adv, adv_ref)
+        assert_close(ret, ret_ref)
+    assert graphs_compiled() - before <= 1
+
+
+def test_fused_ppo_loss_matches_eager_loss_and_gradients():
+    torch.manual_seed(4)
+    compiled, before = fused(ppo_loss), graphs_compiled()
+    for R in (7, 13):
+        mask = prefix_mask([R, 1, R // 2], R)
+        old_logprobs, advantages, old_values, returns = (torch.randn(3, R) for _ in range(4))
+        results = []
+        for fn in (compiled, ppo_loss):
+            logprobs = (old_logprobs + 0.3 * torch.randn(3, R, generator=torch.Generator().manual_seed(R))).requires_grad_()
+            values = (old_values + 0.1).requires_grad_()
+            entropy = torch.full((3, R), 2.0, requires_grad=True)
+            loss, stats = fn(logprobs, old_logprobs, advantages, values, old_values, returns, mask,
+                             clip_eps=0.2, vf_clip=0.2, vf_coef=0.5, entropy=entropy, ent_coef=0.01)
+            loss.backward()
+            results.append((loss, stats, logprobs.grad, values.grad, entropy.grad))
+        (loss_c, stats_c, *grads_c), (loss_e, stats_e, *grads_e) = results
+        assert_close(loss_c, loss_e)
+        for k in stats_e:
+            assert_close(stats_c[k], stats_e[k])
+        for g_c, g_e in zip(grads_c, grads_e):
+            assert_close(g_c, g_e)
+    assert graphs_compiled() - before <= 2                                    # the loss (+ its backward graph)
 
 
 # ---------------------------------------------------------------------------------------------- rewards

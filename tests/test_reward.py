@@ -158,6 +158,24 @@ def test_score_read_at_last_and_values():
         assert torch.allclose(rm.score(idx, last), (r - 0.5) / 2.0)
 
 
+def test_scalar_head_stays_float32_under_bf16_autocast():
+    # bf16 keeps 8 significant bits: scores 1.150 and 1.156 would be one number. The body may run in bf16,
+    # the head (a d-vector dot product) runs in float32 on whatever the body gives it.
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(vocab_size=100, **TINY)).eval()
+    with torch.no_grad():
+        rm.head.bias.fill_(1.15)
+        idx, last = torch.randint(0, 100, (4, 10)), torch.tensor([3, 6, 9, 9])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            r, v = rm(idx, last), rm.values(idx)
+            h = rm.body.hidden_states(idx)                                            # (4, 10, d)
+        assert r.dtype == v.dtype == torch.float32
+        expected = h.float() @ rm.head.weight[0] + rm.head.bias[0]                    # (4, 10) float32
+        assert torch.allclose(v, expected, atol=1e-6)
+        assert torch.allclose(r, expected[torch.arange(4), last], atol=1e-6)
+        assert not torch.equal(r, r.bfloat16().float())                               # finer than bf16
+
+
 def test_batch_replies_layout_and_truncation():
     enc = SimpleNamespace(eot_token=99)
     idx, pad, last = batch_replies(enc, [[1, 2, 3], [4]], [[5, 99], [6, 7, 99]], block_size=8)

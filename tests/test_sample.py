@@ -138,6 +138,19 @@ def test_generation_matches_the_full_forward_pass():
     assert torch.equal(logits[0, 3:-1].argmax(-1), seq[0, 4:])
 
 
+def test_generation_under_bf16_autocast_uses_a_bf16_cache():
+    """With --dtype bfloat16 rollouts run under autocast: the cache holds bf16 keys/values (half the bytes
+    to read each decode step), and greedy decoding still follows the full forward pass under autocast."""
+    m = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.new_cache(2, 8).k.dtype == torch.bfloat16
+        seq, _, mask = generate(m, [[464, 2068, 7586, 21831]], 8, greedy=True)
+        logits = m(seq)                                                       # (1, T, V) bf16 logits
+    assert m.new_cache(2, 8).k.dtype == torch.float32                         # outside autocast: the weights' dtype
+    assert mask.all() and seq.shape == (1, 12)
+    assert (logits[0, 3:-1].float().argmax(-1) == seq[0, 4:]).float().mean() >= 0.75   # bf16 near-ties may flip
+
+
 def test_stops_at_eot_and_masks_after_it(monkeypatch):
     """Force row 0 to say EOT at step 2 and row 1 at step 4 (and EOT is forbidden otherwise)."""
     m = tiny()

@@ -1,6 +1,7 @@
 """End to end: `python train_ppo.py` on an empty out_dir trains sft.pt, then rm.pt, then runs PPO and writes
 ppo.pt, the plot and the report (tiny models, a few iterations: well under 2 minutes on a 2-core CPU).
 Also: --resume continues, beta = 0 keeps beta at 0, and the score step's pieces line up."""
+import copy
 import json
 import os
 import subprocess
@@ -9,8 +10,10 @@ import sys
 import pytest
 import torch
 
+import ppo
 import train_ppo
-from model import EOT, load_checkpoint
+from model import EOT, GPT, GPTConfig, get_tokenizer, load_checkpoint
+from reward import RewardModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SFT = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 128 --batch_size 4 --eval_iters 1 --max_iters 6 " \
@@ -105,3 +108,74 @@ def test_score_puts_the_penalty_on_replies_that_never_end(pipeline):
     assert (b["advantages"][~resp_mask] == 0).all() and (b["returns"][~resp_mask] == 0).all()
     kl = torch.where(resp_mask, b["logprobs"] - b["ref_logprobs"], 0.0)
     assert abs(b["kl_per_reply"] - kl.sum(1).mean().item()) < 1e-6
+
+
+# ---- the gpu preset's code paths, on a CPU: bf16 autocast and torch.compile ------------------------------------
+
+PROMPTS = ["How fares my lord?", "Good morrow.", "What, ho! Who comes here at this late hour of the night?", "Peace!",
+           "I pray you, sir, tell me your name and whence you come.", "Away!"]
+
+
+def tiny_ctx(**settings):
+    """build_ctx on randomly initialised tiny models (the same seed every call: identical models)."""
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, dropout=0.0)
+    torch.manual_seed(0)
+    policy, rm = GPT(cfg), RewardModel(cfg)
+    s = train_ppo.Settings(device="cpu", batch_size=6, minibatch_size=3, ppo_epochs=1, max_new_tokens=8, **settings)
+    return train_ppo.build_ctx(s, get_tokenizer(), "cpu", policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
+
+
+def test_bf16_autocast_scores_like_float32():
+    # --dtype bfloat16 (the gpu preset): matmuls in bf16, but every per-token tensor PPO does arithmetic on
+    # (log-probs, values, advantages) stays float32, and the numbers are float32's up to bf16 rounding.
+    ctx32, ctx16 = tiny_ctx(), tiny_ctx(dtype="bfloat16")
+    roll = train_ppo.rollout(ctx16, PROMPTS, generator=torch.Generator().manual_seed(0))
+    b16, b32 = train_ppo.score(ctx16, roll, 0.05), train_ppo.score(ctx32, roll, 0.05)
+    for k, tol in (("logprobs", 1e-2), ("ref_logprobs", 1e-2), ("values", 5e-2), ("advantages", 5e-2),
+                   ("returns", 5e-2), ("scores", 5e-2)):
+        assert b16[k].dtype == torch.float32 and torch.isfinite(b16[k]).all(), k
+        assert (b16[k] - b32[k]).abs().max().item() < tol, k
+    assert not torch.equal(b16["values"], b32["values"])                    # autocast did run in bf16
+    stats = train_ppo.update(ctx16, b16)
+    assert all(v == v for k, v in stats.items() if k != "explained_var")   # no nan
+    assert all(p.dtype == torch.float32 for p in ctx16["policy"].parameters())
+
+
+def test_compiled_iterations_match_eager_and_compile_only_in_the_first(monkeypatch):
+    # --compile: each model's hidden_states, gae and ppo_loss go through torch.compile (dynamic shapes). Here
+    # with dynamo's "eager" backend (graph capture and guards as on a GPU, no kernel generation). Every graph a
+    # run needs is made in the first iteration and its evaluation (prefill and decode, with and without
+    # gradients, trainable and frozen models); later iterations, with other prompt and reply lengths, reuse
+    # them: no recompilation storm, and each function stays below dynamo's recompile limit (past it, dynamo
+    # silently falls back to eager).
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    ppo.fused.cache_clear()
+    torch._dynamo.reset()
+    try:
+        compiled, eager = tiny_ctx(compile=True), tiny_ctx()
+        batches = [PROMPTS, PROMPTS[::-1][:5] + ["Hence!"], [p + " Speak, I charge thee." for p in PROMPTS]]
+        graphs = []
+        for i, prompts in enumerate(batches):
+            out = {}
+            for name, ctx in (("compiled", compiled), ("eager", eager)):
+                roll = train_ppo.rollout(ctx, prompts, generator=torch.Generator().manual_seed(i))
+                b = train_ppo.score(ctx, roll, 0.05)
+                torch.manual_seed(i)                                          # the same minibatch order
+                out[name] = roll, b, train_ppo.update(ctx, b)
+                train_ppo.sample_texts(ctx, ctx["ref"], prompts[:2], seed=i)  # what evaluate() samples
+            (rc, bc, sc), (re_, be, se) = out["compiled"], out["eager"]
+            assert torch.equal(rc["seq"], re_["seq"]), i
+            for k in ("logprobs", "values", "advantages", "returns"):
+                assert (bc[k] - be[k]).abs().max().item() < 1e-4, (i, k)
+            assert abs(sc["pg_loss"] - se["pg_loss"]) < 1e-4 and abs(sc["vf_loss"] - se["vf_loss"]) < 1e-4
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[0] >= 3 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+        limit = torch._dynamo.config.recompile_limit
+        for fn in (GPT.hidden_states, ppo.gae, ppo.ppo_loss):
+            assert 1 <= len(cache_entries(fn.__code__)) < limit, fn.__name__
+    finally:
+        ppo.fused.cache_clear()
+        torch._dynamo.reset()

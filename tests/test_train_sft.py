@@ -184,6 +184,35 @@ def test_train_on_all_tokens(tmp_path, capsys, no_plot):
     assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) > 5
 
 
+def test_bf16_and_compile_paths_train_like_float32(tmp_path, capsys, no_plot, monkeypatch):
+    # The gpu preset's code paths (--dtype bfloat16: autocast; --compile: torch.compile(model)) run on a CPU
+    # too. torch.compile here uses dynamo's "eager" backend: the same graph capture (and the graph break at
+    # the loss mask) as on a GPU, without generating kernels, which would take minutes on 2 cores.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16_compiled", ["--dtype", "bfloat16", "--compile", "true"])):
+        train_sft.main(TINY + ["--out_dir", str(tmp_path / name), "--max_iters", "3", "--eval_interval", "3",
+                               "--log_interval", "1", "--lr", "1e-2", "--warmup_iters", "1"] + extra)
+        rows = [r for r in read_csv(tmp_path / name / "sft_log.csv") if r["train_loss"]]
+        runs[name] = ([float(r["train_loss"]) for r in rows],
+                      load_checkpoint(str(tmp_path / name / "sft.pt"), made_by="train_sft.py"))
+    (loss32, ck32), (loss16, ck16) = runs["fp32"], runs["bf16_compiled"]
+    assert ck16["config"]["dtype"] == "bfloat16" and ck16["config"]["compile"] is True
+    assert ck16["model"].keys() == ck32["model"].keys()                       # no "_orig_mod." prefixes
+    assert all(v.dtype == torch.float32 for v in ck16["model"].values())      # weights stay float32
+    assert len(loss16) == len(loss32) == 3 and loss16 != loss32                 # autocast did run in bf16
+    for a, b in zip(loss16, loss32):                                          # bf16 rounding, not a new model
+        assert math.isfinite(a) and abs(a - b) < 0.05 * b, (loss16, loss32)
+    torch._dynamo.reset()
+
+
+def test_unknown_dtype_is_a_clear_error(tmp_path):
+    e = run_main_block("train_sft.py", *TINY, "--out_dir", str(tmp_path), "--dtype", "float16")
+    assert "--dtype must be float32 or bfloat16" in str(e.code)
+
+
 # ---- sample.py on the trained checkpoint ------------------------------------------------------------------------
 
 def run_sample(*args):
