@@ -61,8 +61,15 @@ import torch.nn.functional as F
 def _chunk_log_softmax(h, weight, temperature):
     """h (n, d) -> log pi (n, V), in float32 even under autocast (bf16 logits make the ratios noisy)."""
     with torch.autocast(device_type=h.device.type, enabled=False):
-        logits = (h.float() @ weight.float().t()) / temperature               # (n, V)
+        logits = h.float() @ weight.float().t()                               # (n, V)
+        if temperature != 1.0:
+            logits /= temperature                                             # in place: no second (n, V)
         return F.log_softmax(logits, dim=-1)                                  # (n, V)
+
+
+def _rowwise_dot(a, b):
+    """(n, V), (n, V) -> (n,): sum_v a[i, v] * b[i, v], as a batched matrix product (no (n, V) product tensor)."""
+    return torch.einsum("nv,nv->n", a, b)
 
 
 def _chunks(N, chunk_size):
@@ -80,7 +87,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             logp_all = _chunk_log_softmax(h[c], weight, temperature)          # (n, V)
             logp[c] = logp_all.gather(1, tokens[c, None]).squeeze(1)          # (n,) log pi(token)
             if with_entropy:
-                entropy[c] = -(logp_all.exp() * logp_all).sum(1)              # (n,) -sum_a pi(a) log pi(a)
+                entropy[c] = -_rowwise_dot(logp_all.exp(), logp_all)          # (n,) -sum_a pi(a) log pi(a)
         return logp, entropy
 
     @staticmethod
@@ -94,18 +101,22 @@ class _ChunkedLogprobs(torch.autograd.Function):
             logp_all = _chunk_log_softmax(h[c], weight, ctx.temperature)      # (n, V) recomputed
             p = logp_all.exp()                                                # (n, V) pi
             g = grad_logp[c, None]                                            # (n, 1)
+            # dL/dz = -pi * (g + g_H * (log pi + H)) + onehot(a) * g, with g = dL/dlog pi(a), g_H = dL/dH.
+            # Built in place in the memory of log pi (or of pi): two (n, V) tensors alive, not five.
             if ctx.with_entropy:
-                H = -(p * logp_all).sum(1, keepdim=True)                      # (n, 1)
-                grad_z = -p * (g + grad_entropy[c, None] * (logp_all + H))    # (n, V)
+                H = -_rowwise_dot(p, logp_all)[:, None]                       # (n, 1)
+                grad_z = logp_all.add_(H).mul_(grad_entropy[c, None]).add_(g).mul_(p).neg_()  # (n, V)
             else:
-                grad_z = -p * g                                               # (n, V)
+                grad_z = p.mul_(-g)                                           # (n, V) -pi * g
+            del logp_all, p                                                   # only grad_z's memory remains
             grad_z.scatter_add_(1, tokens[c, None], g)                        # (n, V) + onehot(a) * g
-            grad_z /= ctx.temperature                                         # (n, V) dL/d(h W^T)
+            if ctx.temperature != 1.0:
+                grad_z /= ctx.temperature                                     # (n, V) dL/d(h W^T)
             with torch.autocast(device_type=h.device.type, enabled=False):
                 if need_h:
                     grad_h[c] = grad_z @ weight.float()                       # (n, d)
                 if need_w:
-                    grad_w += grad_z.t() @ h[c].float()                       # (V, d)
+                    grad_w.addmm_(grad_z.t(), h[c].float())                   # (V, d) += grad_z^T h
         grad_h = grad_h.to(h.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None, None

@@ -92,13 +92,14 @@ def shapes(small):
                     lp_B=64, lp_T=512, lp_d=768, lp_chunks=(1024,),
                     ppo_cfg=sft_preset_config("gpu")[0], ppo_settings=dict(train_ppo.PRESETS["gpu"], preset="gpu"))
     # Small: the cpu preset model (4 layers, d=128, T=256). Batch sizes, token counts and PPO epochs are cut
-    # (halved: SFT batch 8 -> 4, logprob B 8 -> 4, 32 -> 16 new tokens; 4 PPO epochs -> 1) so that the
-    # whole run stays within ~5 minutes on 2 shared CPU cores; the shape column says what ran.
+    # (halved: SFT batch 8 -> 4, 32 -> 16 new tokens; 4 PPO epochs -> 1) so that the whole run takes a few
+    # minutes on 2 CPU cores; the shape column says what ran. The log-prob row keeps N = B*T = 2,048 rows, two
+    # chunks of the default 1,024, so that the chunking shows.
     cpu_cfg, cpu_batch = sft_preset_config("cpu")
     return dict(sft_cfg=cpu_cfg, sft_batch=cpu_batch // 2,
                 gen_cfg=cpu_cfg, gen_batches=(1, 64), gen_prompt=32, gen_new=16,
                 gae_B=64, gae_T=128,
-                lp_B=4, lp_T=128, lp_d=cpu_cfg.n_embd, lp_chunks=(1024, 128),
+                lp_B=8, lp_T=256, lp_d=cpu_cfg.n_embd, lp_chunks=(1024, 256),
                 ppo_cfg=cpu_cfg,
                 ppo_settings=dict(train_ppo.PRESETS["cpu"], preset="cpu", batch_size=16, max_new_tokens=24,
                                   ppo_epochs=1))
