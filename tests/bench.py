@@ -25,8 +25,9 @@ Rows (full shape on CUDA / --small shape, the default on a CPU):
              builds it, from randomly initialised models (no checkpoints needed).
 
 Compiled variants run on every device (unless --no-compile); on a CPU they may be slower than eager, and
-the table says so. Every time is the median of --repeats runs after warm-up; the variants of a row take turns repeat by repeat
-(A B A B ...), so a neighbour's load on a shared machine hits them alike. CUDA timings synchronize.
+the table says so. Every time is the median of --repeats runs after warm-up; the variants of a row take
+turns repeat by repeat (A B A B ...), so a neighbour's load on a shared machine hits them alike. CUDA
+timings synchronize.
 
 What it simplifies: random weights (speed does not depend on them; generation never stops early because a
 random model almost never samples <|endoftext|>); one fixed batch per SFT step (no data-loading time);
