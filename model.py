@@ -342,6 +342,8 @@ def parse_settings(cls, presets=None, argv=None, doc=None):
                             type=(lambda v: v.lower() in ("1", "true", "yes", "on")) if is_bool else f.type,
                             nargs="?" if is_bool else None, const=True if is_bool else None)  # --resume == --resume true
     given = vars(parser.parse_args(argv))
+    if given.get("dtype", "float32") not in ("float32", "bfloat16"):               # the scripts' autocast dtypes
+        parser.error(f"--dtype must be float32 or bfloat16, not {given['dtype']!r}")
     if presets is None:
         return cls(**given)
     preset = given.get("preset", cls.preset)

@@ -92,8 +92,6 @@ PRESETS = {
 def main(argv=None):
     s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
-    if s.dtype not in ("float32", "bfloat16"):
-        sys.exit(f"error: --dtype must be float32 or bfloat16, not {s.dtype!r}")
     print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
     t_start = time.time()

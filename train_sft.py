@@ -78,8 +78,6 @@ PRESETS = {
 def main(argv=None):
     s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
-    if s.dtype not in ("float32", "bfloat16"):
-        sys.exit(f"error: --dtype must be float32 or bfloat16, not {s.dtype!r}")
     if s.train_on not in ("reply", "all"):
         sys.exit(f"error: --train_on must be 'reply' or 'all', not {s.train_on!r}")
     print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")

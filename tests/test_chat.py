@@ -252,12 +252,17 @@ class InterruptAfter(io.StringIO):
         return super().write(s)
 
 
-def test_ctrl_c_keeps_the_partial_reply():
+def streaming_setup():
+    """Tokenizer, a tiny random model, pure-sampling chat settings, and one prompt's token ids."""
     enc = get_tokenizer()
     torch.manual_seed(1)
     model = GPT(CFG).eval()
     s = Settings(max_new_tokens=30, top_k=0, top_p=1.0, temperature=1.0)
-    ids = enc.encode_ordinary(format_prompt(["Speak, friend."]))
+    return enc, model, s, enc.encode_ordinary(format_prompt(["Speak, friend."]))
+
+
+def test_ctrl_c_keeps_the_partial_reply():
+    enc, model, s, ids = streaming_setup()
     full_out = io.StringIO()
     full, interrupted = stream_reply(model, enc, ids, s, torch.Generator().manual_seed(3), full_out)
     assert not interrupted and full and full_out.getvalue().strip() == printable(full)
@@ -287,11 +292,7 @@ class SigintAfter(io.StringIO):
 
 def test_sigint_stops_the_reply_between_tokens():
     """Ctrl-C only sets a flag; the reply stops at the next token, with exactly the text shown so far."""
-    enc = get_tokenizer()
-    torch.manual_seed(1)
-    model = GPT(CFG).eval()
-    s = Settings(max_new_tokens=30, top_k=0, top_p=1.0, temperature=1.0)
-    ids = enc.encode_ordinary(format_prompt(["Speak, friend."]))
+    enc, model, s, ids = streaming_setup()
     full, _ = stream_reply(model, enc, ids, s, torch.Generator().manual_seed(3), io.StringIO())
     before = signal.getsignal(signal.SIGINT)
     out = SigintAfter(4)

@@ -208,9 +208,9 @@ def test_bf16_and_compile_paths_train_like_float32(tmp_path, capsys, no_plot, mo
     torch._dynamo.reset()
 
 
-def test_unknown_dtype_is_a_clear_error(tmp_path):
+def test_unknown_dtype_is_a_clear_error(tmp_path, capsys):
     e = run_main_block("train_sft.py", *TINY, "--out_dir", str(tmp_path), "--dtype", "float16")
-    assert "--dtype must be float32 or bfloat16" in str(e.code)
+    assert e.code == 2 and "--dtype must be float32 or bfloat16" in capsys.readouterr().err
 
 
 # ---- sample.py on the trained checkpoint ------------------------------------------------------------------------
