@@ -1,5 +1,5 @@
 """
-Talk to the Bard, and be the human in RLHF (§5.4.2 human-machine interaction, §3.4.3 real-time feedback).
+Talk to the Bard, and be the human in RLHF ([实战框架 §5.4.2] 人机交互; [实战框架 §3.4.3] 实时反馈处理).
 
     python chat.py                                   # out/ppo.pt if it exists, else out/sft.pt
     python chat.py --ckpt out/sft.pt --temperature 0.7
@@ -10,18 +10,19 @@ Talk to the Bard, and be the human in RLHF (§5.4.2 human-machine interaction, �
 A multi-turn chat in the terminal. Every message is added to a transcript in the chat format the models
 were trained on (model.format_prompt, Anthropic HH-RLHF: "\\n\\nHuman: ...\\n\\nAssistant: ..."), and the
 reply is streamed token by token. You can also be the human of RLHF: the four kinds of human feedback of
-§3.2 are one command each, and every piece of feedback is appended at once (flushed and fsynced) to
-out/feedback.jsonl in the schema of data/README.md, which train_rm.py reads with --data. A record's prompt
-is the transcript the model saw, and it also keeps the checkpoint, the sampling settings of the judged
-replies, the reward model's scores (if any), a timestamp and "source": "chat.py" (read_feedback puts these
-under the record's "meta").
+[流程与实践 §3.2] 人类反馈收集 are one command each, and every piece of feedback is appended at once (flushed
+and fsynced) to out/feedback.jsonl in the schema of data/README.md, which train_rm.py reads with --data. A
+record's prompt is the transcript the model saw, and it also keeps the checkpoint, the sampling settings
+of the judged replies, the reward model's scores (if any), a timestamp and "source": "chat.py"
+(data.feedback.read_feedback puts these under the record's "meta").
 
 Commands:
   /compare     two new replies to your last message; answer 1, 2 or tie       -> a comparison
   /rank K      K new replies (2..9); answer their order best first, e.g. 3 1 2 -> a ranking
   /rate N      rate the last reply from 1 (bad) to 5 (good)                    -> a rating
   /fix         then type a better reply to your last message                   -> a correction
-  /temp X  /topk K  /topp P  /max N     sampling settings (§5.4.1); /temp 0 is greedy
+  /temperature X, /top_k K, /top_p P, /max_new_tokens N   the sampling knobs of sample.Sampling, also by any
+               unambiguous beginning: /temp 0.7, /topk 40, /max 20; /temp 0 is greedy
   /reset  /help  /exit
 After /compare and /rank the reply you prefer (for a tie: reply 1) becomes the reply in the transcript,
 and after /fix your text does, so the conversation goes on from the reply you wanted. When a reward model
@@ -35,7 +36,9 @@ line(s) starting with "Bard: ", the numbered replies of /compare and /rank ("[1]
 the commands' messages, starting with "* ".
 
 Ctrl-C while the Bard is talking stops the reply: what he said so far is kept, marked [interrupted]
-(feedback on it records "interrupted": true). Ctrl-C or Ctrl-D at the prompt ends the chat.
+(feedback on it records "interrupted": true). Ctrl-C or Ctrl-D at the prompt ends the chat. The feedback
+file is checked before the chat starts: a path that cannot be written is refused then, not after you
+have given your feedback.
 
 What it simplifies:
   - the context window: when the transcript no longer fits (block_size - max_new_tokens tokens), the oldest
@@ -44,12 +47,12 @@ What it simplifies:
     room too. (data/prepare.py keeps the end of a prompt: a play's speech leads up to the next one.)
   - a reply ends at <|endoftext|> or at a blank line ("\\n\\n", which separates the turns of a transcript);
     no other stop strings, no repetition penalty;
-  - /compare and /rank leave out empty and repeated replies (the schema needs distinct texts) and draw
-    again, up to REDRAWS times; an empty reply cannot be rated or corrected, for the same reason;
+  - /compare and /rank leave out repeated replies (a preference between two equal texts means nothing) and
+    draw again, up to REDRAWS times;
   - feedback is always on the last reply; one person, one model, no undo (edit the JSONL file if you must).
 """
 import codecs
-import math
+import dataclasses
 import os
 import re
 import signal
@@ -60,66 +63,43 @@ from datetime import datetime, timezone
 
 import torch
 
-from model import EOT, format_prompt, get_tokenizer, load_checkpoint, parse_settings
-from reward import RewardModel, batch_replies, write_feedback
-from sample import decode_replies, generate, load_model
+from data.feedback import check_writable, write_feedback
+from model import EOT, format_prompt, get_tokenizer, load_checkpoint, parse_settings, setting_comments
+from reward import RewardModel, reply_scores
+from sample import Sampling, decode_replies, generate, load_model, sampling_args
 
 
 @dataclass
-class Settings:
+class Settings(Sampling):
     ckpt: str = ""                           # checkpoint to talk to; empty = out/ppo.pt if it exists, else out/sft.pt
     rm: str = ""                             # reward model scoring /compare and /rank; empty = out/rm.pt if it exists; none = off
     feedback: str = "out/feedback.jsonl"     # your feedback is appended here, one JSON line each (train_rm.py --data)
-    temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 = greedy (/temp)
-    top_k: int = 50                          # sample only from the k most likely tokens, 0 = off (/topk)
-    top_p: float = 0.95                      # sample only from the smallest set with probability >= p, 1 = off (/topp)
-    max_new_tokens: int = 64                 # longest reply in tokens, at most half the context window (/max)
     seed: int = 1337                         # random seed: the same seed and the same input give the same chat
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the models run
+    device: str = "auto"                     # auto | cpu | cuda: where the models run
 
 
-HELP = """\
-commands:
-  /compare     two replies to your last message; choose 1, 2 or tie (a comparison)
-  /rank K      K replies (2..9); type their order best first, e.g. 3 1 2 (a ranking)
-  /rate N      rate the last reply from 1 (bad) to 5 (good) (a rating)
-  /fix         then type a corrected reply; it replaces the last reply (a correction)
-  /temp X      sampling temperature, X >= 0 (0 = greedy)
-  /topk K      sample from the K most likely tokens (0 = off)
-  /topp P      nucleus sampling, 0 < P <= 1 (1 = off)
-  /max N       longest reply in tokens (1 .. half the context window)
-  /reset       forget the conversation
-  /help        this list
-  /exit        leave (Ctrl-D or Ctrl-C at the prompt too)
-anything else is a message to the Bard"""
-
-SETTING_COMMANDS = {"/temp": "temperature", "/topk": "top_k", "/topp": "top_p", "/max": "max_new_tokens"}
+KNOBS = [f.name for f in dataclasses.fields(Sampling)]   # each sampling knob is a command: /temperature 0.7
 SCALE = [1, 5]          # /rate's scale
 MAX_RANK = 9            # /rank K takes 2 <= K <= 9: one digit per reply when typing the order
-REDRAWS = 3             # /compare and /rank draw again (at most this often) when replies are empty or repeated
+REDRAWS = 3             # /compare and /rank draw again (at most this often) when replies repeat
+HELP = "\n".join(["commands:"] + [f"  {cmd:<20}{what}" for cmd, what in [
+    ("/compare", "two replies to your last message; choose 1, 2 or tie (a comparison)"),
+    ("/rank K", "K replies (2..9); type their order best first, e.g. 3 1 2 (a ranking)"),
+    ("/rate N", "rate the last reply from 1 (bad) to 5 (good) (a rating)"),
+    ("/fix", "then type a corrected reply; it replaces the last reply (a correction)"),
+    *[(f"/{k} X", setting_comments(Sampling)[k]) for k in KNOBS],
+    ("/reset", "forget the conversation"), ("/help", "this list"),
+    ("/exit", "leave (Ctrl-D or Ctrl-C at the prompt too)")]]
+    + ["the sampling commands also work by any unambiguous beginning (/temp 0.7, /topk 40, /max 20);",
+       "anything else is a message to the Bard"])
 
 
-def check_setting(name, text, block_size):
-    """Parse and validate one sampling setting given as text; ValueError says what is allowed."""
-    try:
-        value = int(text) if name in ("top_k", "max_new_tokens") else float(text)
-    except ValueError:
-        value = None
-    if name == "temperature" and (value is None or not math.isfinite(value) or value < 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {text!r}")
-    if name == "top_k" and (value is None or value < 0):
-        raise ValueError(f"top_k must be a whole number >= 0 (0 = off), got {text!r}")
-    if name == "top_p" and (value is None or not 0 < value <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {text!r}")
-    if name == "max_new_tokens" and (value is None or not 1 <= value <= block_size // 2):
-        raise ValueError(f"max_new_tokens must be a whole number from 1 to {block_size // 2} (half the "
-                         f"context window of {block_size} tokens, so the conversation keeps room), got {text!r}")
-    return value
-
-
-def sampling(s):
-    """generate()'s keyword arguments from the settings (0 / 1.0 switch top-k / top-p off)."""
-    return dict(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1.0 else None)
+def knob_named(cmd):
+    """The sampling knob a command names: its full name or an unambiguous beginning, underscores optional
+    (/temp, /topk, /max_new). None if it names none (or several)."""
+    typed = cmd.lstrip("/").replace("_", "")
+    found = [k for k in KNOBS if k.replace("_", "").startswith(typed)] if typed else []
+    return found[0] if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +203,8 @@ def stream_reply(model, enc, prompt_ids, s, generator, out):
     if main_thread:
         old = signal.signal(signal.SIGINT, lambda signum, frame: setattr(stream, "stop", True))
     try:
-        generate(model, [prompt_ids], s.max_new_tokens, **sampling(s), generator=generator, on_token=stream)
+        generate(model, [prompt_ids], s.max_new_tokens, **sampling_args(s, model.config.block_size),
+                 generator=generator, on_token=stream)
     except _EndOfTurn:
         pass
     except KeyboardInterrupt:
@@ -237,17 +218,9 @@ def stream_reply(model, enc, prompt_ids, s, generator, out):
 
 def sample_replies(model, enc, prompt_ids, k, s, generator):
     """k replies to one prompt, in one batch (the same prompt k times), not streamed."""
-    seq, pad, resp_mask = generate(model, [prompt_ids] * k, s.max_new_tokens, **sampling(s), generator=generator)
+    seq, pad, resp_mask = generate(model, [prompt_ids] * k, s.max_new_tokens,
+                                   **sampling_args(s, model.config.block_size), generator=generator)
     return [clean_reply(r) for r in decode_replies(enc, seq, resp_mask)]
-
-
-@torch.no_grad()
-def rm_scores(rm, enc, prompt_ids, replies):
-    """The reward model's normalised scores (§5.2) of replies to one prompt, a list of floats."""
-    reply_ids = [enc.encode_ordinary(" " + r) + [EOT] for r in replies]        # as model.encode_reply
-    idx, pad, last = batch_replies(enc, [prompt_ids] * len(replies), reply_ids, rm.body.config.block_size)
-    device = rm.head.weight.device
-    return rm.score(idx.to(device), last.to(device), pad.to(device)).tolist()  # (K,)
 
 
 def parse_choice(text):
@@ -275,21 +248,31 @@ def parse_order(text, k):
     return order
 
 
+def rm_verdict(scores, order=None, tie=False):
+    """One line: the reward model's scores, and whether it orders the replies as the human did (order:
+    the human's, reply indices best first; None if the human gave none)."""
+    line = "reward model scores: " + "  ".join(f"[{i + 1}] {x:+.3f}" for i, x in enumerate(scores))
+    if order is None:
+        return line
+    if tie:
+        return line + f" (you called it a tie; it puts them {abs(scores[0] - scores[1]):.3f} apart)"
+    pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]   # a ranked above b by the human
+    agree = sum(scores[a] > scores[b] for a, b in pairs)
+    if len(order) == 2:
+        return line + (" (it agrees with you)" if agree else " (it disagrees with you)")
+    rm_order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return line + (f"; its order {' '.join(str(i + 1) for i in rm_order)} agrees with yours on "
+                   f"{agree} of {len(pairs)} pairs")
+
+
 # ----------------------------------------------------------------------------------------------------
-# The chat session
+# The terminal: lines in, text out; prompts and colours only when a person is typing
 
-class Chat:
-    def __init__(self, model, enc, s, ckpt_path, rm=None, rm_path=None, interactive=False, out=None):
-        self.model, self.enc, self.s, self.ckpt_path = model, enc, s, ckpt_path
-        self.rm, self.rm_path, self.interactive = rm, rm_path, interactive
-        self.out = out or sys.stdout
+class Terminal:
+    def __init__(self, interactive, out=None):
+        self.interactive, self.out = interactive, out or sys.stdout
         self.color = interactive and self.out.isatty() and "NO_COLOR" not in os.environ
-        self.generator = torch.Generator(device=s.device).manual_seed(s.seed)
-        self.turns = []            # the transcript: human, assistant, human, assistant, ...
-        self.reply_info = {}       # how the last reply was made: sampling settings, interrupted, edited
-        self.saved = 0             # feedback records written in this session
 
-    # ---- input / output ---------------------------------------------------------------------------
     def paint(self, text, code):
         return f"\033[{code}m{text}\033[0m" if self.color else text
 
@@ -330,20 +313,34 @@ class Chat:
                 if not self.interactive:
                     return None
 
-    # ---- the loop -----------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------------
+# The chat: the conversation, the settings, and the loop
+
+class Chat:
+    def __init__(self, model, enc, s, ckpt_path, rm=None, rm_path=None, term=None):
+        self.model, self.enc, self.s, self.ckpt_path = model, enc, s, ckpt_path
+        self.rm, self.rm_path = rm, rm_path
+        self.term = term or Terminal(interactive=False)
+        self.generator = torch.Generator(device=model.wte.weight.device).manual_seed(s.seed)
+        self.turns = []            # the transcript: human, assistant, human, assistant, ...
+        self.reply_info = {}       # how the last reply was made: sampling settings, interrupted, edited
+        self.saved = 0             # feedback records written in this session
+
     def run(self):
-        if self.interactive:
-            self.info(f"talking to {self.ckpt_path} ({self.model.num_params() / 1e6:.1f}M parameters); "
+        term = self.term
+        if term.interactive:
+            term.info(f"talking to {self.ckpt_path} ({self.model.num_params() / 1e6:.1f}M parameters); "
                       f"feedback goes to {self.s.feedback}")
-            self.info(f"reward model: {self.rm_path}" if self.rm is not None else
+            term.info(f"reward model: {self.rm_path}" if self.rm is not None else
                       "no reward model (out/rm.pt, made by train_rm.py): /compare and /rank show no scores")
-            self.info("/help lists the commands; Ctrl-D or /exit to leave")
+            term.info("/help lists the commands; Ctrl-D or /exit to leave")
         while True:
             try:
-                line = self.read("You: ").strip()
+                line = term.read("You: ").strip()
             except (EOFError, KeyboardInterrupt):
-                if self.interactive:
-                    print(file=self.out)
+                if term.interactive:
+                    print(file=term.out)
                 break
             if not line:
                 continue
@@ -351,9 +348,9 @@ class Chat:
                 if not self.handle(line):
                     break
             except KeyboardInterrupt:  # Ctrl-C while sampling /compare or /rank replies
-                print(file=self.out)
-                self.info("cancelled: nothing saved")
-        self.info(f"bye: {self.saved} feedback record(s) saved to {self.s.feedback} in this session"
+                print(file=term.out)
+                term.info("cancelled: nothing saved")
+        term.info(f"bye: {self.saved} feedback record(s) saved to {self.s.feedback} in this session"
                   if self.saved else "bye")
         return 0
 
@@ -364,47 +361,55 @@ class Chat:
             return True
         cmd, *args = line.split()
         cmd = cmd.lower()
+        usage = {"/compare": "/compare takes no arguments",
+                 "/rank": f"/rank needs the number of replies K, from 2 to {MAX_RANK}, e.g. /rank 3",
+                 "/rate": f"/rate needs a whole number from {SCALE[0]} to {SCALE[1]}, e.g. /rate 4",
+                 "/fix": "/fix takes no arguments: type the corrected reply on the next line"}
         if cmd in ("/exit", "/quit"):
             return False
         if cmd == "/help":
-            self.say(HELP)
+            self.term.say(HELP)
         elif cmd == "/reset":
             self.turns, self.reply_info = [], {}
-            self.info("the conversation is forgotten; say something new")
-        elif cmd in SETTING_COMMANDS:
-            self.set(SETTING_COMMANDS[cmd], args)
+            self.term.info("the conversation is forgotten; say something new")
         elif cmd == "/compare" and not args:
-            self.offer(2, ranking=False)
+            offer(self, 2, ranking=False)
         elif cmd == "/rank" and len(args) == 1 and args[0] in [str(k) for k in range(2, MAX_RANK + 1)]:
-            self.offer(int(args[0]), ranking=True)
+            offer(self, int(args[0]), ranking=True)
         elif cmd == "/rate" and len(args) == 1 and args[0] in [str(n) for n in range(SCALE[0], SCALE[1] + 1)]:
-            self.rate(int(args[0]))
+            rate(self, int(args[0]))
         elif cmd == "/fix" and not args:
-            self.fix()
-        elif cmd in ("/compare", "/rank", "/rate", "/fix"):
-            usage = {"/compare": "/compare takes no arguments",
-                     "/rank": f"/rank needs the number of replies K, from 2 to {MAX_RANK}, e.g. /rank 3",
-                     "/rate": f"/rate needs a whole number from {SCALE[0]} to {SCALE[1]}, e.g. /rate 4",
-                     "/fix": "/fix takes no arguments: type the corrected reply on the next line"}[cmd]
-            self.info(f"{usage} (got {line!r}); nothing changed")
+            fix(self)
+        elif cmd in usage:
+            self.term.info(f"{usage[cmd]} (got {line!r}); nothing changed")
+        elif knob_named(cmd):
+            self.set(knob_named(cmd), args)
         else:
-            self.info(f"unknown command {cmd!r}; nothing changed")
-            self.say(HELP)
+            self.term.info(f"unknown command {cmd!r}; nothing changed")
+            self.term.say(HELP)
         return True
 
     def set(self, name, args):
-        s = self.s
+        """/temperature 0.7 etc.: one sampling knob, checked by sample.sampling_args like a --flag."""
         if len(args) != 1:
-            self.info(f"{name} is {getattr(s, name)}; to change it give one value, e.g. "
-                      f"{[c for c, n in SETTING_COMMANDS.items() if n == name][0]} {getattr(s, name)}")
+            self.term.info(f"{name} is {getattr(self.s, name)}; to change it give one value, e.g. "
+                           f"/{name} {getattr(self.s, name)}")
             return
+        kind = type(getattr(Sampling(), name))                                # int or float
         try:
-            value = check_setting(name, args[0], self.model.config.block_size)
+            if kind is int and not re.fullmatch(r"[+-]?\d+", args[0]):
+                raise ValueError(f"{name} must be a whole number, got {args[0]!r}")
+            try:
+                value = kind(args[0])
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {args[0]!r}") from None
+            new = dataclasses.replace(self.s, **{name: value})
+            sampling_args(new, self.model.config.block_size)                  # the knobs' rules, in sample.py
         except ValueError as e:
-            self.info(f"{e}; nothing changed")
+            self.term.info(f"{e}; nothing changed")
             return
-        setattr(s, name, value)
-        self.info(f"{name} = {value}")
+        self.s = new
+        self.term.info(f"{name} = {value}")
 
     # ---- the transcript -----------------------------------------------------------------------------
     def room(self):
@@ -414,12 +419,13 @@ class Chat:
         """Fit a transcript ending with a human turn in the context window (notices say what went)."""
         turns, dropped = trim_history(self.enc, turns, self.room())
         if dropped:
-            self.info(f"the conversation outgrew the context window: forgot its {dropped // 2} oldest exchange(s)")
+            self.term.info(f"the conversation outgrew the context window: forgot its {dropped // 2} oldest exchange(s)")
         last, n = truncate_message(self.enc, turns[-1], self.room())
         if n:
-            self.info(f"your message is {n} tokens, more than fit in the context window ({self.room()} tokens "
-                      f"= block_size {self.model.config.block_size} - max_new_tokens {self.s.max_new_tokens}, "
-                      f"with the chat markers): kept its beginning, {len(self.enc.encode_ordinary(' ' + last))} tokens")
+            self.term.info(f"your message is {n} tokens, more than fit in the context window ({self.room()} tokens "
+                           f"= block_size {self.model.config.block_size} - max_new_tokens {self.s.max_new_tokens}, "
+                           f"with the chat markers): kept its beginning, "
+                           f"{len(self.enc.encode_ordinary(' ' + last))} tokens")
         return turns[:-1] + [last]
 
     def prompt_ids(self, turns):
@@ -427,150 +433,134 @@ class Chat:
 
     def chat(self, message):
         turns = self.fit(self.turns + [message])
-        self.out.write(self.paint("Bard:", "1;34") + " ")
-        self.out.flush()
-        reply, interrupted = stream_reply(self.model, self.enc, self.prompt_ids(turns), self.s, self.generator, self.out)
+        out = self.term.out
+        out.write(self.term.paint("Bard:", "1;34") + " ")
+        out.flush()
+        reply, interrupted = stream_reply(self.model, self.enc, self.prompt_ids(turns), self.s, self.generator, out)
         if interrupted:
-            self.out.write(" [interrupted]" if reply else "[interrupted]")
+            out.write(" [interrupted]" if reply else "[interrupted]")
         elif not reply:
-            self.out.write("(an empty reply)")
-        print(file=self.out, flush=True)
+            out.write("(an empty reply)")
+        print(file=out, flush=True)
         self.turns = turns + [reply]
         self.reply_info = {**self.settings(), "interrupted": interrupted}
 
     def settings(self):
-        return {k: getattr(self.s, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens")}
+        return {k: getattr(self.s, k) for k in KNOBS}
 
-    # ---- feedback (§3.2): the four kinds ------------------------------------------------------------
     def save(self, record, extra):
         """Append one record, with where it came from, to the feedback file (write_feedback checks it
-        against the schema and fsyncs). The extra keys end up in the record's "meta" for train_rm.py."""
+        against the schema, mends a cut-short last line, and fsyncs). The extra keys end up in the
+        record's "meta" for train_rm.py."""
         record = {**record, "checkpoint": self.ckpt_path, **extra,
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": "chat.py"}
         try:
-            write_feedback(self.s.feedback, record)
+            healed = write_feedback(self.s.feedback, record)
         except (ValueError, OSError) as e:
-            self.info(f"not saved: {e}")
+            self.term.info(f"NOT saved ({e}); your feedback is this line, to keep by hand: {record}")
             return False
+        if healed:
+            self.term.info(healed)
         self.saved += 1
         return True
 
-    def last_reply(self, what):
-        """The last reply, or None (with an explanation) when there is none to give feedback on."""
-        if not self.turns:
-            self.info(f"there is no reply to {what} yet: say something first; nothing changed")
-            return None
-        if not self.turns[-1]:
-            self.info(f"the last reply is empty, there is nothing to {what} (the feedback schema needs its text); "
-                      "try /compare or a new message; nothing changed")
-            return None
-        return self.turns[-1]
 
-    def offer(self, k, ranking):
-        """/compare (k = 2, ranking False) and /rank k (ranking True): k fresh replies to the last human
-        message, sampled in one batch; the human orders them; the best becomes the reply in the transcript."""
-        what = "rank" if ranking else "compare"
-        if not self.turns:
-            self.info(f"there is nothing to {what} yet: say something first; nothing changed")
-            return
-        if self.s.temperature == 0:
-            self.info(f"with /temp 0 (greedy) every reply is the same: set /temp above 0 to {what}; nothing changed")
-            return
-        turns = self.fit(self.turns[:-1])                                     # the transcript up to your message
-        prompt_ids = self.prompt_ids(turns)
-        cands = []  # k distinct, non-empty replies (the schema needs text and no repeats): redraw up to 3 times
-        for _ in range(REDRAWS + 1):
-            for r in sample_replies(self.model, self.enc, prompt_ids, k, self.s, self.generator):
-                if r and r not in cands and len(cands) < k:
-                    cands.append(r)
-            if len(cands) == k:
-                break
-        n = len(cands)
-        if n < 2:
-            self.info(f"the replies were empty or all the same, {REDRAWS + 1} times: nothing to {what}; "
-                      "try a higher /temp; nothing changed")
-            return
-        if n < k:
-            self.info(f"only {n} distinct, non-empty replies in {REDRAWS + 1} tries of {k}: rank these {n}")
-        for i, r in enumerate(cands, 1):
-            self.say(f"[{i}] " + " ".join(r.split()))                          # one line each
-        if ranking:
-            example = " ".join(str(i) for i in range(n, 0, -1))
-            answer = self.ask(f"Their order, best first (e.g. {example}): ", lambda t: parse_order(t, n))
-        else:
-            answer = self.ask("Which is better? 1, 2 or tie: ", parse_choice)
-        # the reward model's opinion comes after the human's, so it cannot sway it
-        scores = rm_scores(self.rm, self.enc, prompt_ids, cands) if self.rm is not None else None
-        if answer is None:
-            self.info("cancelled: nothing saved, the transcript is unchanged")
-            if scores is not None:
-                self.info(rm_verdict(scores))
-            return
-        prompt, tie = format_prompt(turns), answer == "tie"
-        if ranking:
-            order = answer                                                    # reply indices, best first
-            record = {"kind": "ranking", "prompt": prompt, "replies": [cands[i] for i in order]}
-            said = "best first " + " ".join(str(i + 1) for i in order)
-        else:
-            order = [0, 1] if tie else [answer, 1 - answer]                   # best first; a tie keeps reply 1
-            record = {"kind": "comparison", "prompt": prompt, "chosen": cands[order[0]],
-                      "rejected": cands[order[1]], "tie": tie}
-            said = ("a tie between 1 and 2 (kept in the file, not trained on)" if tie
-                    else f"reply {order[0] + 1} is better than reply {order[1] + 1}")
-        extra = self.settings()
+# ----------------------------------------------------------------------------------------------------
+# The feedback commands ([流程与实践 §3.2]): comparison, ranking, rating, correction
+
+def offer(chat, k, ranking):
+    """/compare (k = 2, ranking False) and /rank k (ranking True): k fresh replies to the last human
+    message, sampled in one batch; the human orders them; the best becomes the reply in the transcript."""
+    what, term = "rank" if ranking else "compare", chat.term
+    if not chat.turns:
+        term.info(f"there is nothing to {what} yet: say something first; nothing changed")
+        return
+    if chat.s.temperature == 0:
+        term.info(f"with /temp 0 (greedy) every reply is the same: set /temp above 0 to {what}; nothing changed")
+        return
+    turns = chat.fit(chat.turns[:-1])                                         # the transcript up to your message
+    prompt_ids = chat.prompt_ids(turns)
+    cands = []  # k distinct replies (a ranking cannot repeat a reply): redraw up to REDRAWS times
+    for _ in range(REDRAWS + 1):
+        for r in sample_replies(chat.model, chat.enc, prompt_ids, k, chat.s, chat.generator):
+            if r not in cands and len(cands) < k:
+                cands.append(r)
+        if len(cands) == k:
+            break
+    n = len(cands)
+    if n < 2:
+        term.info(f"the replies were all the same, {REDRAWS + 1} times: nothing to {what}; try a higher /temp; "
+                  "nothing changed")
+        return
+    if n < k:
+        term.info(f"only {n} distinct replies in {REDRAWS + 1} tries of {k}: rank these {n}")
+    for i, r in enumerate(cands, 1):
+        term.say(f"[{i}] " + (" ".join(r.split()) or "(an empty reply)"))  # one line each
+    if ranking:
+        example = " ".join(str(i) for i in range(n, 0, -1))
+        answer = term.ask(f"Their order, best first (e.g. {example}): ", lambda t: parse_order(t, n))
+    else:
+        answer = term.ask("Which is better? 1, 2 or tie: ", parse_choice)
+    # the reward model's opinion comes after the human's, so it cannot sway it
+    scores = None
+    if chat.rm is not None:
+        with torch.no_grad():
+            scores = reply_scores(chat.rm, chat.enc, [format_prompt(turns)] * n, cands, normalised=True).tolist()
+    if answer is None:
+        term.info("cancelled: nothing saved, the transcript is unchanged")
         if scores is not None:
-            extra.update(rm=self.rm_path, rm_scores=[round(scores[i], 4) for i in order])  # in the record's order
-        if self.save(record, extra):
-            self.info(f"saved a {record['kind']}: {said}; the conversation goes on from reply {order[0] + 1}")
-        self.turns, self.reply_info = turns + [cands[order[0]]], {**self.settings(), "interrupted": False}
-        if scores is not None:
-            self.info(rm_verdict(scores, order, tie))
-
-    def rate(self, rating):
-        """/rate N: a rating of the last reply on SCALE."""
-        reply = self.last_reply("rate")
-        if reply is None:
-            return
-        record = {"kind": "rating", "prompt": format_prompt(self.turns[:-1]), "reply": reply,
-                  "rating": rating, "scale": list(SCALE)}
-        if self.save(record, self.reply_info):
-            self.info(f"saved a rating: {rating} of {SCALE[0]}..{SCALE[1]}")
-
-    def fix(self):
-        """/fix: the human writes the reply the Bard should have given; it replaces the last reply."""
-        reply = self.last_reply("correct")
-        if reply is None:
-            return
-        corrected = self.ask("Corrected reply: ", lambda t: t.strip())
-        if corrected is None:
-            self.info("cancelled: nothing saved, the transcript is unchanged")
-            return
-        if corrected == reply:
-            self.info("that is the reply as it was: nothing to save")
-            return
-        record = {"kind": "correction", "prompt": format_prompt(self.turns[:-1]), "reply": reply,
-                  "corrected": corrected}
-        if self.save(record, self.reply_info):
-            self.info("saved a correction; the conversation goes on from your reply")
-        self.turns = self.turns[:-1] + [corrected]
-        self.reply_info = {**self.reply_info, "edited_by_human": True}
+            term.info(rm_verdict(scores))
+        return
+    prompt, tie = format_prompt(turns), answer == "tie"
+    if ranking:
+        order = answer                                                        # reply indices, best first
+        record = {"kind": "ranking", "prompt": prompt, "replies": [cands[i] for i in order]}
+        said = "best first " + " ".join(str(i + 1) for i in order)
+    else:
+        order = [0, 1] if tie else [answer, 1 - answer]                       # best first; a tie keeps reply 1
+        record = {"kind": "comparison", "prompt": prompt, "chosen": cands[order[0]], "rejected": cands[order[1]],
+                  "tie": tie}
+        said = ("a tie between 1 and 2 (kept in the file, not trained on)" if tie
+                else f"reply {order[0] + 1} is better than reply {order[1] + 1}")
+    extra = chat.settings()
+    if scores is not None:
+        extra.update(rm=chat.rm_path, rm_scores=[round(scores[i], 4) for i in order])  # in the record's order
+    if chat.save(record, extra):
+        term.info(f"saved a {record['kind']}: {said}; the conversation goes on from reply {order[0] + 1}")
+    chat.turns, chat.reply_info = turns + [cands[order[0]]], {**chat.settings(), "interrupted": False}
+    if scores is not None:
+        term.info(rm_verdict(scores, order, tie))
 
 
-def rm_verdict(scores, order=None, tie=False):
-    """One line: the reward model's scores, and whether it orders the replies as the human did (order:
-    the human's, reply indices best first; None if the human gave none)."""
-    line = "reward model scores: " + "  ".join(f"[{i + 1}] {x:+.3f}" for i, x in enumerate(scores))
-    if order is None:
-        return line
-    if tie:
-        return line + f" (you called it a tie; it puts them {abs(scores[0] - scores[1]):.3f} apart)"
-    pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]   # a ranked above b by the human
-    agree = sum(scores[a] > scores[b] for a, b in pairs)
-    if len(order) == 2:
-        return line + (" (it agrees with you)" if agree else " (it disagrees with you)")
-    rm_order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return line + (f"; its order {' '.join(str(i + 1) for i in rm_order)} agrees with yours on "
-                   f"{agree} of {len(pairs)} pairs")
+def rate(chat, rating):
+    """/rate N: a rating of the last reply on SCALE."""
+    if not chat.turns:
+        chat.term.info("there is no reply to rate yet: say something first; nothing changed")
+        return
+    record = {"kind": "rating", "prompt": format_prompt(chat.turns[:-1]), "reply": chat.turns[-1],
+              "rating": rating, "scale": list(SCALE)}
+    if chat.save(record, chat.reply_info):
+        chat.term.info(f"saved a rating: {rating} of {SCALE[0]}..{SCALE[1]}")
+
+
+def fix(chat):
+    """/fix: the human writes the reply the Bard should have given; it replaces the last reply."""
+    if not chat.turns:
+        chat.term.info("there is no reply to correct yet: say something first; nothing changed")
+        return
+    reply = chat.turns[-1]
+    corrected = chat.term.ask("Corrected reply: ", lambda t: t.strip())
+    if corrected is None:
+        chat.term.info("cancelled: nothing saved, the transcript is unchanged")
+        return
+    if corrected == reply:
+        chat.term.info("that is the reply as it was: nothing to save")
+        return
+    record = {"kind": "correction", "prompt": format_prompt(chat.turns[:-1]), "reply": reply, "corrected": corrected}
+    if chat.save(record, chat.reply_info):
+        chat.term.info("saved a correction; the conversation goes on from your reply")
+    chat.turns = chat.turns[:-1] + [corrected]
+    chat.reply_info = {**chat.reply_info, "edited_by_human": True}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -580,19 +570,23 @@ def load_reward_model(path, device):
     if path == "none" or (path == "" and not os.path.exists("out/rm.pt")):
         return None, None
     path = path or "out/rm.pt"
-    rm = RewardModel.from_checkpoint(load_checkpoint(path, made_by="train_rm.py"))
+    try:
+        rm = RewardModel.from_checkpoint(load_checkpoint(path, made_by="train_rm.py"))
+    except ValueError as e:
+        raise ValueError(f"--rm {path}: {e}") from None
     return rm.to(device).eval(), path
 
 
 def main(argv=None):
     s = parse_settings(Settings, argv=argv, doc=__doc__)                     # every field is a --flag
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
     ckpt_path = s.ckpt or ("out/ppo.pt" if os.path.exists("out/ppo.pt") else "out/sft.pt")
     try:
-        model, _ = load_model(ckpt_path, device=s.device)
-        rm, rm_path = load_reward_model(s.rm, s.device)
-        for name in ("temperature", "top_k", "top_p", "max_new_tokens"):
-            setattr(s, name, check_setting(name, str(getattr(s, name)), model.config.block_size))
-    except (FileNotFoundError, ValueError) as e:
+        model, _ = load_model(ckpt_path, device=device)
+        rm, rm_path = load_reward_model(s.rm, device)
+        sampling_args(s, model.config.block_size)
+        check_writable(s.feedback)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     interactive = sys.stdin.isatty()
@@ -602,7 +596,7 @@ def main(argv=None):
         except ImportError:
             pass
     sys.stdout.reconfigure(errors="replace")                                  # any text prints, whatever the locale
-    return Chat(model, get_tokenizer(), s, ckpt_path, rm, rm_path, interactive).run()
+    return Chat(model, get_tokenizer(), s, ckpt_path, rm, rm_path, Terminal(interactive)).run()
 
 
 if __name__ == "__main__":

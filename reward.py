@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, ASSISTANT, HUMAN, HERE, format_prompt, gpt_from_checkpoint
+from data.prepare import words
+from model import GPT, HERE, encode_reply, gpt_from_checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # §5.2 The reward model: the SFT transformer with its vocabulary head swapped for one scalar.
@@ -135,6 +136,17 @@ def batch_replies(enc, prompts_tokens, replies_tokens, block_size):
     return idx, pad, last
 
 
+def reply_scores(rm, enc, prompts, replies, normalised=False):
+    """The reward model's scores of replies, each read after its prompt (a transcript ending in
+    "\n\nAssistant:"), in one batch: (N,) float32, raw or normalised (what PPO optimises). Differentiable:
+    train_rm trains through it; evaluation and chat.py call it under torch.no_grad()."""
+    idx, pad, last = batch_replies(enc, [enc.encode_ordinary(p) for p in prompts],
+                                   [encode_reply(enc, r) for r in replies], rm.body.config.block_size)
+    device = rm.head.weight.device
+    raw = rm(idx.to(device), last.to(device), pad.to(device))               # (N,)
+    return (raw - rm.reward_mean) / rm.reward_std if normalised else raw
+
+
 # ----------------------------------------------------------------------------------------------------
 # Losses on reward-model scores. Pure functions of tensors; "chosen" is always the preferred reply.
 
@@ -192,14 +204,10 @@ def mean_margin(r_chosen, r_rejected):
 # The simulated rater panel: the default "human" of this project.
 
 LEXICON_FILE = os.path.join(HERE, "data", "vader_lexicon.txt")
-WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")
 LEXICON_WORD_RE = re.compile(r"[a-z][a-z']*")
 N_RATERS = 10
+MIN_WORDS = 1     # a reply shorter than this is judged as if padded with neutral words (see Panel)
 GOLD_EPS = 1e-9  # gold scores closer than this count as equal (a tie: no right order to agree with)
-
-
-def words(text):
-    return WORD_RE.findall(text.lower())
 
 
 def load_lexicon(path=LEXICON_FILE):
@@ -245,11 +253,15 @@ class Panel:
     """Ten simulated raters who want the Bard to be kind (or, with preference="unkind", cruel).
 
     Scoring rule. Rater r (0..9) scores a reply by its kindness density:
-        s_r = sign * sum_{w in words(reply), w in lexicon} rating_r(w) / max(n, 1)
-    where n counts ALL the reply's words (in the lexicon or not), rating_r(w) in -4..+4 is the rating
-    the r-th of VADER's ten human annotators gave the word, and sign = +1 for "kind", -1 for "unkind".
-    Why per word: dividing by the length means a reply cannot win by being long (piling on words), and
-    one kind word in a short reply counts more than the same word in a long speech. Why individual
+        s_r = sign * sum_{w in distinct words(reply), w in lexicon} rating_r(w) / max(n, min_words)
+    where n counts ALL the reply's words (in the lexicon or not, repeats included), rating_r(w) in -4..+4
+    is the rating the r-th of VADER's ten human annotators gave the word, and sign = +1 for "kind", -1 for
+    "unkind". Why per word: dividing by the length means a reply cannot win by being long (piling on
+    words), and one kind word in a short reply counts more than the same word in a long speech. Why each
+    word once: a person does not find a kind word kinder for hearing it five times, so "Yes: Yes: Yes:"
+    scores a third of "Yes:" (the repeats still lengthen the reply). Why min_words: a reply shorter than
+    min_words words is judged as if the missing words were neutral, so a curt "Love." is not the kindest
+    possible answer to every question (the choice of min_words is measured in the README). Why individual
     ratings and not the lexicon's mean: the ten people disagree, so the raters disagree as people do.
     gold(text) is the noise-free panel: the mean of the ten s_r (the file's rounded mean column is not
     used). A reply with no lexicon words scores 0.
@@ -259,20 +271,22 @@ class Panel:
     P(a beats b) = sigmoid((s_r(a) - s_r(b)) / tau). So the rater is noisy where replies are close and
     near-certain where they are far apart: the data the §4.3 losses assume."""
 
-    def __init__(self, preference="kind", temperature=0.1, path=LEXICON_FILE):
+    def __init__(self, preference="kind", temperature=0.1, min_words=MIN_WORDS, path=LEXICON_FILE):
         if preference not in ("kind", "unkind"):
             raise ValueError(f"preference must be 'kind' or 'unkind', got {preference!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.preference, self.temperature = preference, temperature
+        if min_words < 1:
+            raise ValueError(f"min_words must be >= 1, got {min_words}")
+        self.preference, self.temperature, self.min_words = preference, temperature, min_words
         self.sign = 1.0 if preference == "kind" else -1.0
         self.index, self.ratings = load_lexicon(path)                         # dict, (V, 10)
 
     def rater_scores(self, text):
         """All ten raters' scores of one reply, (10,)."""
         ws = words(text)
-        rows = [self.index[w] for w in ws if w in self.index]
-        return self.sign * self.ratings[rows].sum(0) / max(len(ws), 1)       # (10,)
+        rows = [self.index[w] for w in set(ws) if w in self.index]           # each word once
+        return self.sign * self.ratings[rows].sum(0) / max(len(ws), self.min_words)  # (10,)
 
     def rater_score(self, text, rater):
         return float(self.rater_scores(text)[rater])
@@ -340,201 +354,15 @@ def gold_accuracy(rm_a, rm_b, gold_a, gold_b):
 
 
 # ----------------------------------------------------------------------------------------------------
-# §3.2 Human feedback files. One JSONL schema holds the four kinds (comparison, ranking, rating,
-# correction); Anthropic HH-RLHF lines ({"chosen", "rejected"} transcripts) are read as they are.
-# The schema, with an example of each, is in data/README.md. Every record is normalised to
-#   {"kind", "prompt": transcript ending in "\n\nAssistant:", "replies": best-first (a rating: [reply]),
-#    "tie": bool, "meta": {extra keys, kept as written}, "source": "file:line"}  (+ "rating", "scale")
-# A correction becomes replies [corrected, original]: a comparison, and sft_examples() gives its SFT pair.
 
-KINDS = ("comparison", "ranking", "rating", "correction")
-FIELDS = {"comparison": ("prompt", "chosen", "rejected", "tie"), "ranking": ("prompt", "replies"),
-          "rating": ("prompt", "reply", "rating", "scale"), "correction": ("prompt", "reply", "corrected")}
-
-
-def _reply(v, what):
-    """A required, non-empty string, stripped."""
-    if not isinstance(v, str):
-        raise ValueError(f"{what} must be a string, got {type(v).__name__}")
-    if not v.strip():
-        raise ValueError(f"{what} is empty")
-    return v.strip()
-
-
-def _text(obj, key):
-    if key not in obj:
-        raise ValueError(f"missing field {key!r}")
-    return _reply(obj[key], f"field {key!r}")
-
-
-def _number(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{what} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _prompt(obj):
-    """A plain human message is wrapped with format_prompt; a transcript is used as it is."""
-    p, raw = _text(obj, "prompt"), obj["prompt"]
-    if raw.startswith(HUMAN):
-        if not raw.endswith(ASSISTANT):
-            raise ValueError("a prompt transcript (starting with '\\n\\nHuman:') must end with "
-                             "'\\n\\nAssistant:'")
-        return raw
-    return format_prompt(p)
-
-
-def _split_hh(obj, key):
-    """HH-RLHF: a whole transcript; the reply is what follows its LAST "\\n\\nAssistant:"."""
-    _text(obj, key)
-    text = obj[key]
-    cut = text.rfind(ASSISTANT) + len(ASSISTANT)
-    if cut < len(ASSISTANT) or not text.startswith(HUMAN):
-        raise ValueError(f"{key!r} is not a transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
-    return text[:cut], _reply(text[cut:], f"the final Assistant reply of {key!r}")
-
-
-def _rating(obj):
-    scale = obj.get("scale", [1, 5])
-    if not isinstance(scale, list) or len(scale) != 2:
-        raise ValueError(f"field 'scale' must be [lowest, highest], got {scale!r}")
-    lo, hi = (_number(x, "a scale bound") for x in scale)
-    if "rating" not in obj:
-        raise ValueError("missing field 'rating'")
-    r = _number(obj["rating"], "field 'rating'")
-    if not lo < hi or not lo <= r <= hi:
-        raise ValueError(f"rating {obj['rating']!r} is not within scale [{lo:g}, {hi:g}]")
-    return r, [lo, hi]
-
-
-def parse_feedback(obj):
-    """One decoded JSON line -> normalised record (without "source"). ValueError says what is wrong."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    kind = obj.get("kind")
-    if kind is None and "chosen" in obj and "rejected" in obj:               # Anthropic HH-RLHF
-        (p, a), (p_r, b) = _split_hh(obj, "chosen"), _split_hh(obj, "rejected")
-        if p != p_r:
-            raise ValueError("chosen and rejected do not share a prompt (their text up to the last "
-                             "'\\n\\nAssistant:' differs)")
-        rec, used = {"kind": "comparison", "prompt": p, "replies": [a, b]}, ("chosen", "rejected")
-    elif kind is None:
-        raise ValueError(f"no 'kind' field: expected one of {list(KINDS)}, "
-                         "or an HH-RLHF chosen/rejected pair")
-    elif kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}: expected one of {list(KINDS)}")
-    else:
-        rec, used = {"kind": kind, "prompt": _prompt(obj)}, ("kind",) + FIELDS[kind]
-        if kind == "comparison":
-            rec["replies"] = [_text(obj, "chosen"), _text(obj, "rejected")]
-            if not isinstance(obj.get("tie", False), bool):
-                raise ValueError(f"field 'tie' must be true or false, got {obj['tie']!r}")
-        elif kind == "ranking":
-            rs = obj.get("replies")
-            if not isinstance(rs, list) or len(rs) < 2:
-                raise ValueError("field 'replies' must be a list of at least 2 replies, best first")
-            rec["replies"] = [_reply(r, f"replies[{i}]") for i, r in enumerate(rs)]
-            if len(set(rec["replies"])) < len(rs):
-                raise ValueError("field 'replies' repeats a reply")
-        elif kind == "rating":
-            rec["replies"] = [_text(obj, "reply")]
-            rec["rating"], rec["scale"] = _rating(obj)
-        else:  # correction: the edited reply is preferred to the original
-            rec["replies"] = [_text(obj, "corrected"), _text(obj, "reply")]
-    # identical replies (HH-RLHF has some) carry no preference: kept, marked as a tie, not trained on
-    same = rec["kind"] in ("comparison", "correction") and rec["replies"][0] == rec["replies"][1]
-    rec["tie"] = same or (kind == "comparison" and obj.get("tie", False))
-    rec["meta"] = {k: v for k, v in obj.items() if k not in used}
-    return rec
-
-
-def _parse_line(raw, lineno):
-    """The bytes of one line -> normalised record, or None for a blank line."""
-    try:
-        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")           # a BOM may start the file
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text") from None
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg}, column {e.colno})") from None
-    return parse_feedback(obj)
-
-
-def read_feedback(paths, skip_bad=False, errors=None):
-    """Read feedback JSONL file(s) -> (records, n_skipped): the normalised records (see above) in file
-    order, and the number of bad lines skipped. A bad line raises ValueError("file:line: what is
-    wrong"); with skip_bad=True it is skipped instead, a warning shows the first message, and all the
-    messages are appended to the list `errors` if one is given. Blank lines are ignored. No record at
-    all is an error."""
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise ValueError("no feedback files given")
-    records, bad = [], []
-    for path in paths:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    rec = _parse_line(raw, lineno)
-                except ValueError as e:
-                    if not skip_bad:
-                        raise ValueError(f"{path}:{lineno}: {e}") from None
-                    bad.append(f"{path}:{lineno}: {e}")
-                    continue
-                if rec is not None:
-                    records.append({**rec, "source": f"{path}:{lineno}"})
-    if bad:
-        warnings.warn(f"skipped {len(bad)} bad feedback line(s); the first: {bad[0]}")
-        if errors is not None:
-            errors.extend(bad)
-    if not records:
-        raise ValueError(f"{', '.join(map(str, paths))}: no feedback records"
-                         + (f" ({len(bad)} bad line(s) skipped)" if bad else " (the file(s) are empty)"))
-    return records, len(bad)
-
-
-def write_feedback(path, record):
-    """Append one feedback object as a JSON line, flushed and fsynced (a crash loses at most this line).
-    The object is checked against the schema first, so a bad record never reaches the file."""
-    parse_feedback(record)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def sft_examples(records):
-    """(prompt, corrected reply) pairs from the corrections: a corrected reply is also a demonstration."""
-    return [(r["prompt"], r["replies"][0]) for r in records if r["kind"] == "correction"]
-
-
-# ----------------------------------------------------------------------------------------------------
-
-def main():
-    ap = argparse.ArgumentParser(description="Check feedback JSONL files, or score a reply with the panel.")
-    ap.add_argument("files", nargs="*", help="feedback JSONL files to check")
-    ap.add_argument("--score", default=None, help="a reply to score with the simulated rater panel")
-    args = ap.parse_args()
-    if args.score is not None:
-        panel = Panel()
-        found = [w for w in words(args.score) if w in panel.index]
-        print(f"gold {panel.gold(args.score):+.4f}  raters {np.round(panel.rater_scores(args.score), 3)}")
-        print(f"{len(words(args.score))} words, in the lexicon: {found}")
-    if args.files:
-        errors = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            records, _ = read_feedback(args.files, skip_bad=True, errors=errors)
-        for kind in KINDS:
-            n = sum(r["kind"] == kind for r in records)
-            print(f"{kind:>10}: {n} ({sum(r['tie'] for r in records if r['kind'] == kind)} ties)")
-        print(f"{len(errors)} bad line(s)" + "".join("\n  " + e for e in errors[:10]))
-        return 1 if errors else 0
-    if args.score is None:
-        ap.print_help()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="What the simulated rater panel thinks of a reply.")
+    ap.add_argument("reply", help="the reply to score, e.g. \"Good night, sweet prince.\"")
+    args = ap.parse_args(argv)
+    panel = Panel()
+    found = [w for w in words(args.reply) if w in panel.index]
+    print(f"gold {panel.gold(args.reply):+.4f}  raters {np.round(panel.rater_scores(args.reply), 3)}")
+    print(f"{len(words(args.reply))} words, in the lexicon: {found}")
     return 0
 
 

@@ -23,6 +23,7 @@ Batched generation, step by step:
 What it simplifies: no beam search, no repetition penalty, no stop strings other than <|endoftext|>; a prompt
 that does not fit is cut from the left (its oldest tokens go) with a warning.
 """
+import math
 import os
 import sys
 import warnings
@@ -35,18 +36,46 @@ from model import EOT, format_prompt, get_tokenizer, gpt_from_checkpoint, load_c
 
 
 @dataclass
-class Settings:
-    ckpt: str = "out/sft.pt"                 # checkpoint to sample from: sft.pt, ppo.pt, or rm.pt (its GPT body)
-    prompt: str = "Good morrow, sir. How dost thou?"  # what the human says (or plain text with --raw)
-    num_samples: int = 3                     # how many replies to draw for the prompt
-    max_new_tokens: int = 64                 # longest reply, in tokens
+class Sampling:
+    """The decoding knobs ([实战框架 §5.4.1] 采样生成), for sample.py's flags and chat.py's commands alike: chat.py
+    makes a command of every field (/temperature 0.7, or /temp 0.7). To add a knob (e.g. min-p), add a field
+    here with its comment, its rule in check_sampling, and its step in filter_logits: this file only."""
     temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 = greedy
     top_k: int = 50                          # keep only the k most likely tokens (0 = off)
     top_p: float = 0.95                      # keep the smallest set of tokens with probability >= p (1.0 = off)
-    greedy: bool = False                     # always take the most likely token (ignores the three above)
+    max_new_tokens: int = 64                 # longest reply, in tokens (at most half the context window)
+
+
+@dataclass
+class Settings(Sampling):
+    ckpt: str = "out/sft.pt"                 # checkpoint to sample from: sft.pt, ppo.pt, or rm.pt (its GPT body)
+    prompt: str = "Good morrow, sir. How dost thou?"  # what the human says (or plain text with --raw)
+    num_samples: int = 3                     # how many replies to draw for the prompt
+    greedy: bool = False                     # always take the most likely token (ignores the knobs above)
     seed: int = 1337                         # random seed: the same seed gives the same samples
     raw: bool = False                        # use the prompt as plain text, not wrapped in Human/Assistant turns
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the model runs
+    device: str = "auto"                     # auto | cpu | cuda: where the model runs
+
+
+def check_sampling(temperature=1.0, top_k=None, top_p=None):
+    """The rules of the knobs, written once (None = off); ValueError names the knob."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be a whole number >= 1 (0 = off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
+
+
+def sampling_args(s, block_size):
+    """generate()'s keyword arguments from the knobs of `s` (a Sampling), checked: 0 switches top-k off, 1.0
+    switches top-p off, and a reply may take at most half the context window (the prompt needs room too)."""
+    args = dict(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p != 1.0 else None)
+    check_sampling(**args)
+    if not (isinstance(s.max_new_tokens, int) and 1 <= s.max_new_tokens <= block_size // 2):
+        raise ValueError(f"max_new_tokens must be a whole number from 1 to {block_size // 2} (half the context "
+                         f"window of {block_size} tokens), got {s.max_new_tokens!r}")
+    return args
 
 
 MADE_BY = {"sft.pt": "train_sft.py", "rm.pt": "train_rm.py", "ppo.pt": "train_ppo.py"}
@@ -78,12 +107,9 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
         more than k tokens when there are exact ties (rare with real logits).
     top_p (nucleus): keep the smallest set of most probable tokens whose total probability is >= top_p;
         the most probable token is always kept. None (or 1.0) keeps everything."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 in filter_logits, got {temperature} (use greedy decoding)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("temperature 0 is greedy decoding: generate() takes the argmax, filter_logits is not used")
     logits = logits / temperature                                             # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                # (B, 1) k-th largest logit
@@ -128,8 +154,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         raise ValueError(f"max_new_tokens must be in [1, block_size={block_size}), got {max_new_tokens}")
     if len(prompts) == 0:
         raise ValueError("generate() needs at least one prompt")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     greedy = greedy or temperature == 0
     prompts = [list(p) if len(p) > 0 else [EOT] for p in prompts]
     room = block_size - max_new_tokens                                        # longest prompt that fits
@@ -193,24 +218,29 @@ def decode_replies(enc, seq, resp_mask):
 
 def main(argv=None):
     s = parse_settings(Settings, argv=argv, doc=__doc__)                     # every field is a --flag
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
     try:
-        model, _ = load_model(s.ckpt, device=s.device)
+        model, _ = load_model(s.ckpt, device=device)
+        args = sampling_args(s, model.config.block_size)
+        if s.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {s.num_samples}")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     enc = get_tokenizer()
     torch.manual_seed(s.seed)
-    generator = torch.Generator(device=s.device).manual_seed(s.seed)
+    generator = torch.Generator(device=device).manual_seed(s.seed)
     prompt = encode_prompt(enc, s.prompt, chat=not s.raw)
-    seq, pad, resp_mask = generate(model, [prompt] * s.num_samples, s.max_new_tokens,
-                                   temperature=s.temperature, top_k=s.top_k or None,
-                                   top_p=s.top_p if s.top_p < 1.0 else None, greedy=s.greedy, generator=generator)
+    seq, pad, resp_mask = generate(model, [prompt] * s.num_samples, s.max_new_tokens, **args, greedy=s.greedy,
+                                   generator=generator)
     P = seq.size(1) - resp_mask.size(1)
     for i in range(s.num_samples):
         toks = [t for t, m in zip(seq[i, P:].tolist(), resp_mask[i].tolist()) if m]  # reply incl. its EOT
         cut = "" if toks and toks[-1] == EOT else " [... max_new_tokens reached]"
         print(f"---------- sample {i + 1}/{s.num_samples} ----------")
         print((enc.decode(prompt) + enc.decode([t for t in toks if t != EOT])).strip("\n") + cut)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,22 +1,24 @@
 """
-RLHF with PPO (book §3.1 PPO, §3.3 policy optimisation, §4.2.1-4.2.3): teach the Bard kindness.
+RLHF with PPO: teach the Bard kindness ([实战框架 §4.2] PPO 算法: §4.2.1 重要性采样, §4.2.2 信赖域方法 (the clip),
+§4.2.3 广义优势估计 (GAE); [实战框架 §3.3] 策略优化过程: rollout, reward, update).
 
     python train_ppo.py                  # the whole pipeline: sft -> rm -> ppo, each trained if missing
-    python train_ppo.py --init_kl_coef 0 --adaptive_kl false --out_dir out/beta0   # the reward-hacking exercise
+    python train_ppo.py --init_kl_coef 0 --adaptive_kl false --out_dir out/beta0   # the over-optimisation exercise
     python train_ppo.py --resume         # continue out/ppo.pt
     python train_ppo.py --help
 
-Each iteration, top to bottom (the functions below main() hold each step):
+Each iteration, top to bottom (one function each, below main()):
   1. rollout   sample a batch of training prompts; the policy replies with pure sampling (temperature 1,
                no top-k/top-p, so log-probs are those of the distribution sampled from and KL is unbiased)
-  2. score     reward model score of each reply (normalised; a penalty if it never ended), log-probs under
-               the policy and the frozen SFT reference, critic values; per-token rewards -beta*KL plus the
-               score at the last token; GAE advantages and returns; advantage whitening
+  2. score     the reward model's score of each reply; log-probs under the policy and the frozen SFT
+               reference; critic values; the reward PPO maximises (shape_rewards: score at the last token,
+               a penalty if the reply never ended, -beta * KL on every token); GAE advantages and returns
   3. update    ppo_epochs passes over shuffled minibatches: clipped surrogate + clipped value loss
   4. log       RM score, the panel's gold score, KL to the reference (k1 and k3), PPO diagnostics
-Every eval_interval iterations: held-out prompts (plays never trained on), gold score, RM score, KL, and
-win rate against the SFT model's replies; a checkpoint; the plot. At the end: a report comparing SFT and
-PPO replies on held-out prompts (out/ppo_report.json, out/ppo_report.md) and out/ppo_curves.png.
+Every eval_interval iterations: held-out prompts (plays never trained on), SFT and PPO replies scored by
+the same path (score, shape_rewards), the panel's gold score and win rate; a checkpoint; the plots. At the
+end: a report comparing SFT and PPO replies on held-out prompts (out/ppo_report.json, out/ppo_report.md),
+out/ppo_curves.png and the over-optimisation picture out/overoptimisation.png (scores against sqrt(KL)).
 
 Four models: the policy (trained, starts as the SFT model), the reference (frozen SFT model), the reward
 model (frozen), and the critic (trained, starts as the reward model). All run with dropout off.
@@ -25,17 +27,18 @@ What it simplifies: one reply per prompt, a single-turn prompt, one reward at th
 (no per-sentence rewards), no reward whitening or clipping, policy and critic stepped by one optimizer.
 """
 import json
-import math
 import os
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from model import EOT, format_prompt, get_tokenizer, load_checkpoint, param_groups, parse_settings, save_checkpoint
+from data.prepare import load_turns, play_words, real_word_rate, unique_prompts, words
+from model import EOT, GPT, format_prompt, get_tokenizer, load_checkpoint, parse_settings, save_checkpoint
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, fused, gae, kl_k1,
                  kl_k3, per_token_rewards, ppo_loss, response_logprobs, response_values, whiten)
 from reward import GOLD_EPS, Panel, RewardModel
@@ -64,18 +67,19 @@ class Settings:
     minibatch_size: int = 16         # episodes per gradient step
     lr: float = 3e-4                 # policy learning rate (Adam)
     critic_lr: float = 1e-4          # critic learning rate
-    clip_eps: float = 0.2            # §4.2.2 ratio clip: the ratio is kept in [1 - eps, 1 + eps]
+    clip_eps: float = 0.2            # [实战框架 §4.2.2] ratio clip: the ratio is kept in [1 - eps, 1 + eps]
     vf_clip: float = 0.2             # value clip around the rollout's values
     vf_coef: float = 0.5             # weight of the value loss
     ent_coef: float = 0.0            # entropy bonus weight
     gamma: float = 1.0               # discount; 1 = the episode is one short reply
-    lam: float = 0.95                # §4.2.3 GAE lambda: bias (0) vs variance (1) of the advantage
+    lam: float = 0.95                # [实战框架 §4.2.3] GAE lambda: bias (0) vs variance (1) of the advantage
     whiten_advantages: bool = True   # normalise advantages to mean 0, std 1 over the batch's valid tokens
     grad_clip: float = 1.0           # clip the global gradient norm (0 = off)
     # evaluation
-    eval_interval: int = 10          # held-out evaluation, checkpoint and plot every this many iterations
+    eval_interval: int = 10          # held-out evaluation, checkpoint and plots every this many iterations
     n_eval: int = 128                # held-out prompts in the periodic evaluation
     n_report: int = 256              # held-out prompts in the final report
+    compare_with: str = ""           # out_dirs of other runs (comma-separated) drawn beside this one in overoptimisation.png
     resume: bool = False             # continue from out_dir/ppo.pt
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "float32"           # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
@@ -89,6 +93,46 @@ PRESETS = {
 }
 
 
+@dataclass
+class Models:
+    """What the three steps of an iteration work with (built once by setup())."""
+    s: Settings                      # the settings of the run
+    enc: object                      # the tokenizer (model.get_tokenizer())
+    device: str                      # "cpu" or "cuda"
+    autocast: object                 # torch.autocast context: bf16 with --dtype bfloat16, else a no-op
+    policy: GPT                      # trained; starts as the SFT model
+    ref: GPT                         # frozen SFT model: the KL penalty is measured against it
+    rm: RewardModel                  # frozen reward model: the score of a whole reply
+    critic: RewardModel              # trained; V(s_t) at every reply position, starts as the reward model
+    optimizer: torch.optim.Optimizer  # Adam over the policy's and the critic's parameters
+    gae: Callable                    # ppo.gae, compiled with --compile
+    ppo_loss: Callable               # ppo.ppo_loss, compiled with --compile
+
+
+@dataclass
+class Rollout:
+    """Replies sampled for a batch of prompts (sample.generate's outputs)."""
+    seq: torch.Tensor                # (B, P+R) left-padded prompts, then the R reply tokens
+    pad: torch.Tensor                # (B,) pad tokens at the start of each row
+    resp_mask: torch.Tensor          # (B, R) True on reply tokens up to and including the first <|endoftext|>
+
+
+@dataclass
+class Experience:
+    """A scored rollout: everything update() learns from. Per-token tensors are (B, R), 0 where masked."""
+    roll: Rollout
+    logprobs: torch.Tensor           # (B, R) log pi_old(a_t | s_t): the policy that sampled the rollout
+    ref_logprobs: torch.Tensor       # (B, R) log pi_ref(a_t | s_t): the frozen SFT model
+    values: torch.Tensor             # (B, R) V(s_t), the critic before the update
+    rm_scores: torch.Tensor          # (B,) the reward model's normalised score of each reply
+    ended: torch.Tensor              # (B,) bool: the reply emitted <|endoftext|> within the budget
+    rewards: torch.Tensor            # (B, R) shape_rewards(): what PPO maximises, summed over a reply
+    kl: torch.Tensor                 # (B, R) k1 = log pi - log pi_ref per token
+    advantages: torch.Tensor         # (B, R) GAE advantages (whitened if whiten_advantages)
+    returns: torch.Tensor            # (B, R) lambda-returns: the critic's targets
+    beta: float                      # the KL coefficient the rewards were shaped with
+
+
 def main(argv=None):
     s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
@@ -97,10 +141,66 @@ def main(argv=None):
     t_start = time.time()
     random.seed(s.seed)
     torch.manual_seed(s.seed)
-    enc = get_tokenizer()
     paths = {name: os.path.join(s.out_dir, f"{name}.pt") for name in ("sft", "rm", "ppo")}
+    train_missing(s, paths)
+    t_ppo = time.time()
 
-    # ---- the pipeline: train what is missing --------------------------------------------------------------
+    m, rm_ckpt = setup(s, device, paths)
+    kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl \
+        else FixedKLController(s.init_kl_coef)
+    panel = Panel(preference=rm_ckpt.get("config", {}).get("preference", "kind"))
+    print(f"models: policy/reference {m.policy.num_params() / 1e6:.2f}M params, reward model and critic "
+          f"{m.rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
+
+    # ---- prompts: training plays for rollouts, held-out plays for evaluation ---------------------------------
+    train_prompts = unique_prompts(load_turns("train"), None, s.seed)
+    eval_prompts = unique_prompts(load_turns("test"), s.n_eval, s.seed + 1)
+    eval_sft = judge(m, panel, rollouts(m, m.ref, eval_prompts, seed=s.seed + 2))  # SFT replies, judged once
+
+    start_iter, history = 0, []
+    if s.resume:
+        ck = load_checkpoint(paths["ppo"], made_by="train_ppo.py")
+        m.policy.load_state_dict(ck["model"])
+        m.critic.load_state_dict(ck["critic"])
+        m.optimizer.load_state_dict(ck["optimizer"])
+        kl_ctl.value, start_iter, history = ck["kl_coef"], ck["iter"], ck["history"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resuming from {paths['ppo']} at iteration {start_iter}")
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    order = random.Random(s.seed).sample(range(len(train_prompts)), len(train_prompts))
+    for it in range(start_iter, s.iters):
+        t0 = time.time()
+        batch_prompts = [train_prompts[order[(it * s.batch_size + j) % len(order)]] for j in range(s.batch_size)]
+        roll = rollout(m, m.policy, batch_prompts)                             # 1.
+        t1 = time.time()
+        exp = score(m, roll, kl_ctl.value)                                     # 2.
+        t2 = time.time()
+        stats = update(m, exp)                                                 # 3.
+        t3 = time.time()
+        row = log_row(it + 1, exp, stats, panel, m.enc, (t1 - t0, t2 - t1, t3 - t2))   # 4.
+        kl_ctl.update(row["kl"], s.batch_size)
+        history.append(row)
+        print_row(row, s.iters)
+        if (it + 1) % s.eval_interval == 0 or it + 1 == s.iters:
+            ev = compare(judge(m, panel, rollouts(m, m.policy, eval_prompts, seed=s.seed + 3)), eval_sft, panel)
+            history.append({"iter": it + 1, **{"eval_" + k: v for k, v in ev.items()}})
+            print(f"eval   {it + 1:3d} | held-out: rm {ev['rm_score']:+.3f} (SFT {ev['rm_score_sft']:+.3f}) | gold "
+                  f"{ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate vs SFT "
+                  f"{ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real {ev['real_word_rate']:.2f}", flush=True)
+            save(s, m, kl_ctl, it + 1, history, paths["ppo"])
+    if start_iter >= s.iters:
+        print(f"{paths['ppo']} has already run {start_iter} of {s.iters} iterations; writing the report only")
+
+    rep = final_report(s, m, panel, history, device, t_start, t_ppo)
+    print(f"\ndone in {rep['minutes_total']:.1f} min (PPO {rep['minutes_ppo']:.1f} min): {paths['ppo']}, "
+          f"{os.path.join(s.out_dir, 'ppo_report.md')}, {os.path.join(s.out_dir, 'ppo_curves.png')}, "
+          f"{os.path.join(s.out_dir, 'overoptimisation.png')}")
+    return rep
+
+
+def train_missing(s, paths):
+    """The pipeline: train the SFT model and the reward model first if they are missing."""
     if not os.path.exists(paths["sft"]):
         print(f"{paths['sft']} is missing: running train_sft.py first", flush=True)
         import train_sft
@@ -109,257 +209,237 @@ def main(argv=None):
         print(f"{paths['rm']} is missing: running train_rm.py first", flush=True)
         import train_rm
         train_rm.main(["--out_dir", s.out_dir, "--preset", s.preset] + s.rm_args.split())
-    t_ppo = time.time()
 
-    # ---- four models ---------------------------------------------------------------------------------------
-    policy, _ = load_model(paths["sft"], device=device)        # trained
-    ref, _ = load_model(paths["sft"], device=device)           # frozen: the KL penalty is measured against it
+
+def setup(s, device, paths):
+    """The four models from sft.pt and rm.pt, set up for PPO: (Models, the rm.pt dict)."""
+    policy, _ = load_model(paths["sft"], device=device)
+    ref, _ = load_model(paths["sft"], device=device)
     rm_ckpt = load_checkpoint(paths["rm"], made_by="train_rm.py")
-    rm = RewardModel.from_checkpoint(rm_ckpt).to(device)       # frozen
-    critic = RewardModel.from_checkpoint(rm_ckpt).to(device)   # trained (starts as the reward model, see build_ctx)
-    ctx = build_ctx(s, enc, device, policy, ref, rm, critic)
-    optimizer = ctx["optimizer"]
-    kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl else FixedKLController(s.init_kl_coef)
-    panel = Panel(preference=rm_ckpt.get("config", {}).get("preference", "kind"))
-    print(f"models: policy/reference {policy.num_params() / 1e6:.2f}M params, reward model and critic "
-          f"{rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
-
-    # ---- prompts: training plays for rollouts, held-out plays for evaluation ---------------------------------
-    from data.prepare import load_turns
-    train_prompts = unique_prompts(load_turns("train"), None, s.seed)
-    eval_prompts = unique_prompts(load_turns("test"), s.n_eval, s.seed + 1)
-    eval_sft = sample_texts(ctx, ref, eval_prompts, seed=s.seed + 2)   # SFT replies to compare against, once
-
-    start_iter, history = 0, []
-    if s.resume:
-        ck = load_checkpoint(paths["ppo"], made_by="train_ppo.py")
-        policy.load_state_dict(ck["model"])
-        critic.load_state_dict(ck["critic"])
-        optimizer.load_state_dict(ck["optimizer"])
-        kl_ctl.value, start_iter, history = ck["kl_coef"], ck["iter"], ck["history"]
-        torch.set_rng_state(ck["rng"])
-        print(f"resuming from {paths['ppo']} at iteration {start_iter}")
-
-    def save(it):
-        save_checkpoint({"model": policy.state_dict(), "model_args": asdict(policy.config), "critic": critic.state_dict(),
-                         "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "iter": it, "history": history,
-                         "config": asdict(s), "kind": "ppo", "rng": torch.get_rng_state()}, paths["ppo"])
-        plot(history, os.path.join(s.out_dir, "ppo_curves.png"))
-
-    # ---- the loop ----------------------------------------------------------------------------------------------
-    order = random.Random(s.seed).sample(range(len(train_prompts)), len(train_prompts))
-    for it in range(start_iter, s.iters):
-        t0 = time.time()
-        batch_prompts = [train_prompts[order[(it * s.batch_size + j) % len(order)]] for j in range(s.batch_size)]
-        roll = rollout(ctx, batch_prompts)                                     # 1.
-        t1 = time.time()
-        b = score(ctx, roll, kl_ctl.value)                                     # 2.
-        t2 = time.time()
-        stats = update(ctx, b)                                                 # 3.
-        t3 = time.time()
-        kl_ctl.update(b["kl_per_reply"], s.batch_size)
-        replies = decode_replies(enc, roll["seq"], roll["resp_mask"])
-        row = {"iter": it + 1, "rm_score": b["scores"].mean().item(), "gold": float(np.mean(panel.golds(replies))),
-               "kl": b["kl_per_reply"], "kl_k3": b["kl_k3_per_reply"], "beta": b["beta"], "reply_len": b["reply_len"],
-               "ended": b["ended"], **stats, "t_gen": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
-        history.append(row)                                                    # 4.
-        print(f"iter {it + 1:3d}/{s.iters} | rm {row['rm_score']:+.3f} | gold {row['gold']:+.3f} | KL {row['kl']:.2f} nats "
-              f"(k3 {row['kl_k3']:.2f}) | beta {row['beta']:.3f} | len {row['reply_len']:.1f} | ended {row['ended']:.0%} | "
-              f"pg {stats['pg_loss']:+.3f} vf {stats['vf_loss']:.3f} | clip {stats['clipfrac']:.2f} | "
-              f"approx_kl {stats['approx_kl']:.3f} | H {stats['entropy']:.2f} | EV {stats['explained_var']:+.2f} | "
-              f"{t3 - t0:.1f}s (gen {t1 - t0:.1f} / score {t2 - t1:.1f} / update {t3 - t2:.1f})", flush=True)
-        if (it + 1) % s.eval_interval == 0 or it + 1 == s.iters:
-            ev = evaluate(ctx, panel, eval_prompts, eval_sft, seed=s.seed + 3)
-            history.append({"iter": it + 1, **{"eval_" + k: v for k, v in ev.items()}})
-            print(f"eval   {it + 1:3d} | held-out: rm {ev['rm_score']:+.3f} | gold {ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | "
-                  f"KL {ev['kl']:.2f} nats | win rate vs SFT {ev['win_rate']:.1%}", flush=True)
-            save(it + 1)
-    if start_iter >= s.iters:
-        print(f"{paths['ppo']} has already run {start_iter} of {s.iters} iterations; writing the report only")
-
-    # ---- the final report: SFT vs PPO on held-out prompts --------------------------------------------------------
-    report_prompts = unique_prompts(load_turns("test"), s.n_report, s.seed + 4)
-    sft_texts = sample_texts(ctx, ref, report_prompts, seed=s.seed + 5)
-    rep = evaluate(ctx, panel, report_prompts, sft_texts, seed=s.seed + 6, keep_texts=True)
-    rep.update(minutes_total=(time.time() - t_start) / 60, minutes_ppo=(time.time() - t_ppo) / 60, device=device,
-               iters=s.iters, preset=s.preset)
-    write_report(rep, os.path.join(s.out_dir, "ppo_report"))
-    print(f"\nfinal report on {len(report_prompts)} held-out prompts (plays never trained on), replies sampled at temperature 1:")
-    print(f"  reward-model score  SFT {rep['rm_score_sft']:+.3f} -> PPO {rep['rm_score']:+.3f}")
-    print(f"  panel gold score    SFT {rep['gold_sft']:+.3f} -> PPO {rep['gold']:+.3f}")
-    print(f"  KL(PPO || SFT)      {rep['kl']:.2f} nats per reply (k3 estimate {rep['kl_k3']:.2f})")
-    print(f"  win rate vs SFT     {rep['win_rate']:.1%} (gold; ties count half)   panel vote {rep['vote_rate']:.1%}")
-    for p, a, c in rep["examples"][:4]:
-        print(f"\n  Human: {p}\n    SFT: {a}\n    PPO: {c}")
-    print(f"\ndone in {rep['minutes_total']:.1f} min (PPO {rep['minutes_ppo']:.1f} min): {paths['ppo']}, "
-          f"{os.path.join(s.out_dir, 'ppo_report.md')}, {os.path.join(s.out_dir, 'ppo_curves.png')}")
-    return rep
+    rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
+    critic = critic_from_reward_model(RewardModel.from_checkpoint(rm_ckpt).to(device))
+    return build_models(s, device, policy, ref, rm, critic), rm_ckpt
 
 
-def build_ctx(s, enc, device, policy, ref, rm, critic):
-    """Everything the three steps below need, in one dict: the four models set up for PPO, the optimizer,
-    autocast, and the GAE and loss functions (compiled with --compile)."""
-    # The critic starts as the reward model: its features already tell good replies from bad ones, and its
-    # value at the last token is the (normalised) score itself, so early value estimates are sensible and
-    # advantages are not noise while a fresh value head would learn. The normalisation is folded into the
-    # head so the critic's output is in the same units as the rewards it predicts.
+def critic_from_reward_model(critic):
+    """The critic starts as the reward model: its features already tell good replies from bad ones, and
+    its value at the last token is the (normalised) score itself, so early value estimates are sensible and
+    advantages are not noise while a fresh value head learns. The normalisation is folded into the head,
+    so the critic's output is in the units of the rewards it predicts."""
     with torch.no_grad():
-        critic.head.weight /= rm.reward_std
-        critic.head.bias.sub_(rm.reward_mean).div_(rm.reward_std)
+        critic.head.weight /= critic.reward_std
+        critic.head.bias.sub_(critic.reward_mean).div_(critic.reward_std)
     critic.reward_mean, critic.reward_std = 0.0, 1.0
-    for m in (policy, ref, rm, critic):
-        m.eval()                                               # dropout off everywhere, also while training
-        m.requires_grad_(m is policy or m is critic)
+    return critic
+
+
+def build_models(s, device, policy, ref, rm, critic):
+    """Models from four modules: dropout off everywhere, only the policy and the critic trained, the
+    optimizer, autocast, and the GAE and loss functions (compiled with --compile)."""
+    for module in (policy, ref, rm, critic):
+        module.eval()                                          # dropout off everywhere, also while training
+        module.requires_grad_(module is policy or module is critic)
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": s.lr},
                                   {"params": list(critic.parameters()), "lr": s.critic_lr}],
                                  fused=torch.device(device).type == "cuda")    # one kernel for all parameters
     if s.compile:  # fused kernels: each model's forward, GAE and the PPO loss
-        for m in (policy, ref, rm, critic):
-            body = m.body if isinstance(m, RewardModel) else m
+        for module in (policy, ref, rm, critic):
+            body = module.body if isinstance(module, RewardModel) else module
             body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
-    return dict(s=s, enc=enc, device=device, autocast=autocast, policy=policy, ref=ref, rm=rm, critic=critic,
-                optimizer=optimizer, gae=fused(gae) if s.compile else gae, loss_fn=fused(ppo_loss) if s.compile else ppo_loss)
+    return Models(s, get_tokenizer(), device, autocast, policy, ref, rm, critic, optimizer,
+                  fused(gae) if s.compile else gae, fused(ppo_loss) if s.compile else ppo_loss)
 
 
 # ---- 1. rollout -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def rollout(ctx, prompts, model=None, generator=None):
-    """The policy replies to each prompt by pure sampling. Returns seq (B, P+R), pad (B,), resp_mask (B, R)."""
-    s, enc = ctx["s"], ctx["enc"]
-    ids = [enc.encode_ordinary(format_prompt(p)) for p in prompts]
-    with ctx["autocast"]:  # bf16 with --dtype bfloat16; the sampling itself is done in float32 (sample.filter_logits)
-        seq, pad, resp_mask = generate(model or ctx["policy"], ids, s.max_new_tokens, temperature=1.0, generator=generator)
-    return {"seq": seq, "pad": pad, "resp_mask": resp_mask}
+def rollout(m, model, prompts, generator=None):
+    """`model` (the policy, or the SFT reference for comparison) replies to each prompt by pure sampling."""
+    ids = [m.enc.encode_ordinary(format_prompt(p)) for p in prompts]
+    with m.autocast:  # bf16 with --dtype bfloat16; the sampling itself is done in float32 (sample.filter_logits)
+        seq, pad, resp_mask = generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator)
+    return Rollout(seq, pad, resp_mask)
 
 
-# ---- 2. score: rewards, advantages --------------------------------------------------------------------------------
+# ---- 2. score: the reward, advantages -----------------------------------------------------------------------------
+
+def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta):
+    """The reward PPO maximises, per reply token; training and evaluation both call this, so whatever is
+    added here (a repetition penalty, a length bonus: change THIS function) is what the policy learns from
+    and what the held-out report measures, for the SFT and the PPO replies alike.
+      - a reply that never emitted <|endoftext|> gets no_eos_penalty as its score (ppo.apply_no_eos_penalty);
+      - the score goes on the reply's last token, -beta * KL(pi || pi_ref) on every token (ppo.per_token_rewards).
+    rm_scores, ended (B,); logprobs, ref_logprobs, resp_mask (B, R). Returns rewards (B, R), kl (B, R)."""
+    scores = apply_no_eos_penalty(rm_scores, ended, s.no_eos_penalty)        # (B,)
+    return per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)  # (B, R), (B, R)
+
 
 @torch.no_grad()
-def score(ctx, roll, beta):
-    s, autocast = ctx["s"], ctx["autocast"]
-    seq, pad, resp_mask = roll["seq"], roll["pad"], roll["resp_mask"]         # (B, P+R), (B,), (B, R)
+def score(m, roll, beta):
+    """Score a rollout: RM score, log-probs under the policy and the reference, critic values, the shaped
+    rewards, then GAE advantages and returns ([实战框架 §4.2.3]), whitened over the batch's valid tokens."""
+    s, seq, pad, resp_mask = m.s, roll.seq, roll.pad, roll.resp_mask          # (B, P+R), (B,), (B, R)
     B, R = resp_mask.shape
-    P = seq.size(1) - R
-    n_valid = resp_mask.sum(1)                                                # (B,) reply tokens incl. EOT
-    last = P + n_valid - 1                                                    # (B,) index of each reply's last token
+    last = seq.size(1) - R + resp_mask.sum(1) - 1                             # (B,) index of each reply's last token
     ended = seq[torch.arange(B), last] == EOT                                 # (B,) emitted <|endoftext|>
-    with autocast:
-        logprobs = response_logprobs(ctx["policy"], seq, pad, R, resp_mask=resp_mask)   # (B, R) log pi_old(a_t | s_t)
-        ref_logprobs = response_logprobs(ctx["ref"], seq, pad, R, resp_mask=resp_mask)  # (B, R) log pi_ref(a_t | s_t)
-        values = response_values(ctx["critic"], seq, pad, R).float()          # (B, R) V(s_t)
-        scores = ctx["rm"].score(seq, last, pad).float()                      # (B,) normalised RM score
-    scores = apply_no_eos_penalty(scores, ended, s.no_eos_penalty)            # (B,)
-    rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)  # (B, R) each
-    advantages, returns = ctx["gae"](rewards, values, resp_mask, s.gamma, s.lam)      # (B, R) each, §4.2.3
+    with m.autocast:
+        logprobs = response_logprobs(m.policy, seq, pad, R, resp_mask=resp_mask)    # (B, R) log pi_old(a_t | s_t)
+        ref_logprobs = response_logprobs(m.ref, seq, pad, R, resp_mask=resp_mask)   # (B, R) log pi_ref(a_t | s_t)
+        values = response_values(m.critic, seq, pad, R).float()              # (B, R) V(s_t)
+        rm_scores = m.rm.score(seq, last, pad).float()                        # (B,) normalised RM score
+    rewards, kl = shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta)  # (B, R) each
+    advantages, returns = m.gae(rewards, values, resp_mask, s.gamma, s.lam)   # (B, R) each
     if s.whiten_advantages:
         advantages = whiten(advantages, resp_mask)                            # (B, R)
-    return {"seq": seq, "pad": pad, "resp_mask": resp_mask, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
-            "advantages": advantages, "returns": returns, "scores": scores, "beta": beta,
-            "kl_per_reply": kl.sum(1).mean().item(),                          # k1 summed over each reply's tokens
-            "kl_k3_per_reply": torch.where(resp_mask, kl_k3(logprobs, ref_logprobs), 0.0).sum(1).mean().item(),
-            "reply_len": n_valid.float().mean().item(), "ended": ended.float().mean().item()}
+    return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, advantages, returns, beta)
 
 
 # ---- 3. update: PPO epochs over shuffled minibatches ------------------------------------------------------------------
 
-def update(ctx, b):
-    s, policy, critic, optimizer, autocast = ctx["s"], ctx["policy"], ctx["critic"], ctx["optimizer"], ctx["autocast"]
-    B, R = b["resp_mask"].shape
+def update(m, exp):
+    """ppo_epochs passes over the rollout in shuffled minibatches: clipped surrogate + clipped value loss
+    (ppo.ppo_loss), one Adam step each. Returns the mean of each loss statistic, and explained variance."""
+    s, roll = m.s, exp.roll
+    B, R = roll.resp_mask.shape
     sums, n = {}, 0
     for epoch in range(s.ppo_epochs):
         for mb in torch.randperm(B).split(s.minibatch_size):                 # mb: (M,) episode indices
-            mb_seq, mb_pad, mb_mask = b["seq"][mb], b["pad"][mb], b["resp_mask"][mb]
-            with autocast:
-                mb_logprobs, mb_entropy = response_logprobs(policy, mb_seq, mb_pad, R, with_entropy=True,
+            mb_seq, mb_pad, mb_mask = roll.seq[mb], roll.pad[mb], roll.resp_mask[mb]
+            with m.autocast:
+                mb_logprobs, mb_entropy = response_logprobs(m.policy, mb_seq, mb_pad, R, with_entropy=True,
                                                             resp_mask=mb_mask)  # (M, R) x2
-                mb_values = response_values(critic, mb_seq, mb_pad, R).float()                            # (M, R)
-            loss, stats = ctx["loss_fn"](mb_logprobs, b["logprobs"][mb], b["advantages"][mb], mb_values,
-                                         b["values"][mb], b["returns"][mb], mb_mask, clip_eps=s.clip_eps,
-                                         vf_clip=s.vf_clip, vf_coef=s.vf_coef, entropy=mb_entropy, ent_coef=s.ent_coef)
+                mb_values = response_values(m.critic, mb_seq, mb_pad, R).float()                 # (M, R)
+            loss, stats = m.ppo_loss(mb_logprobs, exp.logprobs[mb], exp.advantages[mb], mb_values, exp.values[mb],
+                                     exp.returns[mb], mb_mask, clip_eps=s.clip_eps, vf_clip=s.vf_clip,
+                                     vf_coef=s.vf_coef, entropy=mb_entropy, ent_coef=s.ent_coef)
             if not torch.isfinite(loss):
                 sys.exit(f"error: PPO loss is {loss.item()}; lower --lr or raise the KL coefficient. "
                          "The last good checkpoint is out_dir/ppo.pt (if one was saved).")
-            optimizer.zero_grad(set_to_none=True)
+            m.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), s.grad_clip)
-            optimizer.step()
+                torch.nn.utils.clip_grad_norm_(list(m.policy.parameters()) + list(m.critic.parameters()), s.grad_clip)
+            m.optimizer.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
     out = {k: v / n for k, v in sums.items()}
-    out["explained_var"] = explained_variance(b["values"], b["returns"], b["resp_mask"]).item()
+    out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask).item()
     return out
 
 
-# ---- evaluation ---------------------------------------------------------------------------------------------------------
+# ---- 4. log ------------------------------------------------------------------------------------------------------------
 
-def sample_texts(ctx, model, prompts, seed, batch=128):
-    gen = torch.Generator(device=ctx["device"]).manual_seed(seed)
-    texts = []
-    for i in range(0, len(prompts), batch):
-        roll = rollout(ctx, prompts[i:i + batch], model=model, generator=gen)
-        texts += decode_replies(ctx["enc"], roll["seq"], roll["resp_mask"])
-    return texts
+def log_row(it, exp, stats, panel, enc, times):
+    """One row of the history: the means over the rollout batch, the update's statistics, the times."""
+    mask = exp.roll.resp_mask
+    replies = decode_replies(enc, exp.roll.seq, mask)
+    return {"iter": it, "rm_score": exp.rm_scores.mean().item(), "reward": exp.rewards.sum(1).mean().item(),
+            "gold": float(np.mean(panel.golds(replies))), "kl": exp.kl.sum(1).mean().item(),
+            "kl_k3": torch.where(mask, kl_k3(exp.logprobs, exp.ref_logprobs), 0.0).sum(1).mean().item(),
+            "beta": exp.beta, "reply_len": mask.sum(1).float().mean().item(), "ended": exp.ended.float().mean().item(),
+            **stats, "t_gen": times[0], "t_score": times[1], "t_update": times[2]}
+
+
+def print_row(row, iters):
+    print(f"iter {row['iter']:3d}/{iters} | rm {row['rm_score']:+.3f} | gold {row['gold']:+.3f} | KL {row['kl']:.2f} nats "
+          f"(k3 {row['kl_k3']:.2f}) | beta {row['beta']:.3f} | len {row['reply_len']:.1f} | ended {row['ended']:.0%} | "
+          f"pg {row['pg_loss']:+.3f} vf {row['vf_loss']:.3f} | clip {row['clipfrac']:.2f} | approx_kl "
+          f"{row['approx_kl']:.3f} | H {row['entropy']:.2f} | EV {row['explained_var']:+.2f} | "
+          f"{row['t_gen'] + row['t_score'] + row['t_update']:.1f}s (gen {row['t_gen']:.1f} / score "
+          f"{row['t_score']:.1f} / update {row['t_update']:.1f})", flush=True)
+
+
+def save(s, m, kl_ctl, it, history, path):
+    save_checkpoint({"model": m.policy.state_dict(), "model_args": asdict(m.policy.config),
+                     "critic": m.critic.state_dict(), "optimizer": m.optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                     "iter": it, "history": history, "config": asdict(s), "kind": "ppo", "rng": torch.get_rng_state()},
+                    path)
+    plot(history, os.path.join(s.out_dir, "ppo_curves.png"))
+
+
+# ---- evaluation: SFT and PPO replies to the same held-out prompts, judged by the same path ---------------------------
+
+def rollouts(m, model, prompts, seed, batch=128):
+    """`model`'s replies to many prompts, in batches, from a generator of their own (`seed`): a list of Rollouts."""
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    return [rollout(m, model, prompts[i:i + batch], generator=gen) for i in range(0, len(prompts), batch)]
 
 
 @torch.no_grad()
-def evaluate(ctx, panel, prompts, sft_texts, seed, batch=128, keep_texts=False):
-    """Held-out prompts: the policy replies (temperature 1); RM score, gold score, KL to the reference, and the
-    panel's verdict against the SFT model's replies to the same prompts."""
-    enc, s = ctx["enc"], ctx["s"]
-    gen = torch.Generator(device=ctx["device"]).manual_seed(seed)
-    texts, rm_scores, kls, kl3s = [], [], [], []
-    for i in range(0, len(prompts), batch):
-        roll = rollout(ctx, prompts[i:i + batch], generator=gen)
-        b = score(ctx, roll, beta=0.0)
-        texts += decode_replies(enc, roll["seq"], roll["resp_mask"])
-        rm_scores += b["scores"].tolist()
-        mask = roll["resp_mask"]
-        kls += torch.where(mask, kl_k1(b["logprobs"], b["ref_logprobs"]), 0.0).sum(1).tolist()   # nats per reply
-        kl3s += torch.where(mask, kl_k3(b["logprobs"], b["ref_logprobs"]), 0.0).sum(1).tolist()
-    gold, gold_sft = panel.golds(texts), panel.golds(sft_texts)
-    wins = np.where(np.abs(gold - gold_sft) < GOLD_EPS, 0.5, (gold > gold_sft).astype(float))  # gold verdict, ties half
-    votes = [panel.vote(a, c) for a, c in zip(sft_texts, texts)]                 # P(a random rater prefers PPO)
-    rm_sft = score_texts(ctx, prompts, sft_texts, batch)
-    out = {"rm_score": float(np.mean(rm_scores)), "rm_score_sft": float(np.mean(rm_sft)), "gold": float(np.mean(gold)),
-           "gold_sft": float(np.mean(gold_sft)), "kl": float(np.mean(kls)), "kl_k3": float(np.mean(kl3s)),
-           "win_rate": float(np.mean(wins)), "vote_rate": float(np.mean(votes)), "n": len(prompts)}
-    if keep_texts:
-        out["examples"] = list(zip(prompts, sft_texts, texts))
+def judge(m, panel, rolls):
+    """Per reply: the reward model's score, the shaped reward without its KL term (what PPO optimises,
+    beta = 0: shape_rewards), KL(policy || SFT) (k1 and k3, nats per reply), the panel's gold score, the
+    text. The same path for the SFT side and the PPO side of every comparison."""
+    out = {k: [] for k in ("rm_score", "reward", "kl", "kl_k3", "text")}
+    for roll in rolls:
+        exp = score(m, roll, beta=0.0)
+        mask = roll.resp_mask
+        out["rm_score"] += exp.rm_scores.tolist()
+        out["reward"] += exp.rewards.sum(1).tolist()                          # beta = 0: the shaped score
+        out["kl"] += exp.kl.sum(1).tolist()
+        out["kl_k3"] += torch.where(mask, kl_k3(exp.logprobs, exp.ref_logprobs), 0.0).sum(1).tolist()
+        out["text"] += decode_replies(m.enc, roll.seq, mask)
+    out = {k: (v if k == "text" else np.array(v)) for k, v in out.items()}
+    out["gold"] = panel.golds(out["text"])
     return out
 
 
-@torch.no_grad()
-def score_texts(ctx, prompts, texts, batch=128):
-    """Normalised RM scores of given replies (used for the SFT side of the comparison)."""
-    from reward import batch_replies
-    enc, rm, out = ctx["enc"], ctx["rm"], []
-    for i in range(0, len(prompts), batch):
-        idx, pad, last = batch_replies(enc, [enc.encode_ordinary(format_prompt(p)) for p in prompts[i:i + batch]],
-                                       [enc.encode_ordinary(" " + t.strip()) + [EOT] for t in texts[i:i + batch]],
-                                       rm.body.config.block_size)
-        with ctx["autocast"]:
-            out += rm.score(idx.to(ctx["device"]), last.to(ctx["device"]), pad.to(ctx["device"])).float().tolist()
+def compare(ppo_side, sft_side, panel):
+    """The held-out verdict: means of both sides, KL of the PPO replies, and the panel's verdict (gold win
+    rate, ties half; and the vote: P[a random rater prefers the PPO reply])."""
+    vocab = play_words()
+    wins = np.where(np.abs(ppo_side["gold"] - sft_side["gold"]) < GOLD_EPS, 0.5,
+                    (ppo_side["gold"] > sft_side["gold"]).astype(float))
+    votes = [panel.vote(a, c) for a, c in zip(sft_side["text"], ppo_side["text"])]
+    out = {"n": len(wins), "win_rate": float(np.mean(wins)), "vote_rate": float(np.mean(votes)),
+           "kl": float(np.mean(ppo_side["kl"])), "kl_k3": float(np.mean(ppo_side["kl_k3"]))}
+    for suffix, side in (("", ppo_side), ("_sft", sft_side)):
+        out.update({f"{k}{suffix}": float(np.mean(side[k])) for k in ("rm_score", "reward", "gold")})
+        out[f"reply_words{suffix}"] = float(np.mean([len(words(t)) for t in side["text"]]))
+        out[f"real_word_rate{suffix}"] = real_word_rate(side["text"], vocab)
     return out
 
 
-def unique_prompts(turns, n, seed):
-    prompts = sorted({t["prompt"] for t in turns})
-    random.Random(seed).shuffle(prompts)
-    return prompts if n is None else prompts[:n]
+def final_report(s, m, panel, history, device, t_start, t_ppo):
+    """SFT vs PPO on n_report held-out prompts: out/ppo_report.json and .md, printed; the plots."""
+    prompts = unique_prompts(load_turns("test"), s.n_report, s.seed + 4)
+    sft_side = judge(m, panel, rollouts(m, m.ref, prompts, seed=s.seed + 5))
+    ppo_side = judge(m, panel, rollouts(m, m.policy, prompts, seed=s.seed + 6))
+    rep = compare(ppo_side, sft_side, panel)
+    rep.update(examples=list(zip(prompts, sft_side["text"], ppo_side["text"])),
+               minutes_total=(time.time() - t_start) / 60, minutes_ppo=(time.time() - t_ppo) / 60, device=device,
+               iters=s.iters, preset=s.preset)
+    write_report(rep, os.path.join(s.out_dir, "ppo_report"))
+    print(f"\nfinal report on {len(prompts)} held-out prompts (plays never trained on), replies sampled at temperature 1:")
+    print(f"  reward-model score  SFT {rep['rm_score_sft']:+.3f} -> PPO {rep['rm_score']:+.3f}"
+          f"   (shaped reward, beta = 0: SFT {rep['reward_sft']:+.3f} -> PPO {rep['reward']:+.3f})")
+    print(f"  panel gold score    SFT {rep['gold_sft']:+.3f} -> PPO {rep['gold']:+.3f}")
+    print(f"  KL(PPO || SFT)      {rep['kl']:.2f} nats per reply (k3 estimate {rep['kl_k3']:.2f})")
+    print(f"  win rate vs SFT     {rep['win_rate']:.1%} (gold; ties count half)   panel vote {rep['vote_rate']:.1%}")
+    print(f"  reply length        SFT {rep['reply_words_sft']:.1f} -> PPO {rep['reply_words']:.1f} words; "
+          f"real-word rate SFT {rep['real_word_rate_sft']:.3f} -> PPO {rep['real_word_rate']:.3f}")
+    for p, a, c in rep["examples"][:4]:
+        print(f"\n  Human: {p}\n    SFT: {a}\n    PPO: {c}")
+    runs = {s.out_dir: history}
+    for d in [d for d in s.compare_with.split(",") if d]:
+        runs[d] = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py")["history"]
+    plot_overoptimisation(runs, os.path.join(s.out_dir, "overoptimisation.png"))
+    return rep
 
 
 def write_report(rep, stem):
     with open(stem + ".json.tmp", "w") as f:
         json.dump(rep, f, indent=1)
     os.replace(stem + ".json.tmp", stem + ".json")
-    lines = [f"# PPO vs SFT on {rep['n']} held-out prompts ({rep['device']}, preset {rep['preset']}, {rep['iters']} iterations)", "",
-             "| | SFT | PPO |", "|---|---|---|",
+    lines = [f"# PPO vs SFT on {rep['n']} held-out prompts ({rep['device']}, preset {rep['preset']}, "
+             f"{rep['iters']} iterations)", "", "| | SFT | PPO |", "|---|---|---|",
              f"| reward-model score (normalised) | {rep['rm_score_sft']:+.3f} | {rep['rm_score']:+.3f} |",
-             f"| panel gold score | {rep['gold_sft']:+.3f} | {rep['gold']:+.3f} |", "",
+             f"| shaped reward, beta = 0 | {rep['reward_sft']:+.3f} | {rep['reward']:+.3f} |",
+             f"| panel gold score | {rep['gold_sft']:+.3f} | {rep['gold']:+.3f} |",
+             f"| reply length (words) | {rep['reply_words_sft']:.1f} | {rep['reply_words']:.1f} |",
+             f"| real-word rate | {rep['real_word_rate_sft']:.3f} | {rep['real_word_rate']:.3f} |", "",
              f"KL(PPO || SFT) per reply: {rep['kl']:.2f} nats (k3 estimate {rep['kl_k3']:.2f}).  ",
              f"Win rate of PPO over SFT (panel gold, ties half): {rep['win_rate']:.1%}; panel vote: {rep['vote_rate']:.1%}.  ",
              f"Time: {rep['minutes_total']:.1f} min in all, PPO {rep['minutes_ppo']:.1f} min.", "", "## Examples", ""]
@@ -388,6 +468,33 @@ def plot(history, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("PPO: proxy (reward model) vs gold (panel); divergence = over-optimisation")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def plot_overoptimisation(runs, path):
+    """The over-optimisation picture as Gao et al. (2022) draw it: the held-out reward-model score (the
+    proxy, solid) and the panel's gold score (dashed) against sqrt(KL(policy || SFT)), one colour per run;
+    the SFT model is the point at KL = 0. Proxy up while gold goes down is the reward model being exploited."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, history), colour in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        ev = [h for h in history if "eval_rm_score" in h]
+        if not ev:
+            continue
+        x = [0.0] + [max(h["eval_kl"], 0.0) ** 0.5 for h in ev]
+        ax.plot(x, [ev[0]["eval_rm_score_sft"]] + [h["eval_rm_score"] for h in ev], "o-", c=colour,
+                label=f"{name}: reward model")
+        ax.plot(x, [ev[0]["eval_gold_sft"]] + [h["eval_gold"] for h in ev], "s--", c=colour, label=f"{name}: gold")
+    ax.set_xlabel("sqrt(KL(policy || SFT)), sqrt(nats per reply)")
+    ax.set_ylabel("held-out score")
+    ax.set_title("Over-optimisation: proxy vs gold against sqrt(KL)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)

@@ -1,25 +1,31 @@
 """
-Reward-model training from human feedback (book §5.2; losses §4.3.1 Plackett–Luce, §4.3.2 Bradley–Terry).
+Reward-model training from human feedback ([实战框架 §5.2] 奖励模型训练; losses [实战框架 §4.3.2] Bradley-Terry,
+[实战框架 §4.3.1] Plackett-Luce; the kinds of feedback [流程与实践 §3.2]).
 
-    python train_rm.py                                  # panel labels SFT samples, then trains out/rm.pt
+    python train_rm.py                                  # the panel labels SFT samples, then trains out/rm.pt
     python train_rm.py --data out/feedback.jsonl        # your own feedback from chat.py (or HH-RLHF JSONL)
     python train_rm.py --data a.jsonl,b.jsonl --mix_panel   # several files, mixed with the panel's labels
     python train_rm.py --help
 
-Steps, top to bottom:
-  1. load out/sft.pt (train_sft.py runs first if it is missing);
-  2. feedback: by default sample K replies per training prompt from the SFT model and let the simulated
-     rater panel rank them (saved to out/panel_labels.jsonl to inspect or reuse with --data); or read
-     --data files (our JSONL schema, any of the four kinds, or Anthropic HH-RLHF as-is);
-  3. train the reward model: SFT body + scalar head, Plackett–Luce loss on rankings (K=2 is
-     Bradley–Terry), regression on ratings;
-  4. held-out evaluation on prompts from plays the model never saw: loss, accuracy against the labels,
-     accuracy against the panel's noise-free "gold" order, beside a single rater's agreement with gold;
-  5. normalise the reward to mean 0 / std 1 over SFT replies and write out/rm.pt and out/rm_curves.png.
+Steps, top to bottom (main() is one short call each):
+  1. read the --data feedback files, if any (our JSONL schema, any of the four kinds, or Anthropic
+     HH-RLHF as it is): a bad line stops here, before any training;
+  2. load out/sft.pt (train_sft.py runs first if it is missing);
+  3. the panel's labels: sample K replies per prompt from the SFT model and let the simulated rater
+     panel rank them (saved to out/panel_labels.jsonl, to inspect or reuse with --data); prompts from the
+     training plays to train on, prompts from the test plays to evaluate on;
+  4. the reward model: the SFT body + a scalar head, trained with the loss each kind of feedback names:
+     comparisons (two replies) through bradley_terry_loss, longer rankings through plackett_luce_loss,
+     ratings through rating_loss;
+  5. held-out evaluation (prompts never trained on): loss, accuracy against the labels, and for the
+     panel's labels accuracy against the panel's noise-free "gold" order, beside a single rater's and a
+     bag-of-words model's: does the transformer beat counting words?
+  6. normalise the reward to mean 0 / std 1 over SFT replies; write out/rm.pt and out/rm_curves.png.
 
 What it simplifies: one reward model (no ensembles), the score is read at the final <|endoftext|>
 token only, and the panel is a lexicon of real human word ratings rather than people reading the text.
 """
+import hashlib
 import json
 import math
 import os
@@ -31,18 +37,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from model import format_prompt, get_tokenizer, load_checkpoint, param_groups, parse_settings, save_checkpoint
-from reward import GOLD_EPS, Panel, RewardModel, batch_replies, plackett_luce_loss, rating_loss, read_feedback
+from data.feedback import read_feedback
+from data.prepare import load_turns, unique_prompts, words
+from model import format_prompt, get_tokenizer, load_checkpoint, lr_at, param_groups, parse_settings, save_checkpoint
+from reward import (Panel, RewardModel, bradley_terry_loss, gold_accuracy, plackett_luce_loss, rating_loss,
+                    reply_scores)
 from sample import decode_replies, encode_prompt, generate, load_model
 
 
 @dataclass
 class Settings:
     preset: str = "auto"             # auto | cpu | gpu: device-sized defaults (table below); explicit flags win
-    out_dir: str = "out"             # reads sft.pt, writes rm.pt, panel_labels.jsonl, rm_log.csv, rm_curves.png
+    out_dir: str = "out"             # reads sft.pt, writes rm.pt, panel_labels.jsonl, rm_curves.png
     seed: int = 1337                 # seeds sampling, the panel and training
     # feedback
-    data: str = ""                   # comma-separated feedback JSONL files; empty = the simulated panel labels SFT samples
+    data: str = ""                   # comma-separated feedback JSONL files; empty = the panel labels SFT samples
     mix_panel: bool = False          # with --data: also add the panel's labels
     skip_bad: bool = False           # skip (and count) malformed lines in --data files instead of stopping
     n_prompts: int = 1000            # training prompts (train plays) the panel labels
@@ -56,7 +65,8 @@ class Settings:
     # training
     epochs: int = 2                  # passes over the training feedback
     batch_size: int = 16             # feedback items (rankings / ratings) per step
-    lr: float = 3e-4                 # peak learning rate (linear warmup, cosine decay)
+    lr: float = 3e-4                 # peak learning rate (linear warmup, cosine decay to min_lr)
+    min_lr: float = 3e-5             # final learning rate
     warmup_iters: int = 20           # warmup steps
     weight_decay: float = 0.0        # AdamW decay on weight matrices
     grad_clip: float = 1.0           # clip the global gradient norm (0 = off)
@@ -69,7 +79,7 @@ class Settings:
 
 
 PRESETS = {
-    "cpu": dict(n_prompts=1200, n_heldout=150, max_new_tokens=40, epochs=3, lr=1e-3, eval_interval=75),
+    "cpu": dict(n_prompts=1200, n_heldout=150, max_new_tokens=40, epochs=3, lr=1e-3, min_lr=1e-4, eval_interval=75),
     "gpu": dict(n_prompts=8000, n_heldout=500, gen_batch=512, epochs=2, batch_size=32, max_new_tokens=64,
                 eval_interval=100, dtype="bfloat16"),
 }
@@ -83,233 +93,121 @@ def main(argv=None):
     t_start = time.time()
     random.seed(s.seed)
     torch.manual_seed(s.seed)
-    enc = get_tokenizer()
-    rng = np.random.default_rng(s.seed)
     panel = Panel(preference=s.preference, temperature=s.rater_temperature)
-    sft_path, rm_path = os.path.join(s.out_dir, "sft.pt"), os.path.join(s.out_dir, "rm.pt")
+    file_records = read_files(s)                                                    # 1.
+    sft_path, policy = load_sft(s, device)                                          # 2.
+    rng = np.random.default_rng(s.seed)
+    panel_records = panel_labels(s, policy, panel, rng) if not s.data or s.mix_panel else []   # 3.
+    train_items, eval_items = split(s, file_records, panel_records)
+    eval_items = eval_items or panel_labels(s, policy, panel, rng, heldout=True)
+    rm, optimizer, start_step, history = new_or_resumed(s, sft_path, device)        # 4.
+    max_iters = train(s, rm, optimizer, train_items, eval_items, start_step, history, panel)
+    ev = evaluate(s, rm, eval_items, panel)                                         # 5.
+    if ev["gold_pairs"]:
+        ev["bow_gold_acc"], _ = bag_of_words_baseline(train_items, eval_items, panel)
+    normalise(s, rm, panel_records, policy)                                         # 6.
+    save(s, rm, optimizer, max_iters, history, sft_path, final=True)
+    gold = (f"gold accuracy {ev['gold_acc']:.3f} vs single rater {ev['rater_ceiling']:.3f} and bag of words "
+            f"{ev['bow_gold_acc']:.3f} on {ev['gold_pairs']} pairs" if ev["gold_pairs"] else
+            "gold accuracy: none (the held-out labels are not the panel's, so the panel's gold order is not theirs)")
+    print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy {ev['acc']:.3f}, {gold} "
+          f"-> {os.path.join(s.out_dir, 'rm.pt')}")
+    return ev
 
-    # ---- 1. the SFT model (trained first if missing) ------------------------------------------------------
+
+# ---- 1. feedback files ------------------------------------------------------------------------------------------
+
+def read_files(s):
+    files = [f for f in s.data.split(",") if f]
+    if not files:
+        return []
+    records, n_bad = read_feedback(files, skip_bad=s.skip_bad)
+    print(f"read {len(records)} feedback records from {', '.join(files)}"
+          + (f" (skipped {n_bad} bad lines)" if n_bad else ""))
+    return records
+
+
+# ---- 2. the SFT model ---------------------------------------------------------------------------------------------
+
+def load_sft(s, device):
+    sft_path = os.path.join(s.out_dir, "sft.pt")
     if not os.path.exists(sft_path):
         print(f"{sft_path} is missing: running train_sft.py first (preset {s.preset}"
               + (f", flags {s.sft_args}" if s.sft_args else "") + ")")
         import train_sft
         train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset] + s.sft_args.split())
-    sft_ckpt = load_checkpoint(sft_path, made_by="train_sft.py")
     policy, _ = load_model(sft_path, device=device)
-    block_size = policy.config.block_size
+    return sft_path, policy
 
-    def sample_replies(prompts, k):
-        """k replies per prompt from the SFT model, in prompt order: list of lists of reply texts."""
-        ids = [encode_prompt(enc, p) for p in prompts for _ in range(k)]
-        texts, t0 = [], time.time()
-        for i in range(0, len(ids), s.gen_batch):
-            seq, pad, resp_mask = generate(policy, ids[i:i + s.gen_batch], s.max_new_tokens, temperature=s.temperature)
-            texts += decode_replies(enc, seq, resp_mask)
-            print(f"  sampled {len(texts)}/{len(ids)} replies ({time.time() - t0:.0f}s)", flush=True)
-        return [texts[j * k:(j + 1) * k] for j in range(len(prompts))]
 
-    def panel_rankings(prompts, replies):
-        """The panel ranks each prompt's replies: one randomly drawn rater, Plackett–Luce choice noise."""
-        records = []
-        for p, rs in zip(prompts, replies):
-            rs = list(dict.fromkeys(x.strip() for x in rs if x.strip()))  # empty or repeated replies rank nothing
-            if len(rs) < 2:
-                continue
-            order, rater = panel.rank(rs, rng)
-            records.append({"kind": "ranking", "prompt": p, "replies": [rs[i] for i in order], "rater": int(rater),
-                            "gold": [round(float(panel.gold(rs[i])), 4) for i in order], "source": "panel"})
-        return records
+# ---- 3. the panel's labels ------------------------------------------------------------------------------------------
 
-    def labelled(prompts, path):
-        """Sample K SFT replies per prompt, let the panel rank them, save as JSONL and read it back."""
-        t0 = time.time()
-        write_jsonl(path, panel_rankings(prompts, sample_replies(prompts, s.k)))
+def sample_replies(s, policy, prompts, k):
+    """k replies per prompt from the SFT model, in prompt order: a list of lists of reply texts."""
+    enc = get_tokenizer()
+    ids = [encode_prompt(enc, p) for p in prompts for _ in range(k)]
+    texts, t0 = [], time.time()
+    for i in range(0, len(ids), s.gen_batch):
+        seq, pad, resp_mask = generate(policy, ids[i:i + s.gen_batch], s.max_new_tokens, temperature=s.temperature)
+        texts += decode_replies(enc, seq, resp_mask)
+        print(f"  sampled {len(texts)}/{len(ids)} replies ({time.time() - t0:.0f}s)", flush=True)
+    return [texts[j * k:(j + 1) * k] for j in range(len(prompts))]
+
+
+def rank_with_panel(prompts, replies, panel, rng):
+    """One randomly drawn rater ranks each prompt's replies (Plackett-Luce choice noise): ranking records."""
+    records = []
+    for p, rs in zip(prompts, replies):
+        rs = list(dict.fromkeys(x.strip() for x in rs))                      # a repeated reply ranks nothing
+        if len(rs) < 2:
+            continue
+        order, rater = panel.rank(rs, rng)
+        records.append({"kind": "ranking", "prompt": p, "replies": [rs[i] for i in order], "rater": int(rater),
+                        "gold": [round(float(panel.gold(rs[i])), 4) for i in order], "source": "panel"})
+    return records
+
+
+def labelled(s, policy, panel, prompts, path, rng):
+    """Sample K SFT replies per prompt, let the panel rank them, save as JSONL and read it back."""
+    if s.resume and os.path.exists(path):
         records, _ = read_feedback([path])
-        print(f"panel ranked {s.k} SFT replies for each of {len(prompts)} prompts in {time.time() - t0:.0f}s -> {path}")
+        print(f"resume: reusing {len(records)} panel labels from {path}")
         return records
+    t0 = time.time()
+    write_jsonl(path, rank_with_panel(prompts, sample_replies(s, policy, prompts, s.k), panel, rng))
+    records, _ = read_feedback([path])
+    print(f"panel ranked {s.k} SFT replies for each of {len(prompts)} prompts in {time.time() - t0:.0f}s -> {path}")
+    return records
 
-    # ---- 2. feedback: files given with --data, and/or the panel's rankings of SFT samples -----------------
-    from data.prepare import load_turns
-    files = [f for f in s.data.split(",") if f]
-    file_records, panel_records = [], []
-    if files:
-        file_records, n_bad = read_feedback(files, skip_bad=s.skip_bad)
-        print(f"read {len(file_records)} feedback records from {', '.join(files)}" + (f" (skipped {n_bad} bad lines)" if n_bad else ""))
-    labels_path = os.path.join(s.out_dir, "panel_labels.jsonl")
-    if not files or s.mix_panel:
-        if s.resume and os.path.exists(labels_path):
-            panel_records, _ = read_feedback([labels_path])
-            print(f"resume: reusing {len(panel_records)} panel labels from {labels_path}")
-        else:
-            panel_records = labelled(unique_prompts(load_turns("train"), s.n_prompts, s.seed), labels_path)
-    records = file_records + panel_records
-    counts = {kind: sum(r["kind"] == kind for r in records) for kind in ("comparison", "ranking", "rating", "correction")}
-    print("feedback kinds: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f"; ties (kept, not trained on): {sum(r['tie'] for r in records)}")
-    # Split by prompt, so no held-out prompt is ever trained on: --data files 90/10 by a hash of the prompt;
-    # the panel's held-out set is prompts from plays that are not in the training split at all.
+
+def panel_labels(s, policy, panel, rng, heldout=False):
+    """The panel's rankings of SFT samples: n_prompts prompts of the training plays, or (heldout=True)
+    n_heldout prompts of the test plays, which no training split contains."""
+    name, split_name, n = ("panel_labels_heldout", "test", s.n_heldout) if heldout else ("panel_labels", "train", s.n_prompts)
+    prompts = unique_prompts(load_turns(split_name), n, s.seed)
+    return labelled(s, policy, panel, prompts, os.path.join(s.out_dir, name + ".jsonl"), rng)
+
+
+def split(s, file_records, panel_records):
+    """Split by prompt, so no held-out prompt is ever trained on: --data files 90/10 by a hash of the
+    prompt; the panel's held-out prompts come from plays that are not in the training split at all.
+    Ties are kept in the files but not trained on (they prefer nothing)."""
+    counts = {kind: sum(r["kind"] == kind for r in file_records + panel_records)
+              for kind in ("comparison", "ranking", "rating", "correction")}
+    print("feedback kinds: " + ", ".join(f"{k}={v}" for k, v in counts.items())
+          + f"; ties (kept, not trained on): {sum(r['tie'] for r in file_records + panel_records)}")
     held = {r["prompt"] for r in file_records if hash_unit(r["prompt"], s.seed) < 0.1}
     train_items = [r for r in panel_records + [r for r in file_records if r["prompt"] not in held] if not r["tie"]]
     eval_items = [r for r in file_records if r["prompt"] in held and not r["tie"]]
     if not train_items:
-        sys.exit(f"error: no usable feedback to train on ({len(records)} records, ties are not trained on)")
-    if not eval_items:
-        heldout_path = os.path.join(s.out_dir, "panel_labels_heldout.jsonl")
-        if s.resume and os.path.exists(heldout_path):
-            eval_items, _ = read_feedback([heldout_path])
-            print(f"resume: reusing {len(eval_items)} held-out panel labels from {heldout_path}")
-        else:
-            eval_items = labelled(unique_prompts(load_turns("test"), s.n_heldout, s.seed), heldout_path)
-    print(f"train items: {len(train_items)}, held-out items: {len(eval_items)}")
-
-    # ---- 3. the reward model --------------------------------------------------------------------------------
-    if s.resume:
-        rm_ckpt = load_checkpoint(rm_path, made_by="train_rm.py")
-        rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
-        start_step = rm_ckpt["step"]
-        print(f"resuming from {rm_path} at step {start_step}")
-    else:
-        rm, start_step = RewardModel.from_sft(sft_ckpt).to(device), 0
-    optimizer = torch.optim.AdamW(param_groups(rm, s.weight_decay), lr=s.lr, fused=torch.device(device).type == "cuda")
-    if s.resume:
-        optimizer.load_state_dict(rm_ckpt["optimizer"])
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
-    steps_per_epoch = math.ceil(len(train_items) / s.batch_size)
-    max_iters = s.epochs * steps_per_epoch
-
-    def item_losses(batch):
-        """Loss, (chosen, rejected) score pairs, and each item's reply scores, for a batch of feedback items."""
-        prompts, replies, owner = [], [], []
-        for j, r in enumerate(batch):
-            for reply in r["replies"]:
-                prompts.append(enc.encode_ordinary(r["prompt"]))
-                replies.append(enc.encode_ordinary(" " + reply.strip()) + [enc.eot_token])
-                owner.append(j)
-        idx, pad, last = batch_replies(enc, prompts, replies, block_size)
-        with autocast:
-            scores = rm(idx.to(device), last.to(device), pad.to(device)).float()   # (N,) one per reply
-        loss, pairs = torch.zeros((), device=device), []
-        ranked = [j for j, r in enumerate(batch) if r["kind"] != "rating"]
-        if ranked:  # comparisons, rankings, corrections: Plackett–Luce over each list (K=2: Bradley–Terry)
-            K = max(len(batch[j]["replies"]) for j in ranked)
-            table = torch.zeros(len(ranked), K, device=device)                    # (n, K) scores best-first
-            mask = torch.zeros(len(ranked), K, dtype=torch.bool, device=device)   # (n, K) present replies
-            for row, j in enumerate(ranked):
-                pos = [i for i, o in enumerate(owner) if o == j]
-                table[row, :len(pos)] = scores[pos]
-                mask[row, :len(pos)] = True
-                pairs += [(scores[pos[a]], scores[pos[b]]) for a in range(len(pos)) for b in range(a + 1, len(pos))]
-            loss = loss + plackett_luce_loss(table, mask)
-        rated = [i for i, o in enumerate(owner) if batch[o]["kind"] == "rating"]
-        if rated:
-            rated_records = [batch[owner[i]] for i in rated]
-            ratings = torch.tensor([float(r["rating"]) for r in rated_records], device=device)    # (n,)
-            lo = torch.tensor([float(r["scale"][0]) for r in rated_records], device=device)       # (n,) scale bottom
-            hi = torch.tensor([float(r["scale"][1]) for r in rated_records], device=device)       # (n,) scale top
-            loss = loss + s.rating_weight * rating_loss(scores[rated], ratings, lo, hi)
-        values = scores.detach().tolist()                                          # one device sync per batch
-        item_scores = [[values[i] for i, o in enumerate(owner) if o == j] for j in range(len(batch))]
-        return loss, pairs, item_scores
-
-    @torch.no_grad()
-    def evaluate():
-        rm.eval()
-        losses, agree, gold_agree, ceiling = [], [], [], []
-        for i in range(0, len(eval_items), s.batch_size):
-            batch = eval_items[i:i + s.batch_size]
-            loss, pairs, item_scores = item_losses(batch)
-            losses.append(loss.item())
-            agree += [float(c > r) for c, r in pairs]
-            for r, sc in zip(batch, item_scores):  # the panel's gold order on every pair with different gold
-                if r["kind"] == "rating":
-                    continue
-                rs = r["replies"]
-                for a in range(len(rs)):
-                    for b in range(a + 1, len(rs)):
-                        ga, gb = panel.gold(rs[a]), panel.gold(rs[b])
-                        if abs(ga - gb) < GOLD_EPS:  # equal gold: no order to agree with
-                            continue
-                        gold_agree.append(float((sc[a] > sc[b]) == (ga > gb)))
-                        ceiling.append(panel.agree_prob(rs[a], rs[b]))
-        rm.train()
-        return dict(loss=float(np.mean(losses)), acc=float(np.mean(agree)) if agree else float("nan"),
-                    gold_acc=float(np.mean(gold_agree)) if gold_agree else float("nan"),
-                    rater_ceiling=float(np.mean(ceiling)) if ceiling else float("nan"), gold_pairs=len(gold_agree))
-
-    history = rm_ckpt.get("history", []) if s.resume else []
-
-    def save(step, final=False):
-        ckpt = {**rm.checkpoint_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(s),
-                "kind": "rm", "final": final, "sft_ckpt": sft_path, "history": history}
-        save_checkpoint(ckpt, rm_path)
-        plot(history, os.path.join(s.out_dir, "rm_curves.png"))
-
-    # ---- the loop -------------------------------------------------------------------------------------------
-    rm.train()
-    order_gen = torch.Generator().manual_seed(s.seed)  # its own generator: a resumed run gets the same batches
-    batches = []  # max_iters lists of item indices: each epoch a fresh permutation, cut into batches
-    for _ in range(s.epochs):
-        perm = torch.randperm(len(train_items), generator=order_gen).tolist()
-        batches += [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
-    t0 = time.time()
-    for step in range(start_step, max_iters):
-        lr = s.lr * min(1.0, (step + 1) / max(1, s.warmup_iters)) * 0.5 * (1 + math.cos(math.pi * step / max_iters))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = [train_items[i] for i in batches[step]]
-        loss, pairs, _ = item_losses(batch)
-        if not torch.isfinite(loss):
-            sys.exit(f"error: reward-model loss is {loss.item()} at step {step}; lower --lr or check the feedback data")
-        loss.backward()
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), s.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        train_acc = float(np.mean([c.item() > r.item() for c, r in pairs])) if pairs else float("nan")
-        history.append({"step": done, "train_loss": loss.item(), "train_acc": train_acc})
-        if done % 10 == 0:
-            eta = (time.time() - t0) / (done - start_step) * (max_iters - done)
-            print(f"step {done:4d}/{max_iters} | loss {loss.item():.4f} | pair acc {train_acc:.2f} | lr {lr:.1e} | ETA {eta / 60:.1f} min", flush=True)
-        if done % s.eval_interval == 0 or done == max_iters:
-            ev = evaluate()
-            history.append({"step": done, **{"eval_" + k: v for k, v in ev.items()}})
-            print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc {ev['acc']:.3f} | "
-                  f"gold acc {ev['gold_acc']:.3f} (single rater {ev['rater_ceiling']:.3f}, {ev['gold_pairs']} pairs)", flush=True)
-            save(done)
-
-    # ---- 5. normalise over SFT replies so PPO sees unit-scale rewards ------------------------------------------
-    if panel_records:  # the panel's training replies are SFT samples already
-        norm_pairs = [(r["prompt"], x) for r in panel_records[:512] for x in r["replies"]]
-    else:
-        prompts = unique_prompts(load_turns("train"), 256, s.seed + 1)
-        norm_pairs = [(format_prompt(p), x[0]) for p, x in zip(prompts, sample_replies(prompts, 1))]
-    rm.eval()
-    raw = []
-    with torch.no_grad():
-        for i in range(0, len(norm_pairs), 64):
-            chunk = norm_pairs[i:i + 64]
-            idx, pad, last = batch_replies(enc, [enc.encode_ordinary(p) for p, _ in chunk],
-                                           [enc.encode_ordinary(" " + x.strip()) + [enc.eot_token] for _, x in chunk], block_size)
-            raw += rm(idx.to(device), last.to(device), pad.to(device)).float().tolist()
-    rm.reward_mean, rm.reward_std = float(np.mean(raw)), float(np.std(raw)) + 1e-6
-    ev = evaluate()
-    save(max_iters, final=True)
-    print(f"reward normalised over {len(raw)} SFT replies: mean {np.mean(raw):.4f}, std {np.std(raw):.4f}")
-    print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy {ev['acc']:.3f}, "
-          f"gold accuracy {ev['gold_acc']:.3f} vs single-rater ceiling {ev['rater_ceiling']:.3f} "
-          f"on {ev['gold_pairs']} pairs -> {rm_path}")
-    return ev
-
-
-def unique_prompts(turns, n, seed):
-    """Up to n distinct prompts (human turns) from a split, in a seeded random order."""
-    prompts = sorted({t["prompt"] for t in turns})
-    random.Random(seed).shuffle(prompts)
-    return prompts[:n]
+        raise ValueError(f"no usable feedback to train on ({len(file_records) + len(panel_records)} records; "
+                         "ties are not trained on)")
+    print(f"train items: {len(train_items)}, held-out items: "
+          + (f"{len(eval_items)} (from the --data files)" if eval_items else "the panel's, on the test plays"))
+    return train_items, eval_items
 
 
 def hash_unit(text, seed):
-    import hashlib
     return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16) / 16 ** 8
 
 
@@ -319,6 +217,205 @@ def write_jsonl(path, records):
         for r in records:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
+
+
+# ---- 4. the reward model and its training loop ------------------------------------------------------------------------
+
+def new_or_resumed(s, sft_path, device):
+    """(reward model, AdamW, first step, history): from the SFT checkpoint, or from rm.pt with --resume."""
+    if s.resume:
+        rm_path = os.path.join(s.out_dir, "rm.pt")
+        ckpt = load_checkpoint(rm_path, made_by="train_rm.py")
+        rm = RewardModel.from_checkpoint(ckpt).to(device)
+        print(f"resuming from {rm_path} at step {ckpt['step']}")
+    else:
+        ckpt, rm = None, RewardModel.from_sft(load_checkpoint(sft_path, made_by="train_sft.py")).to(device)
+    optimizer = torch.optim.AdamW(param_groups(rm, s.weight_decay), lr=s.lr, fused=torch.device(device).type == "cuda")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return rm, optimizer, ckpt["step"], ckpt.get("history", [])
+    return rm, optimizer, 0, []
+
+
+def item_losses(s, rm, batch):
+    """The loss of a batch of feedback items, and the reward model's scores of each item's replies.
+
+    Every reply of every item is scored in one forward pass; then each kind of feedback goes through
+    the loss the book names for it:
+      comparisons (two replies: comparison, correction, a ranking of two)   bradley_terry_loss
+      rankings of three or more replies                                       plackett_luce_loss
+      ratings                                                                 rating_loss
+    The ranked items' loss is the mean over those items (Plackett-Luce of two replies IS Bradley-Terry, so
+    this equals one Plackett-Luce loss over them all); the rating loss is added with rating_weight."""
+    device = rm.head.weight.device
+    prompts = [p for r in batch for p in r["prompts"]]
+    replies = [x for r in batch for x in r["replies"]]
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
+    with autocast:
+        flat = reply_scores(rm, get_tokenizer(), prompts, replies)               # (N,) one score per reply
+    scores, i = [], 0
+    for r in batch:                                                              # each item's replies, best first
+        scores.append(flat[i:i + len(r["replies"])])
+        i += len(r["replies"])
+    pairs = [sc for r, sc in zip(batch, scores) if r["kind"] != "rating" and len(sc) == 2]
+    lists = [sc for r, sc in zip(batch, scores) if r["kind"] != "rating" and len(sc) > 2]
+    loss = torch.zeros((), device=device)
+    if pairs:
+        chosen, rejected = torch.stack([sc[0] for sc in pairs]), torch.stack([sc[1] for sc in pairs])  # (n2,)
+        loss = loss + bradley_terry_loss(chosen, rejected) * len(pairs) / (len(pairs) + len(lists))
+    if lists:
+        K = max(len(sc) for sc in lists)
+        table = torch.zeros(len(lists), K, device=device)                        # (nK, K) scores best first
+        mask = torch.zeros(len(lists), K, dtype=torch.bool, device=device)       # (nK, K) present replies
+        for row, sc in enumerate(lists):
+            table[row, :len(sc)], mask[row, :len(sc)] = sc, True
+        loss = loss + plackett_luce_loss(table, mask) * len(lists) / (len(pairs) + len(lists))
+    rated = [(r, sc) for r, sc in zip(batch, scores) if r["kind"] == "rating"]
+    if rated:
+        r_scores = torch.cat([sc for _, sc in rated])                            # (nR,)
+        ratings, lo, hi = (torch.tensor([float(f(r)) for r, _ in rated], device=device)
+                           for f in (lambda r: r["rating"], lambda r: r["scale"][0], lambda r: r["scale"][1]))
+        loss = loss + s.rating_weight * rating_loss(r_scores, ratings, lo, hi)
+    return loss, [sc.detach().tolist() for sc in scores]
+
+
+def batches_of(s, train_items):
+    """Every step's item indices: each epoch a fresh permutation (its own generator, so a resumed run
+    gets the same batches), cut into batch_size pieces."""
+    gen, batches = torch.Generator().manual_seed(s.seed), []
+    for _ in range(s.epochs):
+        perm = torch.randperm(len(train_items), generator=gen).tolist()
+        batches += [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
+    return batches
+
+
+def train(s, rm, optimizer, train_items, eval_items, start_step, history, panel):
+    """The loop: AdamW with warmup + cosine decay, gradient clipping; a held-out evaluation and a
+    checkpoint every eval_interval steps."""
+    rm.train()
+    batches = batches_of(s, train_items)
+    max_iters, t0 = len(batches), time.time()
+    for step in range(start_step, max_iters):
+        lr = lr_at(step, s.lr, s.min_lr, s.warmup_iters, max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, scores = item_losses(s, rm, [train_items[i] for i in batches[step]])
+        if not torch.isfinite(loss):
+            raise ValueError(f"reward-model loss is {loss.item()} at step {step}; lower --lr or check the feedback data")
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), s.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        right = [a > b for sc in scores for i, a in enumerate(sc) for b in sc[i + 1:] if len(sc) > 1]
+        history.append({"step": done, "train_loss": loss.item(), "train_acc": float(np.mean(right)) if right else math.nan})
+        if done % 10 == 0:
+            eta = (time.time() - t0) / (done - start_step) * (max_iters - done)
+            print(f"step {done:4d}/{max_iters} | loss {loss.item():.4f} | pair acc {history[-1]['train_acc']:.2f} | "
+                  f"lr {lr:.1e} | ETA {eta / 60:.1f} min", flush=True)
+        if done % s.eval_interval == 0 or done == max_iters:
+            ev = evaluate(s, rm, eval_items, panel)
+            history.append({"step": done, **{"eval_" + k: v for k, v in ev.items()}})
+            gold = (f" | gold acc {ev['gold_acc']:.3f} (single rater {ev['rater_ceiling']:.3f}, {ev['gold_pairs']} pairs)"
+                    if ev["gold_pairs"] else "")
+            print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc {ev['acc']:.3f}{gold}", flush=True)
+            save(s, rm, optimizer, done, history, os.path.join(s.out_dir, "sft.pt"))
+    return max_iters
+
+
+def save(s, rm, optimizer, step, history, sft_path, final=False):
+    ckpt = {**rm.checkpoint_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(s),
+            "kind": "rm", "final": final, "sft_ckpt": sft_path, "history": history}
+    save_checkpoint(ckpt, os.path.join(s.out_dir, "rm.pt"))
+    plot(history, os.path.join(s.out_dir, "rm_curves.png"))
+
+
+# ---- 5. held-out evaluation -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(s, rm, items, panel):
+    """Held-out loss and accuracy against the labels (every ordered pair of every ranked item); for the
+    panel's labels also the accuracy against the panel's gold order (reward.gold_accuracy: pairs with equal
+    gold are left out, reward-model ties count as wrong) and a single rater's (Panel.single_rater_ceiling)."""
+    was_training = rm.training
+    rm.eval()
+    losses, better, worse = [], [], []
+    for i in range(0, len(items), s.batch_size):
+        batch = items[i:i + s.batch_size]
+        loss, scores = item_losses(s, rm, batch)
+        losses.append(loss.item())
+        for r, sc in zip(batch, scores):
+            for a in range(len(sc) if r["kind"] != "rating" else 0):
+                for b in range(a + 1, len(sc)):
+                    better.append((r["replies"][a], sc[a]))
+                    worse.append((r["replies"][b], sc[b]))
+    rm.train(was_training)
+    ev = {"loss": float(np.mean(losses)), "acc": float(np.mean([a[1] > b[1] for a, b in zip(better, worse)]))
+          if better else math.nan, "gold_acc": math.nan, "rater_ceiling": math.nan, "gold_pairs": 0}
+    if better and all(r["meta"].get("source") == "panel" for r in items):     # gold means something here
+        g_better, g_worse = panel.golds([x for x, _ in better]), panel.golds([x for x, _ in worse])
+        if (np.abs(g_better - g_worse) > 0).any():
+            ev["gold_acc"], ev["gold_pairs"] = gold_accuracy([x for _, x in better], [x for _, x in worse],
+                                                             g_better, g_worse)
+            ev["rater_ceiling"], _ = panel.single_rater_ceiling([(a, b) for (a, _), (b, _) in zip(better, worse)])
+    return ev
+
+
+def bag_of_words_baseline(train_items, eval_items, panel, l2=1e-3, steps=300, lr=0.5):
+    """Does the transformer beat counting words? A linear model on the same training labels: a reply's
+    features are its word frequencies (count / number of words, over the words of the training replies),
+    its score w . f(reply), fitted with the same Bradley-Terry loss on every pair of every ranking (each
+    reply beats the ones ranked below it), plus l2 * |w|^2, by full-batch gradient descent with Adam.
+    Returns its held-out gold accuracy and the number of held-out pairs (as reward.gold_accuracy)."""
+    ranked_train = [r["replies"] for r in train_items if r["kind"] != "rating"]
+    vocab = {w: i for i, w in enumerate(sorted({w for rs in ranked_train for x in rs for w in words(x)}))}
+
+    def pairs(lists):                               # word frequencies of all replies, (better, worse) pairs
+        f, better, worse = np.zeros((sum(map(len, lists)), len(vocab)), dtype=np.float32), [], []
+        row = 0
+        for rs in lists:
+            for a, x in enumerate(rs):
+                ws = words(x)
+                for w in ws:
+                    if w in vocab:
+                        f[row + a, vocab[w]] += 1.0 / len(ws)
+                better += [row + a] * (len(rs) - a - 1)
+                worse += list(range(row + a + 1, row + len(rs)))
+            row += len(rs)
+        return f, np.array(better, dtype=np.int64), np.array(worse, dtype=np.int64)
+
+    F_train, a, b = pairs(ranked_train)                                       # (n, V), (P,), (P,)
+    w, m, v = np.zeros(len(vocab)), np.zeros(len(vocab)), np.zeros(len(vocab))
+    for t in range(1, steps + 1):
+        sc = F_train @ w                                                      # (n,) scores
+        g_pair = -1.0 / (1.0 + np.exp(sc[a] - sc[b]))                         # (P,) d(-log sigmoid(s_a - s_b)) / d s_a
+        g_sc = np.bincount(a, g_pair, len(sc)) - np.bincount(b, g_pair, len(sc))  # (n,)
+        grad = F_train.T @ g_sc / len(a) + 2 * l2 * w                         # (V,)
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad ** 2            # Adam's moments
+        w -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    ranked_eval = [r["replies"] for r in eval_items if r["kind"] != "rating"]
+    F_eval, a, b = pairs(ranked_eval)
+    sc, gold = F_eval @ w, panel.golds([x for rs in ranked_eval for x in rs])
+    return gold_accuracy(sc[a], sc[b], gold[a], gold[b])
+
+
+# ---- 6. normalisation ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def normalise(s, rm, panel_records, policy):
+    """Set reward_mean / reward_std to the mean and std of the raw scores of SFT replies, so PPO sees
+    rewards of unit scale: the panel's training replies (SFT samples already), or 256 fresh samples."""
+    if panel_records:
+        pairs = [(r["prompt"], x) for r in panel_records[:512] for x in r["replies"]]
+    else:
+        prompts = unique_prompts(load_turns("train"), 256, s.seed + 1)
+        pairs = [(format_prompt(p), x[0]) for p, x in zip(prompts, sample_replies(s, policy, prompts, 1))]
+    rm.eval()
+    raw = torch.cat([reply_scores(rm, get_tokenizer(), [p for p, _ in pairs[i:i + 64]], [x for _, x in pairs[i:i + 64]])
+                     for i in range(0, len(pairs), 64)]).double()
+    rm.reward_mean, rm.reward_std = raw.mean().item(), raw.std(unbiased=False).item() + 1e-6
+    print(f"reward normalised over {len(raw)} SFT replies: mean {rm.reward_mean:.4f}, std {rm.reward_std:.4f}")
 
 
 def plot(history, path):
@@ -333,8 +430,9 @@ def plot(history, path):
     if ev:
         a1.plot([h["step"] for h in ev], [h["eval_loss"] for h in ev], "o-", label="held-out loss")
         a2.plot([h["step"] for h in ev], [h["eval_acc"] for h in ev], "o-", label="accuracy vs labels")
-        a2.plot([h["step"] for h in ev], [h["eval_gold_acc"] for h in ev], "o-", label="accuracy vs gold")
-        a2.axhline(ev[-1]["eval_rater_ceiling"], ls="--", c="gray", label="single rater vs gold")
+        if ev[-1]["eval_gold_pairs"]:
+            a2.plot([h["step"] for h in ev], [h["eval_gold_acc"] for h in ev], "o-", label="accuracy vs gold")
+            a2.axhline(ev[-1]["eval_rater_ceiling"], ls="--", c="gray", label="single rater vs gold")
     a1.set_xlabel("step"); a1.set_ylabel("loss"); a1.legend(); a1.grid(alpha=0.3)
     a2.set_xlabel("step"); a2.set_ylabel("held-out pairwise accuracy"); a2.legend(); a2.grid(alpha=0.3)
     fig.suptitle("Reward model")

@@ -26,7 +26,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, gpt_from_checkpoint, load_checkpoint, param_groups, parse_settings, save_checkpoint
+from model import (EOT, GPT, GPTConfig, get_tokenizer, gpt_from_checkpoint, load_checkpoint, lr_at, param_groups,
+                   parse_settings, save_checkpoint)
+from sample import decode_replies, encode_prompt, generate
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Settings:
     eval_interval: int = 100       # evaluate val loss and save the checkpoint every this many steps
     eval_iters: int = 20           # val batches per evaluation (the same batches every time)
     log_interval: int = 10         # print a progress line every this many steps
+    n_samples: int = 64            # replies sampled at the end (val prompts) for the real-word rate
     resume: bool = False           # continue from out_dir/sft.pt (model, optimizer, step, RNG)
     # hardware
     device: str = "auto"           # auto | cpu | cuda
@@ -93,8 +96,8 @@ def main(argv=None):
                     np.memmap(os.path.join(CACHE_DIR, f"{split}_mask.bin"), dtype=np.uint8, mode="r"))
             for split in ("train", "val")}
     if s.feedback:  # corrections are demonstrations too (§3.2): append them to the training stream
-        from model import encode_reply, get_tokenizer
-        from reward import read_feedback, sft_examples
+        from model import encode_reply
+        from data.feedback import read_feedback, sft_examples
         enc = get_tokenizer()
         examples = sft_examples(read_feedback([f for f in s.feedback.split(",") if f])[0])
         ids, mask = [], []
@@ -137,12 +140,6 @@ def main(argv=None):
     train_model = torch.compile(model) if s.compile else model
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
 
-    def lr_at(step):  # linear warmup, then cosine decay from lr to min_lr
-        if step < s.warmup_iters:
-            return s.lr * (step + 1) / s.warmup_iters
-        progress = min(1.0, (step - s.warmup_iters) / max(1, s.max_iters - s.warmup_iters))
-        return s.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - s.min_lr)
-
     @torch.no_grad()
     def val_loss():
         train_model.eval()
@@ -170,7 +167,7 @@ def main(argv=None):
     tokens_per_step = s.batch_size * s.grad_accum * s.block_size
     t0, t_log, loss_sum, n_sum = time.time(), time.time(), 0.0, 0  # n_sum: steps in loss_sum since the last log
     for step in range(start_step, s.max_iters):
-        lr = lr_at(step)
+        lr = lr_at(step, s.lr, s.min_lr, s.warmup_iters, s.max_iters)   # warmup, then cosine decay
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(s.grad_accum):
@@ -203,8 +200,52 @@ def main(argv=None):
             save(done)
             print(f"step {done:5d} | val loss {vl:.4f} | val perplexity {math.exp(vl):.1f} | "
                   f"best {best_val:.4f} | saved {ckpt_path} | {(time.time() - t0) / 60:.1f} min", flush=True)
-    print(f"done: best val loss {best_val:.4f} (perplexity {math.exp(best_val):.1f}) in "
-          f"{(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}, plot {os.path.join(s.out_dir, 'sft_loss.png')}")
+    # ---- what a student can judge: held-out bits per character, real words, samples ------------------------
+    from data.prepare import load_turns, real_word_rate
+    enc = get_tokenizer()
+    val_turns = load_turns("val")
+    with autocast:
+        bpc = bits_per_char(model, enc, val_turns, device)
+        prompts = [t["prompt"] for t in val_turns[::max(1, len(val_turns) // s.n_samples)]][:s.n_samples]
+        seq, _, resp_mask = generate(model, [encode_prompt(enc, p) for p in prompts], 48, temperature=1.0,
+                                     generator=torch.Generator(device).manual_seed(s.seed))
+    replies = decode_replies(enc, seq, resp_mask)
+    rate = real_word_rate(replies)
+    print(f"done in {(time.time() - t0) / 60:.1f} min: best val loss {best_val:.4f} (perplexity "
+          f"{math.exp(best_val):.1f}); held-out {bpc:.3f} bits per character over {len(val_turns)} val turns; "
+          f"real-word rate {rate:.3f} of {len(replies)} sampled replies (temperature 1)")
+    for p, r in list(zip(prompts, replies))[:3]:
+        print(f"  Human: {p}\n    Bard: {r}")
+    print(f"checkpoint {ckpt_path}, plot {os.path.join(s.out_dir, 'sft_loss.png')}")
+    return {"best_val_loss": best_val, "bits_per_char": bpc, "real_word_rate": rate}
+
+
+@torch.no_grad()
+def bits_per_char(model, enc, turns, device, batch=64):
+    """Held-out loss per character: the nats of predicting each turn's reply tokens (its <|endoftext|>
+    included), given its prompt, summed over the turns, in bits, divided by the characters of the reply texts.
+    Per character, not per token, so that models with different tokenizers are compared on the same text:
+    a tokenizer with longer tokens has fewer, harder tokens, and its loss per token is not comparable."""
+    from data.prepare import encode_turn
+    was_training = model.training
+    model.eval()
+    bits, chars = 0.0, 0
+    for i in range(0, len(turns), batch):
+        rows = [encode_turn(enc, t["prompt"], t["reply"]) for t in turns[i:i + batch]]
+        rows = [(ids[-model.config.block_size - 1:], mask[-model.config.block_size - 1:]) for ids, mask in rows]
+        T = max(len(ids) for ids, _ in rows) - 1
+        x = torch.full((len(rows), T), EOT, dtype=torch.long)                     # (B, T) right-padded inputs
+        y = torch.full((len(rows), T), EOT, dtype=torch.long)                     # (B, T) next tokens
+        m = torch.zeros((len(rows), T), dtype=torch.bool)                         # (B, T) reply targets
+        for j, (ids, mask) in enumerate(rows):
+            n = len(ids) - 1
+            x[j, :n], y[j, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+            m[j, :n] = torch.tensor(mask[1:], dtype=torch.bool)
+        loss = model(x.to(device), y.to(device), m.to(device))                    # mean nats per reply token
+        bits += loss.item() * m.sum().item() / math.log(2)
+        chars += sum(len(" " + t["reply"]) for t in turns[i:i + batch])
+    model.train(was_training)
+    return bits / chars
 
 
 def read_log(path):

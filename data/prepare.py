@@ -34,6 +34,7 @@ import argparse
 import json
 import lzma
 import os
+import random
 import re
 import sys
 import tarfile
@@ -46,12 +47,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:  # so `python data/prepare.py` finds model.py in the repo root
     sys.path.insert(0, ROOT)
-from model import get_tokenizer, format_prompt, encode_reply  # noqa: E402
+from model import TOKENIZER_NAME, get_tokenizer, format_prompt, encode_reply  # noqa: E402
 
 TARBALL = os.path.join(HERE, "shakespeare.tar.xz")  # the vendored texts (see data/README.md)
 CACHE_DIR = os.path.join(HERE, "cache")             # generated files (git-ignored)
 MAX_TOKENS = 64                                     # longest prompt or reply text, in GPT-2 tokens
-VERSION = 1                                         # bump when the output changes, to rebuild old caches
+VERSION = 2                                         # bump when the output changes, to rebuild old caches
 
 # Split by whole play, fixed lists. Test plays are well known, so they also give good demo prompts; the
 # held-out prompts used to evaluate the reward model and PPO come from test.
@@ -327,7 +328,7 @@ def prepare(force=False, verbose=True):
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
-            if meta.get("version") == VERSION:
+            if meta.get("version") == VERSION and meta.get("tokenizer") == TOKENIZER_NAME:
                 return meta
         except (OSError, ValueError):
             pass                                                   # unreadable meta.json: rebuild
@@ -357,7 +358,8 @@ def prepare(force=False, verbose=True):
     os.makedirs(CACHE_DIR, exist_ok=True)
     if os.path.exists(meta_path):
         os.remove(meta_path)
-    meta = {"version": VERSION, "source": os.path.basename(TARBALL), "max_tokens": MAX_TOKENS,
+    meta = {"version": VERSION, "tokenizer": TOKENIZER_NAME, "source": os.path.basename(TARBALL),
+            "max_tokens": MAX_TOKENS,
             "works_read": len(works), "plays_with_dialogue": len(turns_per_play),
             "val_plays": list(VAL_PLAYS), "test_plays": list(TEST_PLAYS),
             "turns": {}, "tokens": {}, "reply_tokens": {}, "turns_per_play": turns_per_play}
@@ -389,6 +391,37 @@ def load_turns(split):
     path = os.path.join(CACHE_DIR, f"{split}_turns.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def unique_prompts(turns, n, seed):
+    """Up to n distinct prompts (human turns) of some turns, in a seeded random order (n None: all)."""
+    prompts = sorted({t["prompt"] for t in turns})
+    random.Random(seed).shuffle(prompts)
+    return prompts if n is None else prompts[:n]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plays' own word list, for a real-word rate: the share of a reply's words that Shakespeare used.
+# A cheap, honest check that a small model writes words and not BPE fragments glued together ("moonsassert").
+
+WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")   # a word: letters, maybe with an apostrophe inside ("thou'rt")
+
+
+def words(text):
+    return WORD_RE.findall(text.lower())
+
+
+def play_words():
+    """Every word that occurs in a prompt or reply of any play (all three splits), lowercased: a set."""
+    return {w for split in SPLITS for t in load_turns(split) for w in words(t["prompt"] + " " + t["reply"])}
+
+
+def real_word_rate(texts, vocab=None):
+    """Mean over replies (with at least one word) of the share of the reply's words found in `vocab`
+    (default: play_words()). nan if no reply has a word."""
+    vocab = play_words() if vocab is None else vocab
+    rates = [sum(w in vocab for w in ws) / len(ws) for ws in map(words, texts) if ws]
+    return sum(rates) / len(rates) if rates else float("nan")
 
 
 def print_counts(meta):

@@ -538,46 +538,46 @@ def row_logprob(bench, sh, compile_on):
 # ----------------------------------------------------------------------------------------------------
 # Row 5: one PPO iteration through train_ppo's own rollout / score / update.
 
-def build_ppo_ctx(s, cfg, device):
-    """The ctx train_ppo.main builds (train_ppo.build_ctx), from randomly initialised models instead of checkpoints."""
-    from model import get_tokenizer
+def build_ppo_models(s, cfg, device):
+    """The Models train_ppo.main builds (train_ppo.build_models), from randomly initialised models instead of
+    checkpoints."""
     torch.manual_seed(s.seed)
     policy = GPT(cfg).to(device)
     rm = RewardModel(cfg).to(device)
-    return train_ppo.build_ctx(s, get_tokenizer(), device, policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
+    return train_ppo.build_models(s, device, policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
 
 
-def ppo_iteration(ctx, batches, counter):
+def ppo_iteration(m, batches, counter):
     prompts = batches[counter[0] % len(batches)]
     counter[0] += 1
     t = [time.perf_counter()]
-    sync = torch.cuda.synchronize if ctx["device"] == "cuda" else (lambda: None)
-    roll = train_ppo.rollout(ctx, prompts)
+    sync = torch.cuda.synchronize if m.device == "cuda" else (lambda: None)
+    roll = train_ppo.rollout(m, m.policy, prompts)
     sync(); t.append(time.perf_counter())
-    b = train_ppo.score(ctx, roll, 0.05)
+    exp = train_ppo.score(m, roll, 0.05)
     sync(); t.append(time.perf_counter())
-    train_ppo.update(ctx, b)
+    train_ppo.update(m, exp)
     sync(); t.append(time.perf_counter())
-    return dict(gen=t[1] - t[0], score=t[2] - t[1], update=t[3] - t[2], R=roll["resp_mask"].size(1),
-                P=roll["seq"].size(1) - roll["resp_mask"].size(1))
+    return dict(gen=t[1] - t[0], score=t[2] - t[1], update=t[3] - t[2], R=roll.resp_mask.size(1),
+                P=roll.seq.size(1) - roll.resp_mask.size(1))
 
 
 def row_ppo(bench, sh, compile_on):
     dev = bench.device.type
     base_s = dict(sh["ppo_settings"], device=dev, dtype="bfloat16" if bench.cuda else "float32")
     cfg = sh["ppo_cfg"]
-    from data.prepare import load_turns
-    prompts = train_ppo.unique_prompts(load_turns("train"), None, 1337)
+    from data.prepare import load_turns, unique_prompts
+    prompts = unique_prompts(load_turns("train"), None, 1337)
     s0 = train_ppo.Settings(**base_s, compile=False)
     batches = [[prompts[(i * s0.batch_size + j) % len(prompts)] for j in range(s0.batch_size)] for i in range(8)]
     shape = (f"L={cfg.n_layer} d={cfg.n_embd} T<={cfg.block_size}, batch {s0.batch_size}, max_new_tokens "
              f"{s0.max_new_tokens}, {s0.ppo_epochs} epoch(s) x {-(-s0.batch_size // s0.minibatch_size)} minibatches "
              f"of {s0.minibatch_size}, {s0.dtype if not bench.cuda else 'bf16 autocast'}"
              f"{'' if s0.ppo_epochs == train_ppo.Settings.ppo_epochs else f' (preset: {train_ppo.Settings.ppo_epochs} epochs)'}")
-    ctxs = {"eager": build_ppo_ctx(s0, cfg, dev)}
+    ctxs = {"eager": build_ppo_models(s0, cfg, dev)}
     if compile_on:
         ctxs["compiled (s.compile: hidden_states, gae, ppo_loss)"] = \
-            build_ppo_ctx(train_ppo.Settings(**base_s, compile=True), cfg, dev)
+            build_ppo_models(train_ppo.Settings(**base_s, compile=True), cfg, dev)
     counters = {name: [0] for name in ctxs}
     res = bench.side_by_side({name: (lambda n=name: ppo_iteration(ctxs[n], batches, counters[n])) for name in ctxs},
                              warmup=max(1, bench.args.warmup))

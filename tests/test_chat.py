@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import chat
-from chat import (ReplyStream, printable, Settings, check_setting, clean_reply, parse_choice, parse_order, stream_reply,
-                  trim_history, truncate_message)
+from chat import (Chat, ReplyStream, printable, Settings, clean_reply, knob_named, parse_choice, parse_order,
+                  stream_reply, trim_history, truncate_message)
 from model import EOT, GPT, GPTConfig, format_prompt, get_tokenizer, save_checkpoint
-from reward import RewardModel, read_feedback
+from data.feedback import read_feedback
+from reward import RewardModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -331,10 +332,18 @@ def test_answers_and_settings_are_validated():
     for bad in ("3", "", "both"):
         with pytest.raises(ValueError):
             parse_choice(bad)
-    assert check_setting("temperature", "0", 128) == 0.0 and check_setting("top_p", "1", 128) == 1.0
-    assert check_setting("top_k", "0", 128) == 0 and check_setting("max_new_tokens", "64", 128) == 64
-    for name, bad in [("temperature", "-1"), ("temperature", "nan"), ("temperature", "hot"), ("top_k", "-2"),
-                      ("top_k", "2.5"), ("top_p", "0"), ("top_p", "1.5"), ("max_new_tokens", "0"),
-                      ("max_new_tokens", "65")]:
-        with pytest.raises(ValueError, match=name):
-            check_setting(name, bad, 128)
+    # the sampling knobs: a command each (or an unambiguous beginning), checked by sample.sampling_args
+    assert [knob_named(c) for c in ("/temp", "/topk", "/top_p", "/max", "/max_new_tokens", "/t", "/top", "/x")] == \
+        ["temperature", "top_k", "top_p", "max_new_tokens", "max_new_tokens", None, None, None]
+    out = io.StringIO()
+    c = Chat(GPT(CFG), get_tokenizer(), Settings(), "sft.pt", term=chat.Terminal(False, out))
+    for cmd in ("/temp 0", "/topp 1", "/topk 0", "/max 64"):
+        c.handle(cmd)
+    assert (c.s.temperature, c.s.top_p, c.s.top_k, c.s.max_new_tokens) == (0.0, 1.0, 0, 64)
+    for cmd, name in [("/temp -1", "temperature"), ("/temp nan", "temperature"), ("/temp hot", "temperature"),
+                      ("/topk -2", "top_k"), ("/topk 2.5", "top_k"), ("/topp 0", "top_p"), ("/topp 1.5", "top_p"),
+                      ("/max 0", "max_new_tokens"), ("/max 65", "max_new_tokens")]:
+        out.truncate(0), out.seek(0)
+        c.handle(cmd)
+        assert out.getvalue().startswith(f"* {name} must be") and "nothing changed" in out.getvalue(), cmd
+    assert (c.s.temperature, c.s.top_p, c.s.top_k, c.s.max_new_tokens) == (0.0, 1.0, 0, 64)     # unchanged

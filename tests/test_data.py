@@ -131,30 +131,30 @@ def test_text_without_speakers_gives_no_turns():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cutting long speeches: token counts of the four sentences (with their leading space) are 4, 6, 5, 8.
+# Cutting long speeches: token counts of the four sentences (with their leading space) are 4, 7, 5, 8.
 
 TEXT = "Who is there? Stand, and unfold yourself. Long live the king! He comes most carefully upon his hour."
 
 
 def test_cut_reply_keeps_whole_first_sentences(enc):
-    assert [prep.n_tokens(enc, s) for s in prep.SENTENCE_END_RE.split(TEXT)] == [4, 6, 5, 8]
+    assert [prep.n_tokens(enc, s) for s in prep.SENTENCE_END_RE.split(TEXT)] == [4, 7, 5, 8]
     two = "Who is there? Stand, and unfold yourself."
     three = two + " Long live the king!"
-    assert prep.cut_reply(TEXT, enc, max_tokens=14) == two              # 4 + 6 = 10; + 5 would be 15
-    assert prep.cut_reply(TEXT, enc, max_tokens=15) == three
-    assert prep.cut_reply(TEXT, enc, max_tokens=23) == TEXT             # fits: unchanged
+    assert prep.cut_reply(TEXT, enc, max_tokens=15) == two              # 4 + 7 = 11; + 5 would be 16
+    assert prep.cut_reply(TEXT, enc, max_tokens=16) == three
+    assert prep.cut_reply(TEXT, enc, max_tokens=24) == TEXT             # fits: unchanged
 
 
 def test_cut_prompt_keeps_whole_last_sentences(enc):
     last_two = "Long live the king! He comes most carefully upon his hour."
-    assert prep.cut_prompt(TEXT, enc, max_tokens=14) == last_two        # 8 + 5 = 13; + 6 would be 19
+    assert prep.cut_prompt(TEXT, enc, max_tokens=14) == last_two        # 8 + 5 = 13; + 7 would be 20
     assert prep.cut_prompt(TEXT, enc, max_tokens=12) == "He comes most carefully upon his hour."
     assert prep.cut_prompt("  Who is\n there?  ", enc) == "Who is there?"  # whitespace collapsed
 
 
 def test_cut_at_dash_and_semicolon(enc):
     text = "A fool, a fool!--I met a fool i' the forest, A motley fool; a miserable world!"
-    assert prep.cut_reply(text, enc, max_tokens=8) == "A fool, a fool!--"
+    assert prep.cut_reply(text, enc, max_tokens=9) == "A fool, a fool!--"
     assert prep.cut_prompt(text, enc, max_tokens=8) == "a miserable world!"
 
 
@@ -176,7 +176,7 @@ def test_stream_layout_of_one_turn(enc):
     reply_ids = enc.encode_ordinary(" Nay, answer me.")
     assert ids == prompt_ids + reply_ids + [EOT]
     assert mask == [0] * len(prompt_ids) + [1] * (len(reply_ids) + 1)
-    assert ids[-1] == EOT == 50256 and mask[-1] == 1
+    assert ids[-1] == EOT == 8191 and mask[-1] == 1
     assert enc.decode([t for t, m in zip(ids, mask) if m][:-1]) == " Nay, answer me."
 
 

@@ -1,6 +1,8 @@
 """Tests for model.py: each piece against a hand computation or a naive reference. Tiny models, fast."""
+import json
 import math
 import os
+import random
 import shutil
 
 import pytest
@@ -9,6 +11,8 @@ import torch.nn.functional as F
 
 import model as M
 from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
@@ -181,15 +185,38 @@ def test_hidden_states_shape():
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
-def test_tokenizer_known_encodings():
+def test_tokenizer_is_gpt2_bpe_cut_to_vocab_size():
+    enc, full = M.get_tokenizer(), M.get_tokenizer(50257)
+    assert full.encode("Hello world") == [15496, 995]                         # GPT-2's own ids
+    assert full.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert enc.n_vocab == M.VOCAB_SIZE == 8192 == GPTConfig().vocab_size
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [M.EOT] == [8191]  # the last id
+    assert enc.eot_token == M.EOT
+    # common words keep GPT-2's ids (their ranks are below the cut); rarer ones are spelled in smaller pieces
+    assert enc.encode("Hello world") == [39, 695, 78, 995]                   # "Hello" (15496) is spelled H-ell-o
+    assert enc.encode(" the king") == full.encode(" the king") == [262, 5822]
+    rare = " Helsinki"                                                        # one GPT-2 token, ranked > 8191
+    assert len(full.encode_ordinary(rare)) == 1 and full.encode_ordinary(rare)[0] >= 8191
+    assert len(enc.encode_ordinary(rare)) > 1 and max(enc.encode_ordinary(rare)) < 8191
+    assert enc.decode(enc.encode_ordinary(rare)) == rare
+    with pytest.raises(ValueError, match="vocab_size"):
+        M.get_tokenizer(100)
+
+
+def test_tokenizer_round_trips_any_text():
+    """A cut BPE is still a complete byte-level BPE: every string comes back exactly."""
     enc = M.get_tokenizer()
-    assert enc.encode("Hello world") == [15496, 995]
-    assert enc.encode("hello world") == [31373, 995]
-    assert enc.encode("The quick brown fox jumps over the lazy dog.") == [
-        464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [M.EOT] == [50256]
-    assert enc.n_vocab == 50257 == GPTConfig().vocab_size
-    assert enc.decode([15496, 995]) == "Hello world"
+    rng = random.Random(0)
+    texts = ["Thou art kind, my love, not a villain!", "日本語のテキスト 🎭 émigré naïve Ωμέγα", "\x00\x07\t\r\n  \n\n",
+             "".join(chr(rng.randrange(0x20, 0x2FFF)) for _ in range(2000)),      # arbitrary Unicode
+             "".join(chr(rng.choice([rng.randrange(0xD800), rng.randrange(0xE000, 0x10FFFF)])) for _ in range(500))]
+    with open(os.path.join(ROOT, "tests", "fixtures", "hh_rlhf_small.jsonl"), encoding="utf-8") as f:
+        texts += [json.loads(line)["chosen"] for line in f if line.strip()]  # HH-RLHF transcripts
+    from data.prepare import load_turns
+    texts += [t["prompt"] + "\n" + t["reply"] for t in load_turns("test")]  # the held-out plays, every turn
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        assert max(ids) < M.EOT and enc.decode(ids) == text
 
 
 def test_tokenizer_hash_mismatch(tmp_path):
@@ -199,16 +226,16 @@ def test_tokenizer_hash_mismatch(tmp_path):
     data[100] ^= 1
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
-        M.get_tokenizer(str(bad))
+        M.get_tokenizer(path=str(bad))
     with pytest.raises(FileNotFoundError):
-        M.get_tokenizer(str(tmp_path / "nothing.tiktoken"))
+        M.get_tokenizer(path=str(tmp_path / "nothing.tiktoken"))
 
 
 def test_chat_format():
     assert M.format_prompt("Hi") == "\n\nHuman: Hi\n\nAssistant:"
     assert M.format_prompt(["a", "b", "c "]) == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
     enc = M.get_tokenizer()
-    assert M.encode_reply(enc, "Hello world") == [18435, 995, M.EOT]          # " Hello" is 18435
+    assert M.encode_reply(enc, "Hello world") == [5783, 78, 995, M.EOT]      # " Hell" "o" " world"
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -260,6 +287,20 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"model_args": {}}, no_model)
     with pytest.raises(ValueError, match="not a checkpoint"):
         M.load_checkpoint(str(no_model), made_by="train_sft.py")
+
+
+def test_checkpoint_records_its_tokenizer_and_another_vocabulary_is_refused(tmp_path):
+    m = tiny()
+    M.save_checkpoint(ckpt_of(m), str(tmp_path / "sft.pt"))
+    assert M.load_checkpoint(str(tmp_path / "sft.pt"), made_by="train_sft.py")["tokenizer"] == M.TOKENIZER_NAME
+    # a checkpoint of the full GPT-2 vocabulary, as this project wrote them before (no "tokenizer" key)
+    old = {"model_args": {**ckpt_of(m)["model_args"], "vocab_size": 50257}, "model": {}, "kind": "sft"}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"another vocabulary \(gpt2-bpe-50257\).*gpt2-bpe-8192.*train_sft.py"):
+        M.load_checkpoint(str(tmp_path / "old.pt"), made_by="train_sft.py")
+    torch.save({**ckpt_of(m), "tokenizer": "gpt2-bpe-4096"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="another vocabulary"):
+        M.load_checkpoint(str(tmp_path / "other.pt"), made_by="train_sft.py")
 
 
 def test_gpt_from_checkpoint_mismatch_and_prefix(tmp_path):

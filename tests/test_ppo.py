@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, fused, gae,
-                 kl_k1, kl_k3, logprobs_from_hidden, masked_mean, masked_var, per_token_rewards, ppo_loss,
-                 response_logprobs, response_values, whiten)
+from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, discounted_cumsum,
+                 discounted_cumsum_loop, explained_variance, fused, gae, kl_k1, kl_k3, logprobs_from_hidden,
+                 logprobs_plain, masked_mean, masked_var, per_token_rewards, ppo_loss, response_logprobs,
+                 response_values, whiten)
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-5):
@@ -98,6 +99,52 @@ def test_gae_lambda_one_gives_discounted_return_minus_value():
             G = sum(0.9 ** l * rewards[b, t + l].item() for l in range(T_b - t))
             assert ret[b, t].item() == pytest.approx(G)
             assert adv[b, t].item() == pytest.approx(G - values[b, t].item())
+
+
+def test_discounted_cumsum_matrix_form_equals_the_loop():
+    torch.manual_seed(2)
+    x = torch.randn(5, 9, dtype=torch.float64)
+    for c in (0.0, 0.45, 0.95, 1.0):
+        assert_close(discounted_cumsum(x, c), discounted_cumsum_loop(x, c), atol=1e-12)
+    assert_close(discounted_cumsum_loop(torch.tensor([[1.0, 2.0, 4.0]]), 0.5), torch.tensor([[3.0, 4.0, 4.0]]))
+
+
+def test_lambda_zero_is_the_one_step_actor_critic_advantage():
+    # [强化对齐 §4.3.2]: A(s_t, a_t) = r_t + gamma V(s_{t+1}) - V(s_t), the TD error: GAE with lambda = 0
+    torch.manual_seed(3)
+    mask = prefix_mask([4, 6], 6)
+    rewards, values = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.0)
+    for b, T_b in enumerate([4, 6]):
+        for t in range(T_b):
+            v_next = values[b, t + 1].item() if t + 1 < T_b else 0.0
+            assert adv[b, t].item() == pytest.approx(rewards[b, t].item() + 0.9 * v_next - values[b, t].item())
+            assert ret[b, t].item() == pytest.approx(rewards[b, t].item() + 0.9 * v_next)   # the TD target
+
+
+def test_ppo_at_ratio_one_is_reinforce_with_a_baseline():
+    # [强化对齐 §4.2.3] / [流程与实践 §4.1]: the policy-gradient step is grad of mean_t(-A_t log pi(a_t|s_t)).
+    # On the first step after a rollout (ppo_epochs 1, one minibatch: every step is such a step) the new
+    # policy IS the old one, the ratio is 1, no clip can act, and PPO's surrogate has exactly this
+    # gradient, for any clip_eps. With lam = 1, A_t = return - V(s_t): REINFORCE with the critic as baseline.
+    torch.manual_seed(4)
+    mask = prefix_mask([3, 5], 5)
+    rewards, values = torch.randn(2, 5), torch.randn(2, 5)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)                       # a toy policy's logits
+    tokens = torch.randint(0, 7, (2, 5))
+    logp = F.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)   # (2, 5)
+    grads = []
+    for clip_eps in (0.2, 0.01, float("inf")):
+        loss, stats = ppo_loss(logp, logp.detach(), adv, values, values, ret, mask, clip_eps=clip_eps, vf_coef=0.0)
+        grads.append(torch.autograd.grad(loss, logits, retain_graph=True)[0])
+        assert stats["clipfrac"].item() == 0.0 and stats["ratio_mean"].item() == pytest.approx(1.0)
+    reinforce = masked_mean(-adv * logp, mask)                                # the REINFORCE surrogate
+    g_reinforce = torch.autograd.grad(reinforce, logits)[0]
+    for g in grads:
+        assert_close(g, g_reinforce, atol=1e-6)
+    G = torch.flip(torch.cumsum(torch.flip(torch.where(mask, rewards, 0.0), [1]), 1), [1])   # returns-to-go
+    assert_close(adv, torch.where(mask, G - values, 0.0), atol=1e-5)
 
 
 def graphs_compiled():
@@ -390,6 +437,7 @@ def test_logprobs_from_hidden_matches_naive_with_grad(chunk_size):
         lp, ent = logprobs_from_hidden(h, W, tok, temperature, chunk_size=chunk_size, with_entropy=True)
         assert lp.shape == (3, 5) and lp.dtype == torch.float32
         assert_close(lp, lp_ref)
+        assert_close(logprobs_plain(h, W, tok, temperature), lp_ref)             # the plain form in ppo.py
         assert_close(ent, ent_ref)
         grads = torch.autograd.grad((lp * g).sum() + (ent * g_ent).sum(), (h, W))
         grads_ref = torch.autograd.grad((lp_ref * g).sum() + (ent_ref * g_ent).sum(), (h, W),

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(seed=0, block_size=64, dtype=torch.float32):
-    """A random GPT with the real vocabulary (EOT = 50256 must exist). Its embedding is scaled up so the
+    """A random GPT with the real vocabulary (its <|endoftext|> id EOT must exist). Its embedding is scaled up so the
     logits are spread out and the argmax never hinges on a near-tie."""
     torch.manual_seed(seed)
     m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size))
@@ -95,7 +95,7 @@ def test_sampling_follows_the_filtered_distribution():
 
 def test_temperature_to_zero_equals_greedy():
     m = tiny()
-    prompts = [[464, 2068, 7586], [15496, 995, 13, 198, 31373]]
+    prompts = [[464, 2068, 7586], [1549, 995, 13, 198, 3137]]
     greedy, _, gmask = generate(m, prompts, 12, greedy=True)
     cold, _, cmask = generate(m, prompts, 12, temperature=1e-6, generator=torch.Generator().manual_seed(3))
     zero, _, zmask = generate(m, prompts, 12, temperature=0.0, top_k=5, top_p=0.5)
@@ -119,7 +119,7 @@ def test_same_seed_same_text_different_seed_different_text():
 def test_batched_generation_equals_each_prompt_alone():
     """Left padding + KV cache are right iff a row in a batch decodes exactly as it does alone."""
     m = tiny(dtype=torch.float64)                                             # float64: no rounding ties
-    prompts = [[464, 2068, 7586], list(range(1000, 1011)), [15496, 995, 13, 198, 31373, 12, 99]]
+    prompts = [[464, 2068, 7586], list(range(1000, 1011)), [1549, 995, 13, 198, 3137, 12, 99]]
     seq, pad, mask = generate(m, prompts, 15, greedy=True)
     P = seq.size(1) - mask.size(1)
     assert P == 11 and pad.tolist() == [8, 0, 4]
@@ -133,7 +133,7 @@ def test_batched_generation_equals_each_prompt_alone():
 def test_generation_matches_the_full_forward_pass():
     """The cached greedy decode picks, at every step, the argmax of a plain forward pass over the text so far."""
     m = tiny()
-    seq, _, mask = generate(m, [[464, 2068, 7586, 21831]], 8, greedy=True)
+    seq, _, mask = generate(m, [[464, 2068, 7586, 2183]], 8, greedy=True)
     logits = m(seq)                                                           # (1, T, V), no cache, no padding
     assert torch.equal(logits[0, 3:-1].argmax(-1), seq[0, 4:])
 
@@ -144,7 +144,7 @@ def test_generation_under_bf16_autocast_uses_a_bf16_cache():
     m = tiny()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert m.new_cache(2, 8).k.dtype == torch.bfloat16
-        seq, _, mask = generate(m, [[464, 2068, 7586, 21831]], 8, greedy=True)
+        seq, _, mask = generate(m, [[464, 2068, 7586, 2183]], 8, greedy=True)
         logits = m(seq)                                                       # (1, T, V) bf16 logits
     assert m.new_cache(2, 8).k.dtype == torch.float32                         # outside autocast: the weights' dtype
     assert mask.all() and seq.shape == (1, 12)
@@ -170,7 +170,7 @@ def test_stops_at_eot_and_masks_after_it(monkeypatch):
         return logits
     monkeypatch.setattr(m, "hidden_states", spy)
     monkeypatch.setattr(m.lm_head, "forward", rigged)
-    seq, pad, mask = generate(m, [[464, 2068], [15496]], 10, temperature=1.0,
+    seq, pad, mask = generate(m, [[464, 2068], [1549]], 10, temperature=1.0,
                               generator=torch.Generator().manual_seed(0))
     assert mask.tolist() == [[True, True, True, False, False], [True, True, True, True, True]]
     P = seq.size(1) - 5                                                       # stopped after 5 of 10 steps
@@ -240,11 +240,11 @@ def test_generate_restores_training_mode_and_rejects_bad_input():
 
 def test_decode_replies_by_hand():
     enc = get_tokenizer()
-    hello, fox = enc.encode_ordinary(" Hello world"), enc.encode_ordinary(" The quick brown fox")
+    hello, fox = enc.encode_ordinary(" Good night"), enc.encode_ordinary(" The quick brown cat")
     seq = torch.tensor([[EOT, EOT, 11, 12] + hello + [EOT, EOT, EOT],
-                        [21, 22, 23, 24] + fox[:4] + [71]])                   # (2, 4 + 5)
+                        [21, 22, 23, 24] + fox + [71]])                       # (2, 4 + 5)
     resp_mask = torch.tensor([[True, True, True, False, False], [True] * 5])
-    assert decode_replies(enc, seq, resp_mask) == ["Hello world", "The quick brown fox" + enc.decode([71])]
+    assert decode_replies(enc, seq, resp_mask) == ["Good night", "The quick brown cat" + enc.decode([71])]
 
 
 # ---------------------------------------------------------------------------------------------------- loading, CLI
@@ -293,9 +293,7 @@ def test_cli_prints_samples(tmp_path):
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
     """In-process (no second interpreter start-up): a clean exit 1 with the message, no traceback."""
-    with pytest.raises(SystemExit) as e:
-        main(["--ckpt", str(tmp_path / "sft.pt")])
-    assert e.value.code == 1
+    assert main(["--ckpt", str(tmp_path / "sft.pt")]) == 1                 # `python sample.py` exits with it
     err = capsys.readouterr().err
     assert "train_sft.py" in err and "not found" in err
 

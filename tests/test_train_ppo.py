@@ -38,10 +38,11 @@ def test_pipeline_trains_what_is_missing_and_writes_the_report(pipeline):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sft.pt is missing: running train_sft.py first" in r.stdout
     assert "rm.pt is missing: running train_rm.py first" in r.stdout
-    for name in ("sft.pt", "rm.pt", "ppo.pt", "ppo_curves.png", "ppo_report.json", "ppo_report.md"):
+    for name in ("sft.pt", "rm.pt", "ppo.pt", "ppo_curves.png", "overoptimisation.png", "ppo_report.json", "ppo_report.md"):
         assert (d / name).exists(), name
     rep = json.loads((d / "ppo_report.json").read_text())
-    for key in ("rm_score", "rm_score_sft", "gold", "gold_sft", "kl", "kl_k3", "win_rate", "vote_rate"):
+    for key in ("rm_score", "rm_score_sft", "reward", "reward_sft", "gold", "gold_sft", "kl", "kl_k3", "win_rate",
+                "vote_rate", "reply_words", "reply_words_sft", "real_word_rate", "real_word_rate_sft"):
         assert isinstance(rep[key], float), key
     assert 0.0 <= rep["win_rate"] <= 1.0 and 0.0 <= rep["vote_rate"] <= 1.0 and rep["n"] == 8
     assert len(rep["examples"]) == 8 and all(len(e) == 3 for e in rep["examples"])
@@ -92,22 +93,18 @@ def test_score_puts_the_penalty_on_replies_that_never_end(pipeline):
     # score(): replies without <|endoftext|> get no_eos_penalty as their score; rewards sum to score - beta*KL
     d, _ = pipeline
     s = train_ppo.Settings(out_dir=str(d), no_eos_penalty=-7.0, device="cpu")
-    from model import get_tokenizer
-    from reward import RewardModel
-    from sample import load_model
-    policy, _ = load_model(str(d / "sft.pt"))
-    ref, _ = load_model(str(d / "sft.pt"))
-    rm_ckpt = load_checkpoint(str(d / "rm.pt"), made_by="train_rm.py")
-    ctx = train_ppo.build_ctx(s, get_tokenizer(), "cpu", policy, ref, RewardModel.from_checkpoint(rm_ckpt),
-                              RewardModel.from_checkpoint(rm_ckpt))
+    m, _ = train_ppo.setup(s, "cpu", {"sft": str(d / "sft.pt"), "rm": str(d / "rm.pt")})
     seq = torch.tensor([[11, 12, 13, 40, 41, EOT, EOT], [11, 12, 13, 40, 41, 42, 43]])  # P = 3, R = 4
     resp_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    b = train_ppo.score(ctx, {"seq": seq, "pad": torch.zeros(2, dtype=torch.long), "resp_mask": resp_mask}, beta=0.1)
-    assert b["scores"][1].item() == -7.0 and b["scores"][0].item() != -7.0
-    assert b["ended"] == 0.5
-    assert (b["advantages"][~resp_mask] == 0).all() and (b["returns"][~resp_mask] == 0).all()
-    kl = torch.where(resp_mask, b["logprobs"] - b["ref_logprobs"], 0.0)
-    assert abs(b["kl_per_reply"] - kl.sum(1).mean().item()) < 1e-6
+    exp = train_ppo.score(m, train_ppo.Rollout(seq, torch.zeros(2, dtype=torch.long), resp_mask), beta=0.1)
+    assert exp.ended.tolist() == [True, False]
+    assert exp.rm_scores[1].item() != -7.0                                   # the reward model's own score
+    kl = torch.where(resp_mask, exp.logprobs - exp.ref_logprobs, 0.0)         # (2, 4)
+    assert torch.equal(exp.kl, kl)
+    shaped = exp.rewards.sum(1) + 0.1 * kl.sum(1)                             # rewards = score - beta * KL
+    assert shaped[1].item() == pytest.approx(-7.0, abs=1e-5)
+    assert shaped[0].item() == pytest.approx(exp.rm_scores[0].item(), abs=1e-5)
+    assert (exp.advantages[~resp_mask] == 0).all() and (exp.returns[~resp_mask] == 0).all()
 
 
 # ---- the gpu preset's code paths, on a CPU: bf16 autocast and torch.compile ------------------------------------
@@ -116,29 +113,30 @@ PROMPTS = ["How fares my lord?", "Good morrow.", "What, ho! Who comes here at th
            "I pray you, sir, tell me your name and whence you come.", "Away!"]
 
 
-def tiny_ctx(**settings):
-    """build_ctx on randomly initialised tiny models (the same seed every call: identical models)."""
+def tiny_models(**settings):
+    """train_ppo.build_models on randomly initialised tiny models (the same seed every call: identical models)."""
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, dropout=0.0)
     torch.manual_seed(0)
     policy, rm = GPT(cfg), RewardModel(cfg)
     s = train_ppo.Settings(device="cpu", batch_size=6, minibatch_size=3, ppo_epochs=1, max_new_tokens=8, **settings)
-    return train_ppo.build_ctx(s, get_tokenizer(), "cpu", policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
+    return train_ppo.build_models(s, "cpu", policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
 
 
 def test_bf16_autocast_scores_like_float32():
     # --dtype bfloat16 (the gpu preset): matmuls in bf16, but every per-token tensor PPO does arithmetic on
     # (log-probs, values, advantages) stays float32, and the numbers are float32's up to bf16 rounding.
-    ctx32, ctx16 = tiny_ctx(), tiny_ctx(dtype="bfloat16")
-    roll = train_ppo.rollout(ctx16, PROMPTS, generator=torch.Generator().manual_seed(0))
-    b16, b32 = train_ppo.score(ctx16, roll, 0.05), train_ppo.score(ctx32, roll, 0.05)
+    m32, m16 = tiny_models(), tiny_models(dtype="bfloat16")
+    roll = train_ppo.rollout(m16, m16.policy, PROMPTS, generator=torch.Generator().manual_seed(0))
+    b16, b32 = train_ppo.score(m16, roll, 0.05), train_ppo.score(m32, roll, 0.05)
     for k, tol in (("logprobs", 1e-2), ("ref_logprobs", 1e-2), ("values", 5e-2), ("advantages", 5e-2),
-                   ("returns", 5e-2), ("scores", 5e-2)):
-        assert b16[k].dtype == torch.float32 and torch.isfinite(b16[k]).all(), k
-        assert (b16[k] - b32[k]).abs().max().item() < tol, k
-    assert not torch.equal(b16["values"], b32["values"])                    # autocast did run in bf16
-    stats = train_ppo.update(ctx16, b16)
+                   ("returns", 5e-2), ("rm_scores", 5e-2)):
+        x16, x32 = getattr(b16, k), getattr(b32, k)
+        assert x16.dtype == torch.float32 and torch.isfinite(x16).all(), k
+        assert (x16 - x32).abs().max().item() < tol, k
+    assert not torch.equal(b16.values, b32.values)                          # autocast did run in bf16
+    stats = train_ppo.update(m16, b16)
     assert all(v == v for k, v in stats.items() if k != "explained_var")   # no nan
-    assert all(p.dtype == torch.float32 for p in ctx16["policy"].parameters())
+    assert all(p.dtype == torch.float32 for p in m16.policy.parameters())
 
 
 def test_compiled_iterations_match_eager_and_compile_only_in_the_first(monkeypatch):
@@ -155,21 +153,21 @@ def test_compiled_iterations_match_eager_and_compile_only_in_the_first(monkeypat
     ppo.fused.cache_clear()
     torch._dynamo.reset()
     try:
-        compiled, eager = tiny_ctx(compile=True), tiny_ctx()
+        compiled, eager = tiny_models(compile=True), tiny_models()
         batches = [PROMPTS, PROMPTS[::-1][:5] + ["Hence!"], [p + " Speak, I charge thee." for p in PROMPTS]]
         graphs = []
         for i, prompts in enumerate(batches):
             out = {}
-            for name, ctx in (("compiled", compiled), ("eager", eager)):
-                roll = train_ppo.rollout(ctx, prompts, generator=torch.Generator().manual_seed(i))
-                b = train_ppo.score(ctx, roll, 0.05)
+            for name, m in (("compiled", compiled), ("eager", eager)):
+                roll = train_ppo.rollout(m, m.policy, prompts, generator=torch.Generator().manual_seed(i))
+                b = train_ppo.score(m, roll, 0.05)
                 torch.manual_seed(i)                                          # the same minibatch order
-                out[name] = roll, b, train_ppo.update(ctx, b)
-                train_ppo.sample_texts(ctx, ctx["ref"], prompts[:2], seed=i)  # what evaluate() samples
+                out[name] = roll, b, train_ppo.update(m, b)
+                train_ppo.rollouts(m, m.ref, prompts[:2], seed=i)             # what the evaluation samples
             (rc, bc, sc), (re_, be, se) = out["compiled"], out["eager"]
-            assert torch.equal(rc["seq"], re_["seq"]), i
+            assert torch.equal(rc.seq, re_.seq), i
             for k in ("logprobs", "values", "advantages", "returns"):
-                assert (bc[k] - be[k]).abs().max().item() < 1e-4, (i, k)
+                assert (getattr(bc, k) - getattr(be, k)).abs().max().item() < 1e-4, (i, k)
             assert abs(sc["pg_loss"] - se["pg_loss"]) < 1e-4 and abs(sc["vf_loss"] - se["vf_loss"]) < 1e-4
             graphs.append(counters["stats"]["unique_graphs"])
         assert graphs[0] >= 3 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs

@@ -24,7 +24,8 @@ import torch
 
 import train_rm
 from model import get_tokenizer, load_checkpoint
-from reward import Panel, RewardModel, batch_replies, read_feedback
+from data.feedback import read_feedback
+from reward import Panel, RewardModel, batch_replies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -94,14 +95,11 @@ def test_panel_pipeline_outputs(panel_run):
         assert r["meta"]["gold"] == [round(panel.gold(x), 4) for x in r["replies"]]
     assert sum(len(r["replies"]) == 3 for r in records) >= 20
 
-    m = re.search(r"held-out label accuracy (\S+), gold accuracy (\S+) vs single-rater ceiling (\S+) on (\d+) pairs",
-                  out)
+    m = re.search(r"held-out label accuracy (\S+), gold accuracy (\S+) vs single rater (\S+) and bag of words "
+                  r"(\S+) on (\d+) pairs", out)
     assert m, out
-    acc, gold_acc, ceiling = (float(x) for x in m.groups()[:3])
-    assert 0 <= acc <= 1
-    for x in (gold_acc, ceiling):  # nan when no held-out pair has different gold scores
-        assert math.isnan(x) or 0 <= x <= 1
-    assert (math.isnan(ceiling)) == (int(m.group(4)) == 0)
+    acc, gold_acc, ceiling, bow = (float(x) for x in m.groups()[:4])
+    assert all(0 <= x <= 1 for x in (acc, gold_acc, ceiling, bow)) and int(m.group(5)) > 0
     assert "train items: " + str(len(records)) in out
 
     rm, ckpt = load_rm(d / "rm.pt")
@@ -131,16 +129,17 @@ def test_reward_is_normalised_over_the_panel_replies(panel_run):
     assert z.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-2)
 
 
-def test_empty_and_repeated_sft_replies_are_left_out_of_rankings(tmp_path, sft_dir, capsys, monkeypatch, no_plot):
-    # A trained SFT model often says the same short thing twice ("Ay, my lord.") or stops at once (an empty
-    # reply); the schema rejects both in a ranking, so the panel must not write them.
+def test_repeated_sft_replies_are_merged_and_empty_ones_kept(tmp_path, sft_dir, capsys, monkeypatch, no_plot):
+    # A trained SFT model often says the same short thing twice ("Ay, my lord."): a repeat carries no
+    # preference and the schema rejects it in a ranking, so the panel ranks each distinct reply once. An
+    # empty reply (the model said nothing) is a reply like any other, and the panel ranks it.
     real = train_rm.decode_replies
 
     def alike(enc, seq, resp_mask):  # replies come k = 3 per prompt, in prompt order
         texts = real(enc, seq, resp_mask)
         for j in range(0, len(texts) - 2, 3):
             if j % 6 == 0:
-                texts[j:j + 3] = ["", "Ay, my lord.", " Ay, my lord. "]  # one distinct reply: no ranking
+                texts[j:j + 3] = ["", "Ay, my lord.", " Ay, my lord. "]  # two distinct: "" and "Ay, my lord."
             else:
                 texts[j:j + 3] = ["Ay, my lord.", texts[j + 1], "Ay, my lord."]  # two distinct
         return texts
@@ -148,23 +147,25 @@ def test_empty_and_repeated_sft_replies_are_left_out_of_rankings(tmp_path, sft_d
     monkeypatch.setattr(train_rm, "decode_replies", alike)
     d = out_dir_with_sft(tmp_path, sft_dir)
     train_rm.main(flags(d, DATA, n_prompts=8))
-    records, _ = read_feedback([str(d / "panel_labels.jsonl")])  # would raise on an empty or repeated reply
-    assert len(records) == 4 and all(len(r["replies"]) == 2 for r in records)
+    records, _ = read_feedback([str(d / "panel_labels.jsonl")])  # would raise on a repeated reply
+    assert len(records) == 8 and all(len(r["replies"]) == 2 for r in records)
     assert all("Ay, my lord." in r["replies"] for r in records)
+    assert sum("" in r["replies"] for r in records) == 4
     assert load_rm(d / "rm.pt")[1]["final"]
 
 
 # ---- other feedback: HH-RLHF, the four kinds, several files ------------------------------------------------------
 
 def test_trains_on_hh_rlhf_as_is(tmp_path, sft_dir, capsys, no_plot):
-    # 8 pairs, one a tie. batch_size 16 > items and 2 epochs: each epoch is one (short) batch
+    # 10 pairs (one with an empty reply, one of two conversations that part early), one a tie.
+    # batch_size 16 > items and 2 epochs: each epoch is one (short) batch
     d = out_dir_with_sft(tmp_path, sft_dir)
     ev = train_rm.main(flags(d, DATA, data=HH, epochs=2, batch_size=16))
     out = capsys.readouterr().out
-    assert f"read 8 feedback records from {HH}" in out
-    assert "comparison=8, ranking=0, rating=0, correction=0; ties (kept, not trained on): 1" in out
+    assert f"read 10 feedback records from {HH}" in out
+    assert "comparison=10, ranking=0, rating=0, correction=0; ties (kept, not trained on): 1" in out
     n_train = int(re.search(r"train items: (\d+)", out).group(1))
-    assert 5 <= n_train <= 7  # 7 non-tie pairs, ~10% of prompts held out
+    assert 7 <= n_train <= 9  # 9 non-tie pairs, ~10% of prompts held out
     assert not (d / "panel_labels.jsonl").exists()  # --data without --mix_panel: no panel labels
     assert "reward normalised over 256 SFT replies" in out  # fresh SFT samples instead
     _, ckpt = load_rm(d / "rm.pt")
@@ -233,12 +234,12 @@ def test_two_files_mixed_with_the_panel(tmp_path, sft_dir, capsys, no_plot):
     d = out_dir_with_sft(tmp_path, sft_dir)
     train_rm.main(flags(d, DATA, data=f"{HH},{ALL_KINDS}", n_prompts=8, max_new_tokens=4) + ["--mix_panel"])
     out = capsys.readouterr().out
-    assert f"read 12 feedback records from {HH}, {ALL_KINDS}" in out
+    assert f"read 14 feedback records from {HH}, {ALL_KINDS}" in out
     n_panel = len(read_feedback([str(d / "panel_labels.jsonl")])[0])
     assert "panel ranked 3 SFT replies for each of 8 prompts" in out and 6 <= n_panel <= 8
-    assert f"comparison=9, ranking={1 + n_panel}, rating=1, correction=1" in out
+    assert f"comparison=11, ranking={1 + n_panel}, rating=1, correction=1" in out
     n_train = int(re.search(r"train items: (\d+)", out).group(1))
-    assert n_panel + 8 <= n_train <= n_panel + 11  # panel + file items (minus the tie and held-out prompts)
+    assert n_panel + 10 <= n_train <= n_panel + 13  # panel + file items (minus the tie and held-out prompts)
     assert load_rm(d / "rm.pt")[1]["final"]
 
 

@@ -69,7 +69,7 @@ def test_run_writes_checkpoint_log_and_plot(sft_dir):
     assert [int(float(r["step"])) for r in rows if r["val_loss"]] == [4, 8]
     assert math.isfinite(ckpt["best_val_loss"]) and ckpt["best_val_loss"] == pytest.approx(min(val))
     out = (sft_dir / "stdout.txt").read_text()
-    assert "preset: cpu" in out and "done: best val loss" in out
+    assert "preset: cpu" in out and re.search(r"done in .* min: best val loss .* bits per character .* real-word rate", out)
 
 
 def test_training_loss_goes_down(sft_dir):
@@ -77,8 +77,8 @@ def test_training_loss_goes_down(sft_dir):
     train = [(int(float(r["step"])), float(r["train_loss"])) for r in rows if r["train_loss"]]
     assert [s for s, _ in train] == [2, 4, 6, 8]  # one row per log_interval
     first, last = train[0][1], train[-1][1]
-    # random init: ~ln(50257) = 10.8; measured ~9.1 after 8 steps. Ask for a clear but safe drop.
-    assert 10.0 < first < 11.5
+    # random init: ~ln(8192) = 9.0 (measured ~9.0 over the first two steps), ~8.3 after 8 steps.
+    assert 8.5 < first < 9.5
     assert last < first - 0.6, train
     val = [float(r["val_loss"]) for r in rows if r["val_loss"]]
     assert val[1] < val[0]
@@ -220,7 +220,9 @@ def run_sample(*args):
     argv = sys.argv
     sys.argv = ["sample.py", *args]
     try:
-        runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="__main__")  # returns: exit status 0
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="__main__")
+        assert e.value.code == 0
     finally:
         sys.argv = argv
 

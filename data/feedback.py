@@ -1,0 +1,294 @@
+"""
+Human-feedback files ([流程与实践 §3.2] 人类反馈收集: rating, ranking, comparison, correction): one JSONL schema
+for the four kinds, and Anthropic HH-RLHF files ([实战框架 §7.2.3]) read as they are.
+
+    python data/feedback.py out/feedback.jsonl      # check files: counts per kind, the first errors
+
+    from data.feedback import read_feedback, write_feedback, sft_examples
+    records, n_skipped = read_feedback(["out/feedback.jsonl"])   # normalised records, see below
+    write_feedback("out/feedback.jsonl", {"kind": "rating", "prompt": "Hi", "reply": "Hello.", "rating": 4})
+
+The schema, with an example of each kind, is in data/README.md. Every line becomes a record
+    {"kind", "prompt": transcript ending in "\\n\\nAssistant:", "replies": best first (a rating: [reply]),
+     "prompts": the transcript each reply answers (one per reply), "tie": bool,
+     "meta": {the line's other keys, as written}, "source": "file:line"}     (+ "rating", "scale")
+"prompts" is "prompt" repeated, except for an HH-RLHF pair whose two transcripts part before the last
+reply: then each reply is scored after its own transcript (a comparison of two whole conversations).
+A correction becomes replies [corrected, original]: a comparison, and sft_examples() gives its SFT pair.
+An empty reply is a reply (the model said nothing: just its <|endoftext|>); an empty prompt is an error.
+
+Nothing is lost: write_feedback() appends one flushed and fsynced line; a partial last line left by a
+crash is moved aside to FILE.partial (kept, and reported) before the new line goes in, and
+check_writable() lets chat.py refuse a feedback path it could not write before the human says a word.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:  # `python data/feedback.py` finds model.py in the repo root
+    sys.path.insert(0, os.path.dirname(HERE))
+from model import ASSISTANT, HUMAN, format_prompt  # noqa: E402
+
+KINDS = ("comparison", "ranking", "rating", "correction")
+FIELDS = {"comparison": ("prompt", "chosen", "rejected", "tie"), "ranking": ("prompt", "replies"),
+          "rating": ("prompt", "reply", "rating", "scale"), "correction": ("prompt", "reply", "corrected")}
+
+
+def _string(v, what):
+    if not isinstance(v, str):
+        raise ValueError(f"{what} must be a string, got {type(v).__name__}")
+    return v.strip()
+
+
+def _field(obj, key):
+    if key not in obj:
+        raise ValueError(f"missing field {key!r}")
+    return _string(obj[key], f"field {key!r}")
+
+
+def _number(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _prompt(obj):
+    """A plain human message is wrapped with format_prompt; a transcript is used as it is."""
+    p, raw = _field(obj, "prompt"), obj["prompt"]
+    if not p:
+        raise ValueError("field 'prompt' is empty")
+    if raw.startswith(HUMAN):
+        if not raw.endswith(ASSISTANT):
+            raise ValueError("a prompt transcript (starting with '\\n\\nHuman:') must end with '\\n\\nAssistant:'")
+        return raw
+    return format_prompt(p)
+
+
+def _split_hh(obj, key):
+    """HH-RLHF: a whole transcript -> (the transcript up to its LAST "\\n\\nAssistant:", the reply after it)."""
+    text = obj.get(key)
+    if not isinstance(text, str) or not text.startswith(HUMAN) or ASSISTANT not in text:
+        raise ValueError(f"{key!r} is not a transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
+    cut = text.rfind(ASSISTANT) + len(ASSISTANT)
+    return text[:cut], text[cut:].strip()
+
+
+def _rating(obj):
+    scale = obj.get("scale", [1, 5])
+    if not isinstance(scale, list) or len(scale) != 2:
+        raise ValueError(f"field 'scale' must be [lowest, highest], got {scale!r}")
+    lo, hi = (_number(x, "a scale bound") for x in scale)
+    if "rating" not in obj:
+        raise ValueError("missing field 'rating'")
+    r = _number(obj["rating"], "field 'rating'")
+    if not lo < hi or not lo <= r <= hi:
+        raise ValueError(f"rating {obj['rating']!r} is not within scale [{lo:g}, {hi:g}]")
+    return r, [lo, hi]
+
+
+def parse_feedback(obj):
+    """One decoded JSON line -> normalised record (without "source"). ValueError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind is None and "chosen" in obj and "rejected" in obj:               # Anthropic HH-RLHF, as it is
+        (p, a), (p_r, b) = _split_hh(obj, "chosen"), _split_hh(obj, "rejected")
+        rec, used = {"kind": "comparison", "prompt": p, "replies": [a, b], "prompts": [p, p_r]}, ("chosen", "rejected")
+    elif kind is None:
+        raise ValueError(f"no 'kind' field: expected one of {list(KINDS)}, or an HH-RLHF chosen/rejected pair")
+    elif kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: expected one of {list(KINDS)}")
+    else:
+        rec, used = {"kind": kind, "prompt": _prompt(obj)}, ("kind",) + FIELDS[kind]
+        if kind == "comparison":
+            rec["replies"] = [_field(obj, "chosen"), _field(obj, "rejected")]
+            if not isinstance(obj.get("tie", False), bool):
+                raise ValueError(f"field 'tie' must be true or false, got {obj['tie']!r}")
+        elif kind == "ranking":
+            rs = obj.get("replies")
+            if not isinstance(rs, list) or len(rs) < 2:
+                raise ValueError("field 'replies' must be a list of at least 2 replies, best first")
+            rec["replies"] = [_string(r, f"replies[{i}]") for i, r in enumerate(rs)]
+            if len(set(rec["replies"])) < len(rs):
+                raise ValueError("field 'replies' repeats a reply")
+        elif kind == "rating":
+            rec["replies"] = [_field(obj, "reply")]
+            rec["rating"], rec["scale"] = _rating(obj)
+        else:  # correction: the edited reply is preferred to the original
+            rec["replies"] = [_field(obj, "corrected"), _field(obj, "reply")]
+        rec["prompts"] = [rec["prompt"]] * len(rec["replies"])
+    # two identical replies after identical transcripts (HH-RLHF has some) carry no preference: a tie
+    same = rec["kind"] in ("comparison", "correction") and rec["replies"][0] == rec["replies"][1] \
+        and rec["prompts"][0] == rec["prompts"][1]
+    rec["tie"] = same or (kind == "comparison" and obj.get("tie", False))
+    rec["meta"] = {k: v for k, v in obj.items() if k not in used}
+    return rec
+
+
+def _parse_line(raw, lineno):
+    """The bytes of one line -> normalised record, or None for a blank line."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")           # a BOM may start the file
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        if e.msg.startswith("Unterminated string") or e.pos >= len(line.rstrip()):
+            raise ValueError(f"not valid JSON: the line is cut short after {len(line.rstrip())} characters "
+                             "(was a program stopped while writing it?)") from None
+        raise ValueError(f"not valid JSON ({e.msg}, column {e.colno})") from None
+    return parse_feedback(obj)
+
+
+def check_paths(paths):
+    """The list of feedback files to read: each one a readable file, none named twice."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else [p for p in paths if p]
+    if not paths:
+        raise ValueError("no feedback files given")
+    seen = {}
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"feedback file {p} not found")
+        if os.path.isdir(p):
+            raise ValueError(f"feedback file {p} is a directory, not a JSONL file")
+        real = os.path.realpath(p)
+        if real in seen:
+            raise ValueError(f"feedback file {p} is given twice ({seen[real]} and {p}): its records would count twice")
+        seen[real] = p
+    return paths
+
+
+def read_feedback(paths, skip_bad=False, errors=None):
+    """Read feedback JSONL file(s) -> (records, n_skipped): the normalised records (see above) in file
+    order, and the number of bad lines skipped. A bad line raises ValueError("file:line: what is
+    wrong"); with skip_bad=True it is skipped instead, a warning shows the first message, and all the
+    messages are appended to the list `errors` if one is given. Blank lines are ignored. No record at
+    all is an error."""
+    paths = check_paths(paths)
+    records, bad = [], []
+    for path in paths:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    rec = _parse_line(raw, lineno)
+                except ValueError as e:
+                    if not skip_bad:
+                        raise ValueError(f"{path}:{lineno}: {e}") from None
+                    bad.append(f"{path}:{lineno}: {e}")
+                    continue
+                if rec is not None:
+                    records.append({**rec, "source": f"{path}:{lineno}"})
+    if bad:
+        warnings.warn(f"skipped {len(bad)} bad feedback line(s); the first: {bad[0]}")
+        if errors is not None:
+            errors.extend(bad)
+    if not records:
+        raise ValueError(f"{', '.join(map(str, paths))}: no feedback records"
+                         + (f" ({len(bad)} bad line(s) skipped)" if bad else " (the file(s) are empty)"))
+    return records, len(bad)
+
+
+def check_writable(path):
+    """Raise OSError (naming `path`) unless feedback can be appended to it, without changing the file."""
+    if os.path.isdir(path):
+        raise OSError(f"feedback file {path} is a directory")
+    if os.path.exists(path):
+        if not os.path.isfile(path) or not os.access(path, os.W_OK):
+            raise OSError(f"feedback file {path} is not a writable file")
+        with open(path, "ab"):                                               # e.g. a read-only mount
+            pass
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".{os.path.basename(path)}.probe")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"cannot write the feedback file {path}: {e.strerror or e}") from None
+
+
+def heal(path):
+    """Before an append: if the file's last line has no newline (a program stopped while writing it), it is
+    either a complete record (the newline is added) or a fragment, which is moved to PATH.partial (appended
+    there, kept for the human to look at) and cut from the file. Returns a message, or None."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.endswith(b"\n"):
+        return None
+    start = data.rfind(b"\n") + 1
+    tail = data[start:]
+    try:
+        _parse_line(tail, 1 if start == 0 else 2)
+        complete = True
+    except ValueError:
+        complete = False
+    with open(path, "ab") as f:
+        if complete:
+            f.write(b"\n")
+        else:
+            with open(path + ".partial", "ab") as side:                      # kept first, then cut
+                side.write(tail + b"\n")
+                side.flush()
+                os.fsync(side.fileno())
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+    if complete:
+        return f"{path}: its last line had no newline; added one"
+    return (f"{path}: its last line was cut short ({len(tail)} bytes, a program stopped while writing it); "
+            f"moved to {path}.partial")
+
+
+def write_feedback(path, record):
+    """Append one feedback object as a JSON line, flushed and fsynced (a crash loses at most this line).
+    The object is checked against the schema first, so a bad record never reaches the file. Returns the
+    message of heal() (None if the file was whole)."""
+    parse_feedback(record)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    healed = heal(path)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return healed
+
+
+def sft_examples(records):
+    """(prompt, corrected reply) pairs from the corrections: a corrected reply is also a demonstration."""
+    return [(r["prompt"], r["replies"][0]) for r in records if r["kind"] == "correction"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Check feedback JSONL files: counts per kind, and the bad lines.")
+    ap.add_argument("files", nargs="+", help="feedback JSONL files to check")
+    args = ap.parse_args(argv)
+    errors = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            records, _ = read_feedback(args.files, skip_bad=True, errors=errors)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        for line in errors[:10]:
+            print("  " + line, file=sys.stderr)
+        return 1
+    for kind in KINDS:
+        n = sum(r["kind"] == kind for r in records)
+        print(f"{kind:>10}: {n} ({sum(r['tie'] for r in records if r['kind'] == kind)} ties)")
+    print(f"{len(errors)} bad line(s)" + "".join("\n  " + e for e in errors[:10]))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
