@@ -71,10 +71,10 @@ from sample import Sampling, decode_replies, generate, load_model, sampling_args
 
 @dataclass
 class Settings(Sampling):
-    ckpt: str = ""                           # checkpoint to talk to; empty = out/ppo.pt if it exists, else out/sft.pt
-    rm: str = ""                             # reward model scoring /compare and /rank; empty = out/rm.pt if it exists; none = off
-    feedback: str = "out/feedback.jsonl"     # your feedback is appended here, one JSON line each (train_rm.py --data)
-    seed: int = 1337                         # random seed: the same seed and the same input give the same chat
+    ckpt: str = ""                   # checkpoint to talk to; empty = out/ppo.pt if it exists, else out/sft.pt
+    rm: str = ""         # reward model scoring /compare and /rank; empty = out/rm.pt if it exists; none = off
+    feedback: str = "out/feedback.jsonl"     # your feedback is appended here, a JSON line each (for train_rm)
+    seed: int = 1337                        # random seed: the same seed and the same input give the same chat
     device: str = "auto"                     # auto | cpu | cuda: where the models run
 
 
@@ -117,7 +117,7 @@ def truncate_message(enc, text, room):
     if n_tokens(enc, [text]) <= room:
         return text, 0
     toks = enc.encode_ordinary(" " + text)
-    for keep in range(min(len(toks), room), 0, -1):                           # the longest beginning that fits
+    for keep in range(min(len(toks), room), 0, -1):                          # the longest beginning that fits
         # decode_bytes + errors="ignore": a cut through a multi-byte character drops its first bytes
         cut = enc.decode_bytes(toks[:keep]).decode("utf-8", errors="ignore").strip()
         if n_tokens(enc, [cut]) <= room:
@@ -419,12 +419,13 @@ class Chat:
         """Fit a transcript ending with a human turn in the context window (notices say what went)."""
         turns, dropped = trim_history(self.enc, turns, self.room())
         if dropped:
-            self.term.info(f"the conversation outgrew the context window: forgot its {dropped // 2} oldest exchange(s)")
+            self.term.info(f"the conversation outgrew the context window: forgot its {dropped // 2} oldest "
+                           "exchange(s)")
         last, n = truncate_message(self.enc, turns[-1], self.room())
         if n:
-            self.term.info(f"your message is {n} tokens, more than fit in the context window ({self.room()} tokens "
-                           f"= block_size {self.model.config.block_size} - max_new_tokens {self.s.max_new_tokens}, "
-                           f"with the chat markers): kept its beginning, "
+            self.term.info(f"your message is {n} tokens, more than fit in the context window ({self.room()} "
+                           f"tokens = block_size {self.model.config.block_size} - max_new_tokens "
+                           f"{self.s.max_new_tokens}, with the chat markers): kept its beginning, "
                            f"{len(self.enc.encode_ordinary(' ' + last))} tokens")
         return turns[:-1] + [last]
 
@@ -436,7 +437,8 @@ class Chat:
         out = self.term.out
         out.write(self.term.paint("Bard:", "1;34") + " ")
         out.flush()
-        reply, interrupted = stream_reply(self.model, self.enc, self.prompt_ids(turns), self.s, self.generator, out)
+        ids = self.prompt_ids(turns)
+        reply, interrupted = stream_reply(self.model, self.enc, ids, self.s, self.generator, out)
         if interrupted:
             out.write(" [interrupted]" if reply else "[interrupted]")
         elif not reply:
@@ -476,9 +478,10 @@ def offer(chat, k, ranking):
         term.info(f"there is nothing to {what} yet: say something first; nothing changed")
         return
     if chat.s.temperature == 0:
-        term.info(f"with /temp 0 (greedy) every reply is the same: set /temp above 0 to {what}; nothing changed")
+        term.info(f"with /temp 0 (greedy) every reply is the same: set /temp above 0 to {what}; nothing "
+                  "changed")
         return
-    turns = chat.fit(chat.turns[:-1])                                         # the transcript up to your message
+    turns = chat.fit(chat.turns[:-1])                                      # the transcript up to your message
     prompt_ids = chat.prompt_ids(turns)
     cands = []  # k distinct replies (a ranking cannot repeat a reply): redraw up to REDRAWS times
     for _ in range(REDRAWS + 1):
@@ -489,8 +492,8 @@ def offer(chat, k, ranking):
             break
     n = len(cands)
     if n < 2:
-        term.info(f"the replies were all the same, {REDRAWS + 1} times: nothing to {what}; try a higher /temp; "
-                  "nothing changed")
+        term.info(f"the replies were all the same, {REDRAWS + 1} times: nothing to {what}; try a higher "
+                  "/temp; nothing changed")
         return
     if n < k:
         term.info(f"only {n} distinct replies in {REDRAWS + 1} tries of {k}: rank these {n}")
@@ -505,7 +508,7 @@ def offer(chat, k, ranking):
     scores = None
     if chat.rm is not None:
         with torch.no_grad():
-            scores = reply_scores(chat.rm, chat.enc, [format_prompt(turns)] * n, cands, normalised=True).tolist()
+            scores = reply_scores(chat.rm, chat.enc, [format_prompt(turns)] * n, cands, True).tolist()
     if answer is None:
         term.info("cancelled: nothing saved, the transcript is unchanged")
         if scores is not None:
@@ -517,9 +520,9 @@ def offer(chat, k, ranking):
         record = {"kind": "ranking", "prompt": prompt, "replies": [cands[i] for i in order]}
         said = "best first " + " ".join(str(i + 1) for i in order)
     else:
-        order = [0, 1] if tie else [answer, 1 - answer]                       # best first; a tie keeps reply 1
-        record = {"kind": "comparison", "prompt": prompt, "chosen": cands[order[0]], "rejected": cands[order[1]],
-                  "tie": tie}
+        order = [0, 1] if tie else [answer, 1 - answer]                      # best first; a tie keeps reply 1
+        record = {"kind": "comparison", "prompt": prompt, "chosen": cands[order[0]],
+                  "rejected": cands[order[1]], "tie": tie}
         said = ("a tie between 1 and 2 (kept in the file, not trained on)" if tie
                 else f"reply {order[0] + 1} is better than reply {order[1] + 1}")
     extra = chat.settings()
@@ -556,7 +559,8 @@ def fix(chat):
     if corrected == reply:
         chat.term.info("that is the reply as it was: nothing to save")
         return
-    record = {"kind": "correction", "prompt": format_prompt(chat.turns[:-1]), "reply": reply, "corrected": corrected}
+    record = {"kind": "correction", "prompt": format_prompt(chat.turns[:-1]), "reply": reply,
+              "corrected": corrected}
     if chat.save(record, chat.reply_info):
         chat.term.info("saved a correction; the conversation goes on from your reply")
     chat.turns = chat.turns[:-1] + [corrected]
@@ -595,7 +599,7 @@ def main(argv=None):
             import readline  # noqa: F401  line editing and history for input()
         except ImportError:
             pass
-    sys.stdout.reconfigure(errors="replace")                                  # any text prints, whatever the locale
+    sys.stdout.reconfigure(errors="replace")                            # any text prints, whatever the locale
     return Chat(model, get_tokenizer(), s, ckpt_path, rm, rm_path, Terminal(interactive)).run()
 
 

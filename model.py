@@ -1,5 +1,5 @@
 """
-The GPT of the book (§4.1), plus the few things every script needs with it.
+The GPT of the book ([实战框架 §4.1] transformer 架构), plus the few things every script needs with it.
 
     from model import GPT, GPTConfig, get_tokenizer
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128))
@@ -8,9 +8,9 @@ The GPT of the book (§4.1), plus the few things every script needs with it.
     h = model.hidden_states(idx)           # (B, T, n_embd): reward model and critic put scalar heads here
 
 What is here, top to bottom:
-  §4.1.2 sinusoidal positional encoding   sinusoidal_positions()
-  §4.1.3 layer normalisation, written out LayerNorm
-  §4.1.1 causal self-attention            CausalSelfAttention (readable math path + fused SDPA path)
+  [实战框架 §4.1.2] position encoding      sinusoidal_positions()
+  [实战框架 §4.1.3] layer normalization    LayerNorm, written out
+  [实战框架 §4.1.1] self-attention 机制     CausalSelfAttention (readable math path + fused SDPA path)
          KV cache for incremental decoding KVCache
          the transformer                   Block, GPT
   tokenizer (GPT-2 BPE, offline), chat format, atomic checkpoint save / checked load.
@@ -24,7 +24,6 @@ positions count from each row's first real token, so a padded row computes exact
 """
 import math
 import os
-import tempfile
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -36,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 8192    # VOCAB_SIZE: GPT-2's BPE cut to 8,191 tokens + <|endoftext|> (see get_tokenizer)
+    vocab_size: int = 8192   # VOCAB_SIZE: GPT-2's BPE cut to 8,191 tokens + <|endoftext|> (see get_tokenizer)
     block_size: int = 256     # longest sequence (context window) the model is trained on
     n_layer: int = 4          # transformer blocks
     n_head: int = 4           # attention heads per block
@@ -46,7 +45,7 @@ class GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# §4.1.2 Sinusoidal positional encoding
+# [实战框架 §4.1.2] position encoding: the sinusoidal positional encoding
 #   PE(pos, 2i)   = sin(pos / 10000^(2i/d_model))
 #   PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))
 # Nothing is learned; any position up to max_len can be encoded.
@@ -62,7 +61,7 @@ def sinusoidal_positions(max_len, d_model):
 
 
 # ----------------------------------------------------------------------------------------------------
-# §4.1.3 Layer normalisation: y = gamma * (x - mean) / sqrt(var + eps) + beta, over the last dimension.
+# [实战框架 §4.1.3] layer normalization: y = gamma * (x - mean) / sqrt(var + eps) + beta, over the last dim.
 # Written out so a student sees every step; a test checks it equals F.layer_norm.
 
 class LayerNorm(nn.Module):
@@ -74,7 +73,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):                                                     # x: (..., d)
         mean = x.mean(dim=-1, keepdim=True)                                   # (..., 1)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)                     # (..., 1) biased, as in the paper
+        var = x.var(dim=-1, keepdim=True, unbiased=False)                   # (..., 1) biased, as in the paper
         x_hat = (x - mean) / torch.sqrt(var + self.eps)                       # (..., d)
         y = self.weight * x_hat                                               # (..., d)
         return y + self.bias if self.bias is not None else y
@@ -117,7 +116,8 @@ def attention_mask(T_q, offset, pad, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# §4.1.1 Causal self-attention: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + causal mask) V
+# [实战框架 §4.1.1] self-attention 机制: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + causal mask) V
+# (the causal mask, which lets a position see only itself and the past, is not in the book's formula)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, layer):
@@ -219,7 +219,8 @@ class GPT(nn.Module):
         """An empty KV cache. Under autocast the keys and values come out of the attention projection in the
         autocast dtype (bf16): stored as such, decoding reads half the bytes of a float32 cache, for free."""
         c, device = self.config, self.wte.weight.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
+        autocast_on = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast_on else self.wte.weight.dtype
         return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
                        device=device, dtype=dtype)
 
@@ -232,11 +233,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
         pos = offset + torch.arange(T, device=idx.device)                     # (T,)
         if pad is not None:
-            pos = (pos[None, :] - pad[:, None]).clamp(min=0)                  # (B, T) count from first real token
+            pos = (pos[None, :] - pad[:, None]).clamp(min=0)              # (B, T) count from first real token
         mask = None                                                           # None means plain causal
         if pad is not None or offset > 0:
             mask = attention_mask(T, offset, pad, idx.device)                 # (B|1, 1, T, offset+T)
-        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.pe[pos]      # (B, T, d) §4.1.2 scale by sqrt(d)
+        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.pe[pos]   # (B, T, d) x sqrt(d): Vaswani et al. 2017, 3.4
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask, cache)                                         # (B, T, d)
@@ -253,7 +254,7 @@ class GPT(nn.Module):
             return self.lm_head(h)                                            # (B, T, V)
         if loss_mask is None:
             loss_mask = torch.ones_like(targets, dtype=torch.bool)
-        loss_mask = loss_mask.bool()  # a 0/1 integer mask (e.g. the uint8 *_mask.bin data) would index, not select
+        loss_mask = loss_mask.bool()  # a 0/1 integer mask (the uint8 *_mask.bin data) would index, not select
         h_sel = h[loss_mask]                                                  # (N, d) N = trained tokens
         logits = self.lm_head(h_sel)                                          # (N, V)
         return F.cross_entropy(logits.float(), targets[loss_mask])            # scalar
@@ -351,7 +352,7 @@ def encode_reply(enc, reply):
 # Settings: every script keeps its settings in a dataclass at the top and reads flags with this.
 
 def setting_comments(cls):
-    """{field name: the comment after it in the source} for a settings dataclass and the classes it extends."""
+    """{field name: the comment after it in the source} for a settings dataclass and the ones it extends."""
     import inspect
     import re
     comments = {}
@@ -360,68 +361,261 @@ def setting_comments(cls):
     return comments
 
 
-def parse_settings(cls, presets=None, argv=None, doc=None):
-    """Command-line flags from a settings dataclass: every field becomes `--name value` (also `--name-with-dashes`)
-    whose help is the field's comment; `--flag` alone sets a bool. If `presets` is given (name -> dict of
-    field values) the chosen preset ("auto" = gpu if CUDA is available, else cpu) fills in the fields the
-    command line did not set."""
+def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
+    """Command-line flags from a settings dataclass: every field becomes `--name value` (also
+    `--name-with-dashes`) whose help is the field's comment; `--flag` alone sets a bool. If `presets` is
+    given (name -> dict of field values) the chosen preset ("auto" = gpu if CUDA is available, else cpu)
+    fills in the fields the command line did not set. Then the settings are checked before any work
+    starts: the device, the dtype, the output folder (it must be writable: a small file is tried), and
+    check(s), the script's own rules, a list of problems. Any problem is one argparse error line naming
+    the flag (exit status 2)."""
     import argparse
     comments = setting_comments(cls)
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         is_bool = f.type is bool
         names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
-        parser.add_argument(*sorted(names), dest=f.name, default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {f.default})",
+        parser.add_argument(*sorted(names), dest=f.name, default=argparse.SUPPRESS,
+                            help=f"{comments.get(f.name, '')} (default: {f.default})",
                             type=(lambda v: v.lower() in ("1", "true", "yes", "on")) if is_bool else f.type,
-                            nargs="?" if is_bool else None, const=True if is_bool else None)  # --resume == --resume true
+                            nargs="?" if is_bool else None, const=True if is_bool else None)  # --resume: true
     given = vars(parser.parse_args(argv))
-    if given.get("dtype", "float32") not in ("float32", "bfloat16"):               # the scripts' autocast dtypes
-        parser.error(f"--dtype must be float32 or bfloat16, not {given['dtype']!r}")
-    if presets is None:
-        return cls(**given)
-    preset = given.get("preset", cls.preset)
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() and given.get("device", "auto") != "cpu" else "cpu"
-    if preset not in presets:
-        parser.error(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
-    return cls(**{**presets[preset], **given, "preset": preset})
+    s = cls(**given)
+    if presets is not None:
+        preset = given.get("preset", cls.preset)
+        if preset == "auto":
+            preset = "gpu" if torch.cuda.is_available() and given.get("device", "auto") != "cpu" else "cpu"
+        if preset not in presets:
+            parser.error(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
+        s = cls(**{**presets[preset], **given, "preset": preset})
+    problems = common_problems(s) + (check(s) if check else [])
+    if problems:
+        parser.error("; ".join(problems))
+    return s
+
+
+def common_problems(s):
+    """The checks every script needs: --device, --dtype, and a writable --out_dir."""
+    problems = []
+    device = getattr(s, "device", "auto")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        problems.append(f"--device must be auto, cpu or cuda, not {device!r}")
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                        "False); use --device cpu")
+    if getattr(s, "dtype", "float32") not in ("float32", "bfloat16"):           # the scripts' autocast dtypes
+        problems.append(f"--dtype must be float32 or bfloat16, not {s.dtype!r}")
+    if hasattr(s, "out_dir"):
+        try:
+            check_writable_dir(s.out_dir)
+        except OSError as e:
+            problems.append(f"--out_dir {e}")
+    return problems
+
+
+def check_writable_dir(path):
+    """Create the folder if needed and write (then remove) a small file in it: OSError says why not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(f"{path} is a file, not a folder")
+    probe = os.path.join(path, ".write_probe")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"{path} is not writable ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: one dict per file; written atomically (temp file + rename, so a crash mid-write never
-# leaves a half file) and loaded with weights_only=True (a checkpoint cannot run code).
+# More than one process: `torchrun --standalone --nproc_per_node=N train_sft.py` starts N copies of a script,
+# each with RANK, LOCAL_RANK and WORLD_SIZE in its environment. torch.distributed connects them (NCCL between
+# GPUs, gloo between CPU processes) and DDP averages the gradients of each backward pass across them. A plain
+# `python train_sft.py` is a world of one: every helper below is then a no-op.
+
+@dataclass
+class World:
+    rank: int = 0            # this process: 0 .. size - 1 (rank 0 logs, plots and writes checkpoints)
+    size: int = 1            # processes in the run (torchrun's --nproc_per_node)
+    local_rank: int = 0      # this process's number on its machine: the GPU it drives
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def shard(self, items):
+        """This process's share of a list: items rank, rank + size, rank + 2 size, ..."""
+        return items[self.rank::self.size]
+
+
+def start_run(cls, presets, argv, doc, check):
+    """The first lines of every trainer: the settings (all checked before any work), this process's place
+    among the processes of a torchrun run, the device; printed."""
+    s = parse_settings(cls, presets, argv, doc=doc, check=check)
+    w, device = start_world(s.device)
+    print(f"preset: {s.preset} on {device}" + (f" x {w.size} processes" if w.size > 1 else "")
+          + "  (override any setting with --name value; --help lists them)")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
+    return s, w, device
+
+
+def run_script(main):
+    """`python train_x.py`: run main(); an expected error (a missing or bad file, bad data, a run that
+    diverged) is one `error: ...` line and exit status 1, not a traceback."""
+    import sys
+    try:
+        main()
+    except (OSError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+def world_size():
+    """Processes in this run, from torchrun's environment (1 for a plain `python script.py`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_world(device_setting):
+    """(World, device) for this process. Under torchrun: join the process group (nccl on CUDA, gloo on a CPU),
+    drive GPU local_rank, silence print() on every rank but 0, and turn a SIGTERM (torchrun stops the others
+    when one process dies) into a clean exit: a checkpoint is written atomically, so none is half-written."""
+    global _world_users
+    cuda = torch.cuda.is_available() and device_setting != "cpu"
+    device = ("cuda" if cuda else "cpu") if device_setting == "auto" else device_setting
+    if world_size() == 1:
+        return World(), device
+    import signal
+    import sys
+    from datetime import timedelta
+    import torch.distributed as dist
+    w = World(int(os.environ["RANK"]), world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        device = f"cuda:{w.local_rank}"
+        torch.cuda.set_device(device)
+    _world_users += 1
+    if dist.is_initialized():                    # train_ppo.py running train_sft.py first: one process group
+        return w, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=w.rank, world_size=w.size,
+                            timeout=timedelta(minutes=10))
+    if not w.main:
+        sys.stdout = open(os.devnull, "w")                                    # one rank logs
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(
+        f"error: process {w.rank} of {w.size} stopped: another process of the run ended (see its message "
+        "above); every checkpoint on disk is whole"))
+    return w, device
+
+
+def all_sum(*tensors):
+    """Each tensor summed over the processes (in place, and returned); unchanged in a world of one."""
+    if world_size() > 1:
+        import torch.distributed as dist
+        for t in tensors:
+            dist.all_reduce(t)
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def gather_shards(shard):
+    """The inverse of World.shard over all processes: every process's results for its share of a list, back in
+    the list's order, on every process (the list itself in a world of one)."""
+    if world_size() == 1:
+        return list(shard)
+    import torch.distributed as dist
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, list(shard))
+    out = [None] * sum(map(len, parts))
+    for r, part in enumerate(parts):
+        out[r::len(parts)] = part                                         # rank r held items r, r + size, ...
+    return out
+
+
+def barrier():
+    if world_size() > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def end_world():
+    """Leave the process group (the last of nested start_world calls does)."""
+    global _world_users
+    if world_size() > 1:
+        import torch.distributed as dist
+        _world_users -= 1
+        if _world_users == 0 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_world_users = 0   # start_world calls not yet ended (train_ppo.py may run train_sft.py and train_rm.py first)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: one dict per file; written atomically (to PATH.tmp, then renamed over PATH, so a crash
+# mid-write never leaves a half file, and the next save replaces a temp file a crash left behind) and
+# loaded with weights_only=True (a checkpoint cannot run code).
 
 def save_checkpoint(obj, path):
-    """Write the dict `obj` to `path` atomically, recording the tokenizer its token ids belong to."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
+    """Write the dict `obj` to `path` atomically, recording the tokenizer its token ids belong to.
+    A full disk or a folder that cannot be written is an OSError whose message names the path."""
+    import errno
+    import shutil
+    tmp = path + ".tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save({**obj, "tokenizer": TOKENIZER_NAME}, tmp)
         os.replace(tmp, path)
-    finally:
+    except BaseException as e:                       # Ctrl-C too: no half-written temp file stays behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):   # torch.save reports a full disk as a RuntimeError
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
+        if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2 ** 20):
+            raise OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device "
+                                        f"({free / 2 ** 20:.0f} MiB free); {path} is unchanged") from None
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise OSError(getattr(e, "errno", None) or errno.EIO,
+                      f"cannot write {path}: {reason}; {path} is unchanged") from None
 
 
-def load_checkpoint(path, made_by, map_location="cpu"):
-    """Load a checkpoint dict; `made_by` names the script that writes it, for the error message."""
+def load_checkpoint(path, made_by, map_location="cpu", kind=None):
+    """Load a checkpoint dict; `made_by` names the script that writes it, for the error messages; `kind`
+    ("sft", "rm", "ppo"), if given, is the kind of checkpoint expected."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found: run `python {made_by}` first to create it")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder, not a file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                         f"re-create it with `python {made_by}`") from None
+    except Exception as e:  # a broken file, or one that would need unpickling code: never load those
+        raise ValueError(f"{path} is not a checkpoint this project wrote (it cannot be read as plain tensors "
+                         f"and numbers: {type(e).__name__}); re-create it with `python {made_by}`") from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint of this project (no 'model_args'/'model'); "
+        raise ValueError(f"{path} is not a checkpoint this project wrote (no 'model_args'/'model'); "
                          f"re-create it with `python {made_by}`")
     made_with = ckpt.get("tokenizer", f"gpt2-bpe-{ckpt['model_args'].get('vocab_size', '?')}")
     if made_with != TOKENIZER_NAME:  # its token ids would mean other words
         raise ValueError(f"{path} was made with another vocabulary ({made_with}); this code uses "
-                         f"{TOKENIZER_NAME} (GPT-2's BPE cut to {VOCAB_SIZE:,} ids, see model.get_tokenizer): "
-                         f"re-create it with `python {made_by}`")
+                         f"{TOKENIZER_NAME} (GPT-2's BPE cut to {VOCAB_SIZE:,} ids, see "
+                         f"model.get_tokenizer): re-create it with `python {made_by}`")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise ValueError(f"{path} is a {ckpt.get('kind', 'unknown')!s} checkpoint, not the {kind} checkpoint "
+                         f"`python {made_by}` writes")
     return ckpt
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing into files only (no screen needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure to `path` atomically (a temp file, then a rename) and close it."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    pyplot().close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 def config_from_dict(d):

@@ -1,5 +1,6 @@
 """
-The maths of PPO for RLHF, written once ([实战框架 §4.2] PPO 算法: §4.2.1 重要性采样, §4.2.2 信赖域方法, §4.2.3 广义优势估计;
+The maths of PPO for RLHF, written once ([实战框架 §4.2] PPO 算法: [实战框架 §4.2.1] 重要性采样, [实战框架 §4.2.2]
+信赖域方法, [实战框架 §4.2.3] 广义优势估计;
 the policy-gradient road to it in [流程与实践 §4.1] 策略梯度算法, [流程与实践 §4.3] Actor-Critic算法, [强化对齐 §4.2]
 策略梯度定理与REINFORCE算法 and [强化对齐 §4.3]). train_ppo.py imports these; each is a short pure function with a
 test against hand-worked numbers or a plain Python loop in tests/test_ppo.py.
@@ -18,10 +19,10 @@ From REINFORCE to PPO, in this file's words. The policy gradient is E[sum_t grad
 ([流程与实践 §4.1], [强化对齐 §4.2.1]); REINFORCE uses the return for A_t, and with a baseline b(s_t) the return
 minus the baseline ([强化对齐 §4.2.3]). ppo_loss's surrogate has exactly this gradient while the ratio is 1,
 i.e. on the first minibatch step after a rollout: with ppo_epochs 1 and one minibatch (minibatch_size =
-batch_size) every step is such a step, and the clip never acts. Then gae(lam=1) makes A_t = (the return from
-t) - V(s_t): REINFORCE with the critic as baseline. gae(lam=0) makes A_t = r_t + gamma V(s_{t+1}) - V(s_t), the
-one-step advantage of the actor-critic algorithm ([强化对齐 §4.3.2], [流程与实践 §4.3]). PPO keeps the critic and
-takes several clipped steps on each rollout (tests/test_ppo.py checks all three claims).
+batch_size) every step is such a step, and the clip never acts. Then gae(lam=1) makes A_t = (the return
+from t) - V(s_t): REINFORCE with the critic as baseline. gae(lam=0) makes A_t = r_t + gamma V(s_{t+1}) -
+V(s_t), the one-step advantage of the actor-critic algorithm ([强化对齐 §4.3.2], [流程与实践 §4.3]). PPO
+keeps the critic and takes several clipped steps on each rollout (tests/test_ppo.py checks all three).
 
 Shapes. A rollout is `seq` (B, P+R): left-padded prompts (`pad` (B,) pad tokens at the start of each row),
 then R response tokens. `resp_mask` (B, R) is True on the generated tokens up to and including the first
@@ -57,7 +58,8 @@ import torch.nn.functional as F
 # first update and the KL penalty would be wrong. So policy, old policy and reference all use the SAME
 # temperature as sampling. (Top-k / top-p change the distribution too: sample PPO rollouts without them.)
 
-def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=False, chunk_size=1024, resp_mask=None):
+def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=False, chunk_size=1024,
+                      resp_mask=None):
     """log pi(response token j | prompt, tokens < j) for every response position: (B, R) [, entropy (B, R)].
 
     The logits that predict token P+j sit at position P-1+j (a causal LM predicts the NEXT token), so the
@@ -71,7 +73,7 @@ def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=F
         raise ValueError(f"need at least one prompt and one response token: seq {tuple(seq.shape)}, "
                          f"resp_len {resp_len}")
     hidden = model.hidden_states(seq, pad)                                    # (B, P+R, d)
-    h = hidden[:, P - 1:-1]                                                   # (B, R, d) states before the tokens
+    h = hidden[:, P - 1:-1]                                               # (B, R, d) states before the tokens
     tokens = seq[:, P:]                                                       # (B, R)
     if resp_mask is None:
         return logprobs_from_hidden(h, model.lm_head.weight, tokens, temperature, chunk_size,
@@ -154,7 +156,7 @@ def per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta):
     kl = torch.where(resp_mask, kl_k1(logprobs, ref_logprobs), 0.0)          # (B, R)
     rewards = -beta * kl                                                      # (B, R)
     n_valid = resp_mask.sum(dim=1)                                            # (B,)
-    last = (n_valid - 1).clamp(min=0)                                         # (B,) index of the last valid token
+    last = (n_valid - 1).clamp(min=0)                                     # (B,) index of the last valid token
     score = torch.where(n_valid > 0, scores.to(rewards.dtype), 0.0)          # (B,) an empty row gets nothing
     rewards = rewards.scatter_add(1, last[:, None], score[:, None])          # (B, R)
     return rewards, kl
@@ -184,9 +186,9 @@ def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
     """rewards, values (B, R), resp_mask (B, R) bool prefix -> advantages, returns (B, R), 0 where masked."""
     rewards = torch.where(resp_mask, rewards.detach(), 0.0)                  # (B, R) rollout data, no grad
     values = torch.where(resp_mask, values.detach(), 0.0)                    # (B, R) V = 0 after the reply
-    next_values = F.pad(values[:, 1:], (0, 1))                                # (B, R) V(s_{t+1}), 0 at the end
+    next_values = F.pad(values[:, 1:], (0, 1))                               # (B, R) V(s_{t+1}), 0 at the end
     deltas = rewards + gamma * next_values - values                           # (B, R) delta_t, 0 where masked
-    advantages = discounted_cumsum(deltas, gamma * lam)                       # (B, R) A_t = sum_l (g l)^l d_{t+l}
+    advantages = discounted_cumsum(deltas, gamma * lam)                   # (B, R) A_t = sum_l (g l)^l d_{t+l}
     advantages = torch.where(resp_mask, advantages, 0.0)                      # (B, R)
     returns = torch.where(resp_mask, advantages + values, 0.0)                # (B, R)
     return advantages, returns
@@ -195,19 +197,35 @@ def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
 # ----------------------------------------------------------------------------------------------------
 # Masked statistics: every average runs over the valid tokens only (masked entries are set to 0 first).
 
-def masked_mean(x, mask, dim=None):
+def all_processes_sum(x):
+    """x summed over the processes of a torchrun run; x itself in a plain run. THE place the processes of a
+    PPO run talk, apart from DDP's gradient average: each process holds its share of the rollout batch, so
+    a statistic of the whole batch (the advantage whitening's mean and variance, explained variance) is a
+    sum of per-process sums and counts. (Minibatch losses stay per process: DDP averages the gradients.)"""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def masked_mean(x, mask, dim=None, all_processes=False):
+    """Mean of x over the entries where mask is True (over `dim`, or all). all_processes: over the whole
+    batch of a torchrun run, not only this process's share of it."""
     x = torch.where(mask, x, 0.0)
     if dim is None:
-        return x.sum() / mask.sum().clamp(min=1)                              # ()
+        total, count = x.sum(), mask.sum()
+        if all_processes:
+            total, count = all_processes_sum(total), all_processes_sum(count)
+        return total / count.clamp(min=1)                                     # ()
     return x.sum(dim) / mask.sum(dim).clamp(min=1)                            # x's shape without `dim`
 
 
-def masked_var(x, mask, unbiased=True):
+def masked_var(x, mask, unbiased=True, all_processes=False):
     """Variance over all valid entries (with Bessel's correction n / (n - 1) if unbiased)."""
-    centred = torch.where(mask, x - masked_mean(x, mask), 0.0)
-    var = masked_mean(centred ** 2, mask)                                     # ()
+    centred = torch.where(mask, x - masked_mean(x, mask, all_processes=all_processes), 0.0)
+    var = masked_mean(centred ** 2, mask, all_processes=all_processes)        # ()
     if unbiased:
-        n = mask.sum()
+        n = all_processes_sum(mask.sum()) if all_processes else mask.sum()
         var = var * n / (n - 1).clamp(min=1)
     return var
 
@@ -216,7 +234,8 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
     """(x - mean) / std over the valid tokens; 0 where masked. Applied to advantages (over the whole
     rollout batch) so the policy-gradient step has the same scale whatever the reward scale.
     shift_mean=False only rescales (keeps the mean), e.g. for rewards."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean = masked_mean(x, mask, all_processes=True)                           # () over the whole batch
+    var = masked_var(x, mask, all_processes=True)                             # ()
     out = (x - mean) * torch.rsqrt(var + eps)                                 # same shape as x
     if not shift_mean:
         out = out + mean
@@ -231,9 +250,11 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
 #   L^CLIP = E_t[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]
 # The min makes it pessimistic: the policy gains nothing from moving r_t beyond 1 +- eps in the direction
 # the advantage favours, but is still penalised for moves in the wrong direction. eps = inf: no clip.
-# Value loss (not in the book: PPO's reference implementation), clipped the same way around the rollout's values:
+# Value loss (not in the book: PPO's reference implementation), clipped the same way around the rollout's
+# values:
 #   L^V = 0.5 * E_t[ max((V - R)^2, (clip(V, V_old - vf_clip, V_old + vf_clip) - R)^2) ]
-# vf_clip = inf (or None): the plain squared error. Total: loss = -L^CLIP + vf_coef * L^V - ent_coef * entropy.
+# vf_clip = inf (or None): the plain squared error.
+# Total: loss = -L^CLIP + vf_coef * L^V - ent_coef * entropy.
 # Every E_t is a masked mean over all valid tokens of the minibatch (each token weighs the same, so long
 # replies weigh more than short ones).
 
@@ -243,11 +264,11 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, re
     Returns the scalar loss and a dict of detached 0-dim tensors for logging."""
     m = resp_mask
     log_ratio = torch.where(m, logprobs - old_logprobs, 0.0)                  # (B, R)
-    ratio = torch.exp(log_ratio)                                              # (B, R) §4.2.1 r_t(theta)
+    ratio = torch.exp(log_ratio)                                   # (B, R) r_t(theta), [实战框架 §4.2.2]
     adv = torch.where(m, advantages, 0.0)                                     # (B, R)
     pg_losses = -adv * ratio                                                  # (B, R)
     pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, R)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), m)         # () §4.2.2 -L^CLIP
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), m)    # () -L^CLIP, [实战框架 §4.2.2]
 
     values = torch.where(m, values, 0.0)                                      # (B, R)
     old_values, returns = torch.where(m, old_values, 0.0), torch.where(m, returns, 0.0)  # (B, R)
@@ -284,8 +305,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, re
 def explained_variance(values, returns, mask):
     """1 - Var[R - V] / Var[R] over valid tokens: 1 = the critic predicts the returns perfectly, 0 = no
     better than a constant, < 0 = worse. nan when the returns do not vary."""
-    var_returns = masked_var(returns, mask)                                   # ()
-    ev = 1.0 - masked_var(returns - values, mask) / var_returns               # ()
+    var_returns = masked_var(returns, mask, all_processes=True)               # () over the whole batch
+    ev = 1.0 - masked_var(returns - values, mask, all_processes=True) / var_returns  # ()
     return torch.where(var_returns > 0, ev, float("nan"))
 
 
@@ -322,7 +343,7 @@ def _chunk_log_softmax(h, weight, temperature):
 
 
 def _rowwise_dot(a, b):
-    """(n, V), (n, V) -> (n,): sum_v a[i, v] * b[i, v], as a batched matrix product (no (n, V) product tensor)."""
+    """(n, V), (n, V) -> (n,): sum_v a[i, v] * b[i, v] as a batched matrix product (no (n, V) product)."""
     return torch.einsum("nv,nv->n", a, b)
 
 
@@ -412,7 +433,7 @@ def discounted_cumsum_loop(x, c):
 
 
 def discounted_cumsum(x, c):
-    """out_t = sum_{s >= t} c^(s - t) x_s for x (B, R), as one matrix product: equals discounted_cumsum_loop."""
+    """out_t = sum_{s >= t} c^(s - t) x_s for x (B, R), one matrix product: equals discounted_cumsum_loop."""
     t = torch.arange(x.size(1), device=x.device)                              # (R,)
     lag = t[None, :] - t[:, None]                                             # (R, R) lag[t, s] = s - t
     discount = torch.where(lag >= 0, c ** lag.clamp(min=0).to(x.dtype), 0.0)  # (R, R) D[t, s]
@@ -427,5 +448,5 @@ def discounted_cumsum(x, c):
 
 @functools.cache
 def fused(fn):
-    """fn (gae or ppo_loss) compiled by torch.compile; same arguments, same results. train_ppo.py --compile."""
+    """fn (gae or ppo_loss) compiled by torch.compile: same arguments, same results (train_ppo --compile)."""
     return torch.compile(fn, dynamic=True)

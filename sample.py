@@ -1,5 +1,5 @@
 """
-Sample replies from a trained model (§5.4.1: temperature, top-k, top-p / nucleus, greedy decoding).
+Sample replies from a trained model ([实战框架 §5.4.1] 采样生成: temperature, top-k, top-p / nucleus; and greedy).
 
     python sample.py --ckpt out/sft.pt --prompt "Good morrow, sir. How dost thou?" --num-samples 3
     python sample.py --ckpt out/ppo.pt --prompt "To be, or not to be" --raw --greedy
@@ -42,18 +42,18 @@ class Sampling:
     here with its comment, its rule in check_sampling, and its step in filter_logits: this file only."""
     temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 = greedy
     top_k: int = 50                          # keep only the k most likely tokens (0 = off)
-    top_p: float = 0.95                      # keep the smallest set of tokens with probability >= p (1.0 = off)
+    top_p: float = 0.95                    # keep the smallest set of tokens with probability >= p (1.0 = off)
     max_new_tokens: int = 64                 # longest reply, in tokens (at most half the context window)
 
 
 @dataclass
 class Settings(Sampling):
-    ckpt: str = "out/sft.pt"                 # checkpoint to sample from: sft.pt, ppo.pt, or rm.pt (its GPT body)
+    ckpt: str = "out/sft.pt"              # checkpoint to sample from: sft.pt, ppo.pt, or rm.pt (its GPT body)
     prompt: str = "Good morrow, sir. How dost thou?"  # what the human says (or plain text with --raw)
     num_samples: int = 3                     # how many replies to draw for the prompt
     greedy: bool = False                     # always take the most likely token (ignores the knobs above)
     seed: int = 1337                         # random seed: the same seed gives the same samples
-    raw: bool = False                        # use the prompt as plain text, not wrapped in Human/Assistant turns
+    raw: bool = False                     # use the prompt as plain text, not wrapped in Human/Assistant turns
     device: str = "auto"                     # auto | cpu | cuda: where the model runs
 
 
@@ -73,19 +73,20 @@ def sampling_args(s, block_size):
     args = dict(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p != 1.0 else None)
     check_sampling(**args)
     if not (isinstance(s.max_new_tokens, int) and 1 <= s.max_new_tokens <= block_size // 2):
-        raise ValueError(f"max_new_tokens must be a whole number from 1 to {block_size // 2} (half the context "
-                         f"window of {block_size} tokens), got {s.max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be a whole number from 1 to {block_size // 2} (half the "
+                         f"context window of {block_size} tokens), got {s.max_new_tokens!r}")
     return args
 
 
 MADE_BY = {"sft.pt": "train_sft.py", "rm.pt": "train_rm.py", "ppo.pt": "train_ppo.py"}
 
 
-def load_model(path, device="cpu", made_by=None):
-    """Load the GPT stored under ckpt["model"] (any stage's checkpoint). Returns (model in eval mode, ckpt).
-    Missing file -> FileNotFoundError naming the script that writes it; bad file -> ValueError."""
+def load_model(path, device="cpu", made_by=None, kind=None):
+    """Load the GPT stored under ckpt["model"] (any stage's checkpoint, or only `kind`). Returns (model in
+    eval mode, ckpt). A missing file is a FileNotFoundError naming the script that writes it; a bad one a
+    ValueError."""
     made_by = made_by or MADE_BY.get(os.path.basename(path), "train_sft.py")
-    ckpt = load_checkpoint(path, made_by=made_by)
+    ckpt = load_checkpoint(path, made_by=made_by, kind=kind)
     model = gpt_from_checkpoint(ckpt).to(device)
     return model.eval(), ckpt
 
@@ -97,7 +98,8 @@ def encode_prompt(enc, text, chat=True):
 
 
 # ----------------------------------------------------------------------------------------------------
-# §5.4.1 Decoding strategies. Applied in this order: temperature, then top-k, then top-p on what is left.
+# [实战框架 §5.4.1] 采样生成, the decoding strategies ([实战框架 §3.4.1] 采样策略选择). Applied in this order:
+# temperature, then top-k, then top-p on what is left. (Greedy decoding is the project's; the book samples.)
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> (B, V) with the tokens that may not be sampled set to -inf.
@@ -109,7 +111,7 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
         the most probable token is always kept. None (or 1.0) keeps everything."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        raise ValueError("temperature 0 is greedy decoding: generate() takes the argmax, filter_logits is not used")
+        raise ValueError("temperature 0 is greedy decoding: generate() takes the argmax, not filter_logits")
     logits = logits / temperature                                             # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                # (B, 1) k-th largest logit
@@ -117,7 +119,7 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)           # (B, V), (B, V)
         probs = F.softmax(sorted_logits, dim=-1)                              # (B, V) most probable first
-        before = probs.cumsum(dim=-1) - probs                                 # (B, V) mass of the tokens before
+        before = probs.cumsum(dim=-1) - probs                               # (B, V) mass of the tokens before
         drop_sorted = before >= top_p                                         # (B, V) set already reached p
         drop_sorted[:, 0] = False                                             # always keep the top token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V) back in vocab order
@@ -129,9 +131,10 @@ def sample_from(probs, generator=None):
     """One token per row drawn from probs (B, V) by inverting the cumulative distribution: a uniform u in
     [0, total) picks the first token whose cumulative probability exceeds u. Same distribution as
     torch.multinomial, ~15x faster on a CPU at V = 50257. A token with probability 0 is never drawn (its
-    cumulative value equals its predecessor's); the (1 - 1e-6) keeps float rounding from landing on the end."""
+    cumulative value equals its predecessor's); (1 - 1e-6) keeps float rounding from landing on the end."""
     cdf = probs.cumsum(dim=-1)                                                # (B, V)
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:] * (1 - 1e-6)  # (B, 1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)      # (B, 1) uniform in [0, 1)
+    u = u * cdf[:, -1:] * (1 - 1e-6)                                          # (B, 1) in [0, total)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)  # (B,)
 
 
@@ -160,7 +163,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     room = block_size - max_new_tokens                                        # longest prompt that fits
     if max(len(p) for p in prompts) > room:
         warnings.warn(f"prompt longer than {room} tokens (block_size {block_size} - max_new_tokens "
-                      f"{max_new_tokens}): truncated from the left, its first tokens are dropped", stacklevel=2)
+                      f"{max_new_tokens}): truncated from the left, its first tokens are dropped",
+                      stacklevel=2)
         prompts = [p[-room:] for p in prompts]
 
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -176,11 +180,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     model.eval()                                                              # no dropout while sampling
     cache = model.new_cache(B, P + max_new_tokens)
 
-    def next_logits(new_ids):  # only the last position goes through lm_head: the prefill never builds (B, P, V)
+    def next_logits(new_ids):  # only the last position goes through lm_head: the prefill builds no (B, P, V)
         return model.lm_head(model.hidden_states(new_ids, pad, cache)[:, -1, :])  # (B, V), cache.pos advances
 
     try:
-        logits = next_logits(idx)                                             # (B, V) prefill: the whole prompt
+        logits = next_logits(idx)                                           # (B, V) prefill: the whole prompt
         done = torch.zeros(B, dtype=torch.bool, device=device)                # (B,) row has emitted EOT
         tokens, masks = [], []
         for step in range(max_new_tokens):
@@ -239,7 +243,19 @@ def main(argv=None):
         cut = "" if toks and toks[-1] == EOT else " [... max_new_tokens reached]"
         print(f"---------- sample {i + 1}/{s.num_samples} ----------")
         print((enc.decode(prompt) + enc.decode([t for t in toks if t != EOT])).strip("\n") + cut)
+    if s.num_samples > 1:
+        print(summary(decode_replies(enc, seq, resp_mask)))
     return 0
+
+
+def summary(replies):
+    """What the knobs did to a batch of replies: how many differ, how varied their words are (distinct words
+    / all words), how many are real words (the plays' own word list), how long they are."""
+    from data.prepare import real_word_rate, words
+    ws = [w for r in replies for w in words(r)]
+    distinct = len(set(ws)) / max(len(ws), 1)
+    return (f"{len(replies)} replies: {len(set(replies))} distinct; distinct words {distinct:.2f} of {len(ws)}; "
+            f"real-word rate {real_word_rate(replies):.3f}; {len(ws) / len(replies):.1f} words each")
 
 
 if __name__ == "__main__":

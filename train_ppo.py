@@ -1,9 +1,10 @@
 """
-RLHF with PPO: teach the Bard kindness ([实战框架 §4.2] PPO 算法: §4.2.1 重要性采样, §4.2.2 信赖域方法 (the clip),
-§4.2.3 广义优势估计 (GAE); [实战框架 §3.3] 策略优化过程: rollout, reward, update).
+RLHF with PPO: teach the Bard kindness ([实战框架 §4.2] PPO 算法: [实战框架 §4.2.1] 重要性采样,
+[实战框架 §4.2.2] 信赖域方法 (the clip), [实战框架 §4.2.3] 广义优势估计 (GAE); [实战框架 §3.3] 策略优化过程:
+[实战框架 §3.3.2] the rollout, [实战框架 §3.3.3] the update).
 
     python train_ppo.py                  # the whole pipeline: sft -> rm -> ppo, each trained if missing
-    python train_ppo.py --init_kl_coef 0 --adaptive_kl false --out_dir out/beta0   # the over-optimisation exercise
+    python train_ppo.py --init_kl_coef 0 --adaptive_kl false --out_dir out/beta0   # over-optimisation
     python train_ppo.py --resume         # continue out/ppo.pt
     python train_ppo.py --help
 
@@ -29,43 +30,47 @@ What it simplifies: one reply per prompt, a single-turn prompt, one reward at th
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare import load_turns, play_words, real_word_rate, unique_prompts, words
-from model import EOT, GPT, format_prompt, get_tokenizer, load_checkpoint, parse_settings, save_checkpoint
-from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, explained_variance, fused, gae, kl_k1,
-                 kl_k3, per_token_rewards, ppo_loss, response_logprobs, response_values, whiten)
-from reward import GOLD_EPS, Panel, RewardModel
+from model import (EOT, GPT, World, end_world, format_prompt, gather_shards, get_tokenizer, load_checkpoint,
+                   pyplot, run_script, save_checkpoint, save_figure, start_run, world_size)
+from ppo import (AdaptiveKLController, FixedKLController, all_processes_sum, apply_no_eos_penalty,
+                 explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
+                 response_values, whiten)
+from reward import GOLD_EPS, MIN_WORDS, Panel, RewardModel
 from sample import decode_replies, generate, load_model
 
 
 @dataclass
 class Settings:
-    preset: str = "auto"             # auto | cpu | gpu: device-sized defaults (table below); explicit flags win
+    preset: str = "auto"           # auto | cpu | gpu: device-sized defaults (table below); explicit flags win
     out_dir: str = "out"             # reads sft.pt and rm.pt (trains them first if missing), writes ppo.pt
     seed: int = 1337                 # seeds prompt order and sampling
-    sft_args: str = ""               # extra flags for train_sft.py when sft.pt is missing, e.g. "--max_iters 50"
+    sft_args: str = ""            # extra flags for train_sft.py when sft.pt is missing, e.g. "--max_iters 50"
     rm_args: str = ""                # extra flags for train_rm.py when rm.pt is missing
     # rollouts
-    iters: int = 60                  # PPO iterations (one rollout batch + its update each)
+    iters: int = 80                  # PPO iterations (one rollout batch + its update each)
     batch_size: int = 64             # prompts (episodes) per rollout
     max_new_tokens: int = 48         # reply length budget
     # reward: RM score at the last token, minus beta * KL(policy || frozen SFT reference) on every token
-    init_kl_coef: float = 0.05       # beta at the start
+    init_kl_coef: float = 0.1        # beta at the start
     adaptive_kl: bool = True         # adapt beta towards kl_target (Ziegler et al. 2019); false: beta fixed
-    kl_target: float = 4.0           # target KL per reply, in nats, for the adaptive controller
-    kl_horizon: int = 300            # episodes over which the controller closes the gap (smaller = faster)
-    no_eos_penalty: float = -2.0     # score given to a reply that never emits <|endoftext|> (normalised RM units)
+    kl_target: float = 8.0           # target KL per reply, in nats, for the adaptive controller
+    kl_horizon: int = 100            # episodes over which the controller closes the gap (smaller = faster)
+    no_eos_penalty: float = -2.0     # score of a reply that never emits <|endoftext|> (normalised RM units)
+    score_clip: float = 3.0          # the RM score is clipped to +-this (normalised units; inf = off)
     # PPO update
     ppo_epochs: int = 4              # passes over each rollout batch
     minibatch_size: int = 16         # episodes per gradient step
-    lr: float = 3e-4                 # policy learning rate (Adam)
+    lr: float = 1e-4                 # policy learning rate (Adam)
     critic_lr: float = 1e-4          # critic learning rate
     clip_eps: float = 0.2            # [实战框架 §4.2.2] ratio clip: the ratio is kept in [1 - eps, 1 + eps]
     vf_clip: float = 0.2             # value clip around the rollout's values
@@ -79,7 +84,7 @@ class Settings:
     eval_interval: int = 10          # held-out evaluation, checkpoint and plots every this many iterations
     n_eval: int = 128                # held-out prompts in the periodic evaluation
     n_report: int = 256              # held-out prompts in the final report
-    compare_with: str = ""           # out_dirs of other runs (comma-separated) drawn beside this one in overoptimisation.png
+    compare_with: str = ""           # other runs' out_dirs, comma-separated, drawn in overoptimisation.png
     resume: bool = False             # continue from out_dir/ppo.pt
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "float32"           # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
@@ -87,9 +92,9 @@ class Settings:
 
 
 PRESETS = {
-    "cpu": dict(batch_size=32, n_eval=64, n_report=200, eval_interval=15),
+    "cpu": dict(batch_size=32, n_eval=64, n_report=200),
     "gpu": dict(iters=150, batch_size=256, max_new_tokens=64, minibatch_size=64, n_eval=256, n_report=512,
-                eval_interval=15, dtype="bfloat16", compile=True),
+                kl_horizon=800, eval_interval=15, dtype="bfloat16", compile=True),   # 256 / 800 = cpu's 32 / 100
 }
 
 
@@ -107,6 +112,25 @@ class Models:
     optimizer: torch.optim.Optimizer  # Adam over the policy's and the critic's parameters
     gae: Callable                    # ppo.gae, compiled with --compile
     ppo_loss: Callable               # ppo.ppo_loss, compiled with --compile
+    actor_critic: nn.Module     # ActorCritic(policy, critic): what update() runs (DDP-wrapped under torchrun)
+    world: World                     # this process's rank among the processes of the run (torchrun)
+
+
+class ActorCritic(nn.Module):
+    """The two models PPO trains, as one module ([流程与实践 §4.3] Actor-Critic算法: the actor is the policy, the
+    critic its value function): its forward gives the policy's log-probs (and entropy) of the reply tokens and
+    the critic's values, so that one DDP wrapper averages both models' gradients under torchrun."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, seq, pad, resp_mask):
+        R = resp_mask.size(1)
+        logprobs, entropy = response_logprobs(self.policy, seq, pad, R, with_entropy=True,
+                                              resp_mask=resp_mask)
+        values = response_values(self.critic, seq, pad, R).float()
+        return logprobs, entropy, values                                      # (M, R) each
 
 
 @dataclass
@@ -133,61 +157,80 @@ class Experience:
     beta: float                      # the KL coefficient the rewards were shaped with
 
 
+def problems(s):
+    """Every setting checked before any work starts; each problem names its flag."""
+    at_least_1 = ("iters", "batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon",
+                  "eval_interval", "n_eval", "n_report")
+    out = [f"--{k} must be >= 1, got {getattr(s, k)}" for k in at_least_1 if getattr(s, k) < 1]
+    out += [f"--{k} must be > 0, got {getattr(s, k)}" for k in ("lr", "critic_lr", "kl_target", "clip_eps",
+            "vf_clip", "score_clip") if not getattr(s, k) > 0]
+    out += [f"--{k} must be >= 0, got {getattr(s, k)}" for k in ("init_kl_coef", "vf_coef", "ent_coef",
+            "grad_clip") if not getattr(s, k) >= 0]
+    if s.minibatch_size > s.batch_size:
+        out.append(f"--minibatch_size {s.minibatch_size} is larger than --batch_size {s.batch_size}")
+    if s.batch_size % world_size() or s.minibatch_size % world_size():
+        out.append(f"--batch_size {s.batch_size} and --minibatch_size {s.minibatch_size} must be multiples "
+                   f"of the {world_size()} processes: each process rolls out and trains on its share of both")
+    if not (0 < s.gamma <= 1 and 0 <= s.lam <= 1):
+        out.append(f"--gamma must be in (0, 1] and --lam in [0, 1], got {s.gamma} and {s.lam}")
+    ppo_path = os.path.join(s.out_dir, "ppo.pt")
+    if s.resume and not os.path.exists(ppo_path):
+        out.append(f"--resume: {ppo_path} does not exist (run without --resume to start one)")
+    out += [f"--compare_with: {d} has no ppo.pt" for d in s.compare_with.split(",")
+            if d and not os.path.exists(os.path.join(d, "ppo.pt"))]
+    return out
+
+
 def main(argv=None):
-    s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
-    print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
-    print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
+    s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)     # w: this process (torchrun)
     t_start = time.time()
     random.seed(s.seed)
-    torch.manual_seed(s.seed)
     paths = {name: os.path.join(s.out_dir, f"{name}.pt") for name in ("sft", "rm", "ppo")}
     train_missing(s, paths)
+    torch.manual_seed(s.seed + w.rank)                                  # each process samples its own replies
     t_ppo = time.time()
 
-    m, rm_ckpt = setup(s, device, paths)
+    m, rm_ckpt = setup(s, device, paths, w)
     kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl \
         else FixedKLController(s.init_kl_coef)
-    panel = Panel(preference=rm_ckpt.get("config", {}).get("preference", "kind"))
+    rater = rm_ckpt.get("config", {})                                   # the panel that labelled rm.pt's data
+    panel = Panel(preference=rater.get("preference", "kind"), min_words=rater.get("min_words", MIN_WORDS))
     print(f"models: policy/reference {m.policy.num_params() / 1e6:.2f}M params, reward model and critic "
           f"{m.rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
 
-    # ---- prompts: training plays for rollouts, held-out plays for evaluation ---------------------------------
+  # ---- prompts: training plays for rollouts, held-out plays for evaluation ---------------------------------
     train_prompts = unique_prompts(load_turns("train"), None, s.seed)
     eval_prompts = unique_prompts(load_turns("test"), s.n_eval, s.seed + 1)
-    eval_sft = judge(m, panel, rollouts(m, m.ref, eval_prompts, seed=s.seed + 2))  # SFT replies, judged once
+    eval_sft = judge(m, panel, m.ref, eval_prompts, seed=s.seed + 2)          # SFT replies, judged once
 
-    start_iter, history = 0, []
-    if s.resume:
-        ck = load_checkpoint(paths["ppo"], made_by="train_ppo.py")
-        m.policy.load_state_dict(ck["model"])
-        m.critic.load_state_dict(ck["critic"])
-        m.optimizer.load_state_dict(ck["optimizer"])
-        kl_ctl.value, start_iter, history = ck["kl_coef"], ck["iter"], ck["history"]
-        torch.set_rng_state(ck["rng"])
-        print(f"resuming from {paths['ppo']} at iteration {start_iter}")
+    start_iter, history = resume(s, m, kl_ctl, paths["ppo"]) if s.resume else (0, [])
 
-    # ---- the loop ----------------------------------------------------------------------------------------------
+    # ---- the loop ------------------------------------------------------------------------------------------
     order = random.Random(s.seed).sample(range(len(train_prompts)), len(train_prompts))
     for it in range(start_iter, s.iters):
         t0 = time.time()
-        batch_prompts = [train_prompts[order[(it * s.batch_size + j) % len(order)]] for j in range(s.batch_size)]
-        roll = rollout(m, m.policy, batch_prompts)                             # 1.
+        batch_prompts = [train_prompts[order[(it * s.batch_size + j) % len(order)]]
+                         for j in range(s.batch_size)]
+        roll = rollout(m, m.policy, w.shard(batch_prompts))                    # 1. this process's share
         t1 = time.time()
         exp = score(m, roll, kl_ctl.value)                                     # 2.
         t2 = time.time()
-        stats = update(m, exp)                                                 # 3.
+        try:
+            stats = update(m, exp)                                             # 3.
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at iteration {it + 1}. {last_good(paths['ppo'])}") from None
         t3 = time.time()
         row = log_row(it + 1, exp, stats, panel, m.enc, (t1 - t0, t2 - t1, t3 - t2))   # 4.
         kl_ctl.update(row["kl"], s.batch_size)
         history.append(row)
         print_row(row, s.iters)
         if (it + 1) % s.eval_interval == 0 or it + 1 == s.iters:
-            ev = compare(judge(m, panel, rollouts(m, m.policy, eval_prompts, seed=s.seed + 3)), eval_sft, panel)
+            ev = compare(judge(m, panel, m.policy, eval_prompts, seed=s.seed + 3), eval_sft, panel)
             history.append({"iter": it + 1, **{"eval_" + k: v for k, v in ev.items()}})
-            print(f"eval   {it + 1:3d} | held-out: rm {ev['rm_score']:+.3f} (SFT {ev['rm_score_sft']:+.3f}) | gold "
-                  f"{ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate vs SFT "
-                  f"{ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real {ev['real_word_rate']:.2f}", flush=True)
+            print(f"eval   {it + 1:3d} | held-out: rm {ev['rm_score']:+.3f} (SFT {ev['rm_score_sft']:+.3f})"
+                  f" | gold {ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate"
+                  f" vs SFT {ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real "
+                  f"{ev['real_word_rate']:.2f}", flush=True)
             save(s, m, kl_ctl, it + 1, history, paths["ppo"])
     if start_iter >= s.iters:
         print(f"{paths['ppo']} has already run {start_iter} of {s.iters} iterations; writing the report only")
@@ -196,7 +239,35 @@ def main(argv=None):
     print(f"\ndone in {rep['minutes_total']:.1f} min (PPO {rep['minutes_ppo']:.1f} min): {paths['ppo']}, "
           f"{os.path.join(s.out_dir, 'ppo_report.md')}, {os.path.join(s.out_dir, 'ppo_curves.png')}, "
           f"{os.path.join(s.out_dir, 'overoptimisation.png')}")
+    end_world()
     return rep
+
+
+def resume(s, m, kl_ctl, path):
+    """Continue a run from its ppo.pt: policy, critic, optimizer, beta, history, RNG. The learning rates
+    given now are applied to the restored optimizer (and so recorded in the next checkpoint's config)."""
+    ck = load_checkpoint(path, made_by="train_ppo.py", kind="ppo")
+    m.policy.load_state_dict(ck["model"])
+    m.critic.load_state_dict(ck["critic"])
+    m.optimizer.load_state_dict(ck["optimizer"])
+    for group, lr, name in zip(m.optimizer.param_groups, (s.lr, s.critic_lr), ("lr", "critic_lr")):
+        if group["lr"] != lr:
+            print(f"resume: {name} {group['lr']} -> {lr} (from the command line)")
+        group["lr"] = lr
+    kl_ctl.value = ck["kl_coef"]
+    torch.set_rng_state(ck["rng"])                                         # process 0's; the others their own
+    if m.world.rank:
+        torch.manual_seed(s.seed + m.world.rank + 1000 * ck["iter"])
+    print(f"resuming from {path} at iteration {ck['iter']}")
+    return ck["iter"], ck["history"]
+
+
+def last_good(path):
+    """What a diverged run says about the checkpoint it leaves (only finite ones are ever written)."""
+    if not os.path.exists(path):
+        return f"No checkpoint was written ({path} does not exist)."
+    it = torch.load(path, weights_only=True)["iter"]
+    return f"The last good checkpoint is {path} (iteration {it}), kept as it was."
 
 
 def train_missing(s, paths):
@@ -211,21 +282,22 @@ def train_missing(s, paths):
         train_rm.main(["--out_dir", s.out_dir, "--preset", s.preset] + s.rm_args.split())
 
 
-def setup(s, device, paths):
+def setup(s, device, paths, world=World()):
     """The four models from sft.pt and rm.pt, set up for PPO: (Models, the rm.pt dict)."""
-    policy, _ = load_model(paths["sft"], device=device)
-    ref, _ = load_model(paths["sft"], device=device)
-    rm_ckpt = load_checkpoint(paths["rm"], made_by="train_rm.py")
+    policy, _ = load_model(paths["sft"], device=device, kind="sft")
+    ref, _ = load_model(paths["sft"], device=device, kind="sft")
+    rm_ckpt = load_checkpoint(paths["rm"], made_by="train_rm.py", kind="rm")
     rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
     critic = critic_from_reward_model(RewardModel.from_checkpoint(rm_ckpt).to(device))
-    return build_models(s, device, policy, ref, rm, critic), rm_ckpt
+    return build_models(s, device, policy, ref, rm, critic, world), rm_ckpt
 
 
 def critic_from_reward_model(critic):
-    """The critic starts as the reward model: its features already tell good replies from bad ones, and
-    its value at the last token is the (normalised) score itself, so early value estimates are sensible and
-    advantages are not noise while a fresh value head learns. The normalisation is folded into the head,
-    so the critic's output is in the units of the rewards it predicts."""
+    """The critic starts as the reward model, body and head: its features already tell kind words from unkind
+    ones, and the reward model's score is the mean of this head over the reply, so V(s_t) starts as "how kind
+    the reply is at token t", in the units of the rewards (the normalisation is folded into the head). That is
+    not yet the value of the state (the critic learns that from the returns); whether it beats a fresh head is
+    the exercise "critic init" (README), which changes this function."""
     with torch.no_grad():
         critic.head.weight /= critic.reward_std
         critic.head.bias.sub_(critic.reward_mean).div_(critic.reward_std)
@@ -233,9 +305,10 @@ def critic_from_reward_model(critic):
     return critic
 
 
-def build_models(s, device, policy, ref, rm, critic):
+def build_models(s, device, policy, ref, rm, critic, world=World()):
     """Models from four modules: dropout off everywhere, only the policy and the critic trained, the
-    optimizer, autocast, and the GAE and loss functions (compiled with --compile)."""
+    optimizer, autocast, and the GAE and loss functions (compiled with --compile); under torchrun the
+    trained pair wrapped in DDP (which also copies process 0's weights to the others at the start)."""
     for module in (policy, ref, rm, critic):
         module.eval()                                          # dropout off everywhere, also while training
         module.requires_grad_(module is policy or module is critic)
@@ -247,31 +320,41 @@ def build_models(s, device, policy, ref, rm, critic):
             body = module.body if isinstance(module, RewardModel) else module
             body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
+    actor_critic = ActorCritic(policy, critic)
+    if world.size > 1:
+        actor_critic = DDP(actor_critic, device_ids=[world.local_rank] if device.startswith("cuda") else None,
+                           broadcast_buffers=False)                   # the only buffers: fixed positions
     return Models(s, get_tokenizer(), device, autocast, policy, ref, rm, critic, optimizer,
-                  fused(gae) if s.compile else gae, fused(ppo_loss) if s.compile else ppo_loss)
+                  fused(gae) if s.compile else gae, fused(ppo_loss) if s.compile else ppo_loss, actor_critic,
+                  world)
 
 
-# ---- 1. rollout -------------------------------------------------------------------------------------------------
+# ---- 1. rollout --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def rollout(m, model, prompts, generator=None):
     """`model` (the policy, or the SFT reference for comparison) replies to each prompt by pure sampling."""
     ids = [m.enc.encode_ordinary(format_prompt(p)) for p in prompts]
-    with m.autocast:  # bf16 with --dtype bfloat16; the sampling itself is done in float32 (sample.filter_logits)
+    with m.autocast:  # bf16 with --dtype bfloat16; the sampling itself is in float32 (sample.filter_logits)
         seq, pad, resp_mask = generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator)
     return Rollout(seq, pad, resp_mask)
 
 
-# ---- 2. score: the reward, advantages -----------------------------------------------------------------------------
+# ---- 2. score: the reward, advantages ----------------------------------------------------------------------
 
 def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta):
     """The reward PPO maximises, per reply token; training and evaluation both call this, so whatever is
     added here (a repetition penalty, a length bonus: change THIS function) is what the policy learns from
     and what the held-out report measures, for the SFT and the PPO replies alike.
+      - the reward model's score is clipped to [-score_clip, score_clip]: far from its training data (replies
+        the SFT model would never write) the reward model's scores are large and wrong, and an unbounded score
+        pays the policy to go there whatever the KL costs;
       - a reply that never emitted <|endoftext|> gets no_eos_penalty as its score (ppo.apply_no_eos_penalty);
-      - the score goes on the reply's last token, -beta * KL(pi || pi_ref) on every token (ppo.per_token_rewards).
+      - the score goes on the reply's last token, -beta * KL(pi || pi_ref) on every token
+        (ppo.per_token_rewards).
     rm_scores, ended (B,); logprobs, ref_logprobs, resp_mask (B, R). Returns rewards (B, R), kl (B, R)."""
-    scores = apply_no_eos_penalty(rm_scores, ended, s.no_eos_penalty)        # (B,)
+    scores = rm_scores.clamp(-s.score_clip, s.score_clip)                     # (B,)
+    scores = apply_no_eos_penalty(scores, ended, s.no_eos_penalty)            # (B,)
     return per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)  # (B, R), (B, R)
 
 
@@ -281,70 +364,79 @@ def score(m, roll, beta):
     rewards, then GAE advantages and returns ([实战框架 §4.2.3]), whitened over the batch's valid tokens."""
     s, seq, pad, resp_mask = m.s, roll.seq, roll.pad, roll.resp_mask          # (B, P+R), (B,), (B, R)
     B, R = resp_mask.shape
-    last = seq.size(1) - R + resp_mask.sum(1) - 1                             # (B,) index of each reply's last token
+    last = seq.size(1) - R + resp_mask.sum(1) - 1                      # (B,) index of each reply's last token
     ended = seq[torch.arange(B), last] == EOT                                 # (B,) emitted <|endoftext|>
     with m.autocast:
-        logprobs = response_logprobs(m.policy, seq, pad, R, resp_mask=resp_mask)    # (B, R) log pi_old(a_t | s_t)
-        ref_logprobs = response_logprobs(m.ref, seq, pad, R, resp_mask=resp_mask)   # (B, R) log pi_ref(a_t | s_t)
+        logprobs = response_logprobs(m.policy, seq, pad, R, resp_mask=resp_mask)   # (B, R) log pi_old(a|s)
+        ref_logprobs = response_logprobs(m.ref, seq, pad, R, resp_mask=resp_mask)  # (B, R) log pi_ref(a|s)
         values = response_values(m.critic, seq, pad, R).float()              # (B, R) V(s_t)
-        rm_scores = m.rm.score(seq, last, pad).float()                        # (B,) normalised RM score
+        reply_mask = torch.cat([torch.zeros_like(seq[:, :-R], dtype=torch.bool), resp_mask], 1)  # (B, P+R)
+        rm_scores = m.rm.score(seq, reply_mask, pad).float()                  # (B,) normalised RM score
     rewards, kl = shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta)  # (B, R) each
     advantages, returns = m.gae(rewards, values, resp_mask, s.gamma, s.lam)   # (B, R) each
     if s.whiten_advantages:
         advantages = whiten(advantages, resp_mask)                            # (B, R)
-    return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, advantages, returns, beta)
+    return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, advantages,
+                      returns, beta)
 
 
-# ---- 3. update: PPO epochs over shuffled minibatches ------------------------------------------------------------------
+# ---- 3. update: PPO epochs over shuffled minibatches -------------------------------------------------------
 
 def update(m, exp):
     """ppo_epochs passes over the rollout in shuffled minibatches: clipped surrogate + clipped value loss
     (ppo.ppo_loss), one Adam step each. Returns the mean of each loss statistic, and explained variance."""
-    s, roll = m.s, exp.roll
-    B, R = roll.resp_mask.shape
+    s, roll, w = m.s, exp.roll, m.world
+    B = roll.resp_mask.size(0)                                             # this process's share of the batch
     sums, n = {}, 0
     for epoch in range(s.ppo_epochs):
-        for mb in torch.randperm(B).split(s.minibatch_size):                 # mb: (M,) episode indices
-            mb_seq, mb_pad, mb_mask = roll.seq[mb], roll.pad[mb], roll.resp_mask[mb]
+        for mb in torch.randperm(B).split(s.minibatch_size // w.size):      # mb: (M,) episode indices
             with m.autocast:
-                mb_logprobs, mb_entropy = response_logprobs(m.policy, mb_seq, mb_pad, R, with_entropy=True,
-                                                            resp_mask=mb_mask)  # (M, R) x2
-                mb_values = response_values(m.critic, mb_seq, mb_pad, R).float()                 # (M, R)
-            loss, stats = m.ppo_loss(mb_logprobs, exp.logprobs[mb], exp.advantages[mb], mb_values, exp.values[mb],
-                                     exp.returns[mb], mb_mask, clip_eps=s.clip_eps, vf_clip=s.vf_clip,
-                                     vf_coef=s.vf_coef, entropy=mb_entropy, ent_coef=s.ent_coef)
-            if not torch.isfinite(loss):
-                sys.exit(f"error: PPO loss is {loss.item()}; lower --lr or raise the KL coefficient. "
-                         "The last good checkpoint is out_dir/ppo.pt (if one was saved).")
+                mb_logprobs, mb_entropy, mb_values = m.actor_critic(roll.seq[mb], roll.pad[mb],
+                                                                    roll.resp_mask[mb])   # (M, R) each
+            loss, stats = m.ppo_loss(mb_logprobs, exp.logprobs[mb], exp.advantages[mb], mb_values,
+                                     exp.values[mb], exp.returns[mb], roll.resp_mask[mb], clip_eps=s.clip_eps,
+                                     vf_clip=s.vf_clip, vf_coef=s.vf_coef, entropy=mb_entropy,
+                                     ent_coef=s.ent_coef)
+            if all_processes_sum(torch.isfinite(loss).logical_not().float()) > 0:   # all stop, or none
+                raise FloatingPointError(f"PPO loss is {loss.item()}: lower --lr or --critic_lr, or raise "
+                                         "the KL coefficient")
             m.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(m.policy.parameters()) + list(m.critic.parameters()), s.grad_clip)
+                torch.nn.utils.clip_grad_norm_(m.actor_critic.parameters(), s.grad_clip)
             m.optimizer.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
-    out = {k: v / n for k, v in sums.items()}
+    means = all_processes_sum(torch.tensor([v / n for v in sums.values()], dtype=torch.float64)) / w.size
+    out = dict(zip(sums, means.tolist()))                                     # the mean over the processes
     out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask).item()
     return out
 
 
-# ---- 4. log ------------------------------------------------------------------------------------------------------------
+# ---- 4. log ------------------------------------------------------------------------------------------------
 
 def log_row(it, exp, stats, panel, enc, times):
-    """One row of the history: the means over the rollout batch, the update's statistics, the times."""
+    """One row of the history: the means over the rollout batch (under torchrun, the whole batch: sums
+    and counts added up over the processes), the update's statistics, the times."""
     mask = exp.roll.resp_mask
-    replies = decode_replies(enc, exp.roll.seq, mask)
-    return {"iter": it, "rm_score": exp.rm_scores.mean().item(), "reward": exp.rewards.sum(1).mean().item(),
-            "gold": float(np.mean(panel.golds(replies))), "kl": exp.kl.sum(1).mean().item(),
-            "kl_k3": torch.where(mask, kl_k3(exp.logprobs, exp.ref_logprobs), 0.0).sum(1).mean().item(),
-            "beta": exp.beta, "reply_len": mask.sum(1).float().mean().item(), "ended": exp.ended.float().mean().item(),
-            **stats, "t_gen": times[0], "t_score": times[1], "t_update": times[2]}
+    golds = panel.golds(decode_replies(enc, exp.roll.seq, mask))
+    k3 = torch.where(mask, kl_k3(exp.logprobs, exp.ref_logprobs), 0.0)        # (B, R)
+    per_reply = {"rm_score": exp.rm_scores, "reward": exp.rewards.sum(1), "gold": torch.tensor(golds),
+                 "kl": exp.kl.sum(1), "kl_k3": k3.sum(1), "reply_len": mask.sum(1), "ended": exp.ended}
+    sums = [v.double().sum().cpu() for v in per_reply.values()] + [torch.tensor(float(len(golds)))]
+    sums = torch.stack(sums)                                                  # this process's sums and count
+    sums = all_processes_sum(sums)
+    means = {k: (v / sums[-1]).item() for k, v in zip(per_reply, sums[:-1])}
+    return {"iter": it, **means, "beta": exp.beta, **stats, "t_gen": times[0], "t_score": times[1],
+            "t_update": times[2]}
 
 
 def print_row(row, iters):
-    print(f"iter {row['iter']:3d}/{iters} | rm {row['rm_score']:+.3f} | gold {row['gold']:+.3f} | KL {row['kl']:.2f} nats "
-          f"(k3 {row['kl_k3']:.2f}) | beta {row['beta']:.3f} | len {row['reply_len']:.1f} | ended {row['ended']:.0%} | "
+    print(f"iter {row['iter']:3d}/{iters} | rm {row['rm_score']:+.3f} | gold {row['gold']:+.3f} | KL "
+          f"{row['kl']:.2f} nats (k3 {row['kl_k3']:.2f}) | beta {row['beta']:.3f} | len "
+          f"{row['reply_len']:.1f} | "
+          f"ended {row['ended']:.0%} | "
           f"pg {row['pg_loss']:+.3f} vf {row['vf_loss']:.3f} | clip {row['clipfrac']:.2f} | approx_kl "
           f"{row['approx_kl']:.3f} | H {row['entropy']:.2f} | EV {row['explained_var']:+.2f} | "
           f"{row['t_gen'] + row['t_score'] + row['t_update']:.1f}s (gen {row['t_gen']:.1f} / score "
@@ -352,28 +444,36 @@ def print_row(row, iters):
 
 
 def save(s, m, kl_ctl, it, history, path):
+    """Process 0 writes ppo.pt (the weights are the same on every process) and the plot."""
+    if not all(bool(torch.isfinite(p).all()) for p in m.actor_critic.parameters()):
+        raise FloatingPointError(f"the policy's or the critic's weights are not finite at iteration {it}: "
+                                 f"lower --lr or --critic_lr. {last_good(path)}")
+    if not m.world.main:
+        return
     save_checkpoint({"model": m.policy.state_dict(), "model_args": asdict(m.policy.config),
-                     "critic": m.critic.state_dict(), "optimizer": m.optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                     "iter": it, "history": history, "config": asdict(s), "kind": "ppo", "rng": torch.get_rng_state()},
-                    path)
+                     "critic": m.critic.state_dict(), "optimizer": m.optimizer.state_dict(),
+                     "kl_coef": kl_ctl.value, "iter": it, "history": history, "config": asdict(s),
+                     "kind": "ppo", "rng": torch.get_rng_state()}, path)
     plot(history, os.path.join(s.out_dir, "ppo_curves.png"))
 
 
-# ---- evaluation: SFT and PPO replies to the same held-out prompts, judged by the same path ---------------------------
+# ---- evaluation: SFT and PPO replies to the same held-out prompts, judged by the same path -----------------
 
 def rollouts(m, model, prompts, seed, batch=128):
-    """`model`'s replies to many prompts, in batches, from a generator of their own (`seed`): a list of Rollouts."""
+    """`model`'s replies to many prompts, in batches, from a generator of their own (`seed`): Rollouts."""
     gen = torch.Generator(device=m.device).manual_seed(seed)
     return [rollout(m, model, prompts[i:i + batch], generator=gen) for i in range(0, len(prompts), batch)]
 
 
 @torch.no_grad()
-def judge(m, panel, rolls):
-    """Per reply: the reward model's score, the shaped reward without its KL term (what PPO optimises,
-    beta = 0: shape_rewards), KL(policy || SFT) (k1 and k3, nats per reply), the panel's gold score, the
-    text. The same path for the SFT side and the PPO side of every comparison."""
+def judge(m, panel, model, prompts, seed):
+    """`model` (the policy, or the SFT reference) replies to the prompts; per reply: the reward model's score,
+    the shaped reward without its KL term (what PPO optimises, beta = 0: shape_rewards), KL(policy || SFT)
+    (k1 and k3, nats per reply), the panel's gold score, the text. The same path for the SFT side and the
+    PPO side of every comparison. Under torchrun each process judges its share; all get the whole list."""
+    w = m.world
     out = {k: [] for k in ("rm_score", "reward", "kl", "kl_k3", "text")}
-    for roll in rolls:
+    for roll in rollouts(m, model, w.shard(prompts), seed + w.rank):
         exp = score(m, roll, beta=0.0)
         mask = roll.resp_mask
         out["rm_score"] += exp.rm_scores.tolist()
@@ -381,6 +481,7 @@ def judge(m, panel, rolls):
         out["kl"] += exp.kl.sum(1).tolist()
         out["kl_k3"] += torch.where(mask, kl_k3(exp.logprobs, exp.ref_logprobs), 0.0).sum(1).tolist()
         out["text"] += decode_replies(m.enc, roll.seq, mask)
+    out = {k: gather_shards(v) for k, v in out.items()}                      # back in the prompts' order
     out = {k: (v if k == "text" else np.array(v)) for k, v in out.items()}
     out["gold"] = panel.golds(out["text"])
     return out
@@ -405,19 +506,22 @@ def compare(ppo_side, sft_side, panel):
 def final_report(s, m, panel, history, device, t_start, t_ppo):
     """SFT vs PPO on n_report held-out prompts: out/ppo_report.json and .md, printed; the plots."""
     prompts = unique_prompts(load_turns("test"), s.n_report, s.seed + 4)
-    sft_side = judge(m, panel, rollouts(m, m.ref, prompts, seed=s.seed + 5))
-    ppo_side = judge(m, panel, rollouts(m, m.policy, prompts, seed=s.seed + 6))
+    sft_side = judge(m, panel, m.ref, prompts, seed=s.seed + 5)
+    ppo_side = judge(m, panel, m.policy, prompts, seed=s.seed + 6)
     rep = compare(ppo_side, sft_side, panel)
     rep.update(examples=list(zip(prompts, sft_side["text"], ppo_side["text"])),
-               minutes_total=(time.time() - t_start) / 60, minutes_ppo=(time.time() - t_ppo) / 60, device=device,
-               iters=s.iters, preset=s.preset)
-    write_report(rep, os.path.join(s.out_dir, "ppo_report"))
-    print(f"\nfinal report on {len(prompts)} held-out prompts (plays never trained on), replies sampled at temperature 1:")
+               minutes_total=(time.time() - t_start) / 60, minutes_ppo=(time.time() - t_ppo) / 60,
+               device=device, iters=s.iters, preset=s.preset, processes=m.world.size)
+    if m.world.main:
+        write_report(rep, os.path.join(s.out_dir, "ppo_report"))
+    print(f"\nfinal report on {len(prompts)} held-out prompts (plays never trained on), replies sampled at "
+          "temperature 1:")
     print(f"  reward-model score  SFT {rep['rm_score_sft']:+.3f} -> PPO {rep['rm_score']:+.3f}"
           f"   (shaped reward, beta = 0: SFT {rep['reward_sft']:+.3f} -> PPO {rep['reward']:+.3f})")
     print(f"  panel gold score    SFT {rep['gold_sft']:+.3f} -> PPO {rep['gold']:+.3f}")
     print(f"  KL(PPO || SFT)      {rep['kl']:.2f} nats per reply (k3 estimate {rep['kl_k3']:.2f})")
-    print(f"  win rate vs SFT     {rep['win_rate']:.1%} (gold; ties count half)   panel vote {rep['vote_rate']:.1%}")
+    print(f"  win rate vs SFT     {rep['win_rate']:.1%} (gold; ties count half)   panel vote "
+          f"{rep['vote_rate']:.1%}")
     print(f"  reply length        SFT {rep['reply_words_sft']:.1f} -> PPO {rep['reply_words']:.1f} words; "
           f"real-word rate SFT {rep['real_word_rate_sft']:.3f} -> PPO {rep['real_word_rate']:.3f}")
     for p, a, c in rep["examples"][:4]:
@@ -425,7 +529,8 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
     runs = {s.out_dir: history}
     for d in [d for d in s.compare_with.split(",") if d]:
         runs[d] = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py")["history"]
-    plot_overoptimisation(runs, os.path.join(s.out_dir, "overoptimisation.png"))
+    if m.world.main:
+        plot_overoptimisation(runs, os.path.join(s.out_dir, "overoptimisation.png"))
     return rep
 
 
@@ -441,8 +546,10 @@ def write_report(rep, stem):
              f"| reply length (words) | {rep['reply_words_sft']:.1f} | {rep['reply_words']:.1f} |",
              f"| real-word rate | {rep['real_word_rate_sft']:.3f} | {rep['real_word_rate']:.3f} |", "",
              f"KL(PPO || SFT) per reply: {rep['kl']:.2f} nats (k3 estimate {rep['kl_k3']:.2f}).  ",
-             f"Win rate of PPO over SFT (panel gold, ties half): {rep['win_rate']:.1%}; panel vote: {rep['vote_rate']:.1%}.  ",
-             f"Time: {rep['minutes_total']:.1f} min in all, PPO {rep['minutes_ppo']:.1f} min.", "", "## Examples", ""]
+             f"Win rate of PPO over SFT (panel gold, ties half): {rep['win_rate']:.1%}; panel vote: "
+             f"{rep['vote_rate']:.1%}.  ",
+             f"Time: {rep['minutes_total']:.1f} min in all, PPO {rep['minutes_ppo']:.1f} min.", "",
+             "## Examples", ""]
     for p, a, c in rep["examples"][:12]:
         lines += [f"**Human:** {p}  ", f"**SFT:** {a}  ", f"**PPO:** {c}", ""]
     with open(stem + ".md.tmp", "w") as f:
@@ -451,9 +558,7 @@ def write_report(rep, stem):
 
 
 def plot(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     tr = [h for h in history if "rm_score" in h]
     ev = [h for h in history if "eval_rm_score" in h]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
@@ -468,19 +573,14 @@ def plot(history, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("PPO: proxy (reward model) vs gold (panel); divergence = over-optimisation")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 def plot_overoptimisation(runs, path):
     """The over-optimisation picture as Gao et al. (2022) draw it: the held-out reward-model score (the
     proxy, solid) and the panel's gold score (dashed) against sqrt(KL(policy || SFT)), one colour per run;
-    the SFT model is the point at KL = 0. Proxy up while gold goes down is the reward model being exploited."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    the SFT model is the point at KL = 0. Proxy up while gold goes down: the reward model is exploited."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (name, history), colour in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         ev = [h for h in history if "eval_rm_score" in h]
@@ -489,20 +589,15 @@ def plot_overoptimisation(runs, path):
         x = [0.0] + [max(h["eval_kl"], 0.0) ** 0.5 for h in ev]
         ax.plot(x, [ev[0]["eval_rm_score_sft"]] + [h["eval_rm_score"] for h in ev], "o-", c=colour,
                 label=f"{name}: reward model")
-        ax.plot(x, [ev[0]["eval_gold_sft"]] + [h["eval_gold"] for h in ev], "s--", c=colour, label=f"{name}: gold")
+        ax.plot(x, [ev[0]["eval_gold_sft"]] + [h["eval_gold"] for h in ev], "s--", c=colour,
+                label=f"{name}: gold")
     ax.set_xlabel("sqrt(KL(policy || SFT)), sqrt(nats per reply)")
     ax.set_ylabel("held-out score")
     ax.set_title("Over-optimisation: proxy vs gold against sqrt(KL)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

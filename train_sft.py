@@ -14,20 +14,26 @@ gradient-accumulated forward/backward, clip, step, log; every eval_interval: val
 What it simplifies: "SFT" and pre-training are one run here (a from-scratch model learns the language
 and the dialogue format together); turns are packed into one token stream and training windows are cut
 from it at random (a window may start mid-turn, and attention can see the previous turn, as in
-nanoGPT); the loss is on reply tokens only unless --train_on all. No distributed training.
+nanoGPT); the loss is on reply tokens only unless --train_on all.
+
+More than one process: `torchrun --standalone --nproc_per_node=2 train_sft.py --grad_accum 2 --batch_size 4`
+(see README "More than one GPU"): each process takes grad_accum / N of the micro-batches of every step, DDP
+averages the gradients, process 0 logs and writes the checkpoint.
 """
+import contextlib
 import csv
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT, GPT, GPTConfig, get_tokenizer, gpt_from_checkpoint, load_checkpoint, lr_at, param_groups,
-                   parse_settings, save_checkpoint)
+from model import (EOT, GPT, GPTConfig, all_sum, barrier, end_world, get_tokenizer, gpt_from_checkpoint,
+                   load_checkpoint, lr_at, param_groups, pyplot, run_script, save_checkpoint, save_figure,
+                   start_run, world_size)
 from sample import decode_replies, encode_prompt, generate
 
 
@@ -44,7 +50,7 @@ class Settings:
     dropout: float = 0.0           # dropout probability while training
     # optimisation
     batch_size: int = 16           # sequences per micro-batch
-    grad_accum: int = 1            # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    grad_accum: int = 1         # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     max_iters: int = 600           # optimizer steps in total
     lr: float = 2e-3               # peak learning rate (after warmup)
     min_lr: float = 2e-4           # final learning rate of the cosine decay
@@ -54,8 +60,8 @@ class Settings:
     beta2: float = 0.95            # AdamW beta2
     grad_clip: float = 1.0         # clip the global gradient norm to this (0 = off)
     train_on: str = "reply"        # reply: loss on reply tokens only (prompt masked) | all: every token
-    feedback: str = ""             # comma-separated feedback JSONL: its corrections (chat.py /fix) join the training data
-    feedback_copies: int = 20      # copies of each correction in the training stream (a few among ~1.5M tokens)
+    feedback: str = ""             # feedback JSONL files, comma-separated: corrections join the training data
+    feedback_copies: int = 20    # copies of each correction in the training stream (a few among ~1.5M tokens)
     # evaluation, logging, checkpointing
     eval_interval: int = 100       # evaluate val loss and save the checkpoint every this many steps
     eval_iters: int = 20           # val batches per evaluation (the same batches every time)
@@ -68,118 +74,91 @@ class Settings:
     compile: bool = False          # torch.compile the model: fused kernels (on in the gpu preset)
 
 
-# Presets, chosen by device and printed at start. cpu: finishes in ~5 min on 2 cores. gpu: a ~30M-parameter
-# model for one H100 (not yet measured on a GPU, see README).
+# Presets, chosen by device and printed at start. cpu: ~4 min on 2 cores (README: measured). gpu: on paper (no
+# GPU was lent to this project): with the 8,192-id vocabulary the embedding is 4M parameters, not 19M, so the
+# ~30M parameters of the old gpu preset go to the blocks instead: 8 layers of d=512.
 PRESETS = {
-    "cpu": dict(batch_size=8, max_iters=280, warmup_iters=20, eval_interval=70, eval_iters=10),
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, batch_size=64, max_iters=3000,
-                lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=50,
+    "cpu": dict(batch_size=8, max_iters=1500, warmup_iters=20, eval_interval=250, eval_iters=10),
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.2, batch_size=64, max_iters=2000,
+                lr=6e-4, min_lr=6e-5, warmup_iters=100, eval_interval=250, eval_iters=50,
                 dtype="bfloat16", compile=True),
 }
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "dropout")   # the model's shape: a checkpoint's own
+
+
+def problems(s):
+    """Every setting checked before any work starts; each problem names its flag."""
+    at_least_1 = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
+                  "eval_interval", "eval_iters", "log_interval", "n_samples", "feedback_copies")
+    out = [f"--{k} must be >= 1, got {getattr(s, k)}" for k in at_least_1 if getattr(s, k) < 1]
+    out += [f"--{k} must be >= 0, got {getattr(s, k)}" for k in ("warmup_iters", "weight_decay", "grad_clip",
+            "min_lr") if getattr(s, k) < 0]
+    if s.n_head >= 1 and s.n_embd % (2 * s.n_head):
+        out.append(f"--n_embd {s.n_embd} must be a multiple of 2 * --n_head (sin/cos come in pairs)")
+    if not 0 <= s.dropout < 1:
+        out.append(f"--dropout must be in [0, 1), got {s.dropout}")
+    if not s.lr > 0 or s.min_lr > s.lr:
+        out.append(f"--lr must be > 0 and --min_lr at most --lr, got {s.lr} and {s.min_lr}")
+    if not (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1):
+        out.append(f"--beta1 and --beta2 must be in [0, 1), got {s.beta1} and {s.beta2}")
+    if s.train_on not in ("reply", "all"):
+        out.append(f"--train_on must be reply or all, not {s.train_on!r}")
+    if s.grad_accum % world_size():
+        out.append(f"--grad_accum {s.grad_accum} must be a multiple of the {world_size()} processes: each "
+                   f"process takes grad_accum / {world_size()} of the micro-batches of a step (the global "
+                   f"batch, batch_size x grad_accum sequences, stays the same), e.g. --grad_accum "
+                   f"{world_size()}")
+    ckpt = os.path.join(s.out_dir, "sft.pt")
+    if s.resume and not os.path.exists(ckpt):
+        out.append(f"--resume: {ckpt} does not exist (run without --resume to start one)")
+    if s.feedback:
+        from data.feedback import check_paths
+        try:
+            check_paths(s.feedback.split(","))
+        except (OSError, ValueError) as e:
+            out.append(f"--feedback: {e}")
+    return out
 
 
 def main(argv=None):
-    s = parse_settings(Settings, PRESETS, argv, doc=__doc__)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
-    if s.train_on not in ("reply", "all"):
-        sys.exit(f"error: --train_on must be 'reply' or 'all', not {s.train_on!r}")
-    print(f"preset: {s.preset} on {device}  (override any setting with --name value; --help lists them)")
-    print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
+    s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)     # w: this process (torchrun)
     torch.manual_seed(s.seed)
-    os.makedirs(s.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(s.out_dir, "sft.pt")
-
-    # ---- data: token stream + reply mask, cut into random windows --------------------------------------
-    from data.prepare import CACHE_DIR, prepare
-    prepare()  # builds data/cache/ from the vendored plays the first time (about half a minute)
-    data = {split: (np.memmap(os.path.join(CACHE_DIR, f"{split}.bin"), dtype=np.uint16, mode="r"),
-                    np.memmap(os.path.join(CACHE_DIR, f"{split}_mask.bin"), dtype=np.uint8, mode="r"))
-            for split in ("train", "val")}
-    if s.feedback:  # corrections are demonstrations too (§3.2): append them to the training stream
-        from model import encode_reply
-        from data.feedback import read_feedback, sft_examples
-        enc = get_tokenizer()
-        examples = sft_examples(read_feedback([f for f in s.feedback.split(",") if f])[0])
-        ids, mask = [], []
-        for prompt, reply in examples * s.feedback_copies:  # prompt: a transcript ending in "Assistant:"
-            p, r = enc.encode_ordinary(prompt), encode_reply(enc, reply)
-            ids, mask = ids + p + r, mask + [0] * len(p) + [1] * len(r)
-        tokens, reply_mask = data["train"]
-        data["train"] = (np.concatenate([tokens, np.array(ids, dtype=np.uint16)]),
-                         np.concatenate([reply_mask, np.array(mask, dtype=np.uint8)]))
-        print(f"added {len(examples)} corrections x {s.feedback_copies} copies ({len(ids)} tokens) from {s.feedback}")
-    batch_gen = torch.Generator().manual_seed(s.seed)
-
-    def get_batch(split, gen):
-        tokens, mask = data[split]
-        starts = torch.randint(len(tokens) - s.block_size - 1, (s.batch_size,), generator=gen).tolist()
-        x = torch.stack([torch.from_numpy(tokens[i:i + s.block_size].astype(np.int64)) for i in starts])          # (B, T)
-        y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + s.block_size].astype(np.int64)) for i in starts])  # (B, T)
-        if s.train_on == "all":
-            m = torch.ones_like(y, dtype=torch.bool)                                                            # (B, T)
-        else:
-            m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + s.block_size].astype(np.bool_)) for i in starts])  # (B, T)
-        return x.to(device), y.to(device), m.to(device)
-
-    # ---- model and optimizer (fresh, or resumed from the checkpoint) ------------------------------------
-    if s.resume:
-        ckpt = load_checkpoint(ckpt_path, made_by="train_sft.py")
-        model = gpt_from_checkpoint(ckpt).to(device)
-        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        print(f"resuming from {ckpt_path} at step {start_step} (best val loss {best_val:.4f})")
-    else:
-        cfg = GPTConfig(block_size=s.block_size, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout)
-        model, start_step, best_val = GPT(cfg).to(device), 0, float("inf")
+    ckpt_path, log_path = os.path.join(s.out_dir, "sft.pt"), os.path.join(s.out_dir, "sft_log.csv")
+    data = load_data(s)                                                       # token streams + reply masks
+    model, optimizer, batch_gen, start_step, best_val = new_or_resumed(s, device, ckpt_path)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, config {asdict(model.config)}")
-    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2),
-                                  fused=torch.device(device).type == "cuda")
-    if s.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        batch_gen.set_state(ckpt["rng"]["batch"])
-    train_model = torch.compile(model) if s.compile else model
+    eval_model = train_model = torch.compile(model) if s.compile else model
+    if w.size > 1:                 # gradients averaged over the processes in every backward pass
+        train_model = DDP(eval_model, device_ids=[w.local_rank] if device.startswith("cuda") else None,
+                          broadcast_buffers=False)                    # the only buffer: fixed positions
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
-
-    @torch.no_grad()
-    def val_loss():
-        train_model.eval()
-        gen = torch.Generator().manual_seed(0)  # the same val windows every time, so evaluations compare
-        losses = []
-        for _ in range(s.eval_iters):
-            x, y, m = get_batch("val", gen)
-            with autocast:
-                losses.append(train_model(x, y, m).item())
-        train_model.train()
-        return sum(losses) / len(losses)
-
-    log_path = os.path.join(s.out_dir, "sft_log.csv")
     history = read_log(log_path) if s.resume else []
-
-    def save(step):
-        save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "optimizer": optimizer.state_dict(),
-                         "step": step, "best_val_loss": best_val, "config": asdict(s), "kind": "sft",
-                         "rng": {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}}, ckpt_path)
-        write_log(log_path, history)
-        plot(history, os.path.join(s.out_dir, "sft_loss.png"))
 
     # ---- the loop -----------------------------------------------------------------------------------------
     train_model.train()
     tokens_per_step = s.batch_size * s.grad_accum * s.block_size
-    t0, t_log, loss_sum, n_sum = time.time(), time.time(), 0.0, 0  # n_sum: steps in loss_sum since the last log
+    my_micro_steps = range(w.rank, s.grad_accum, w.size)      # this process's micro-batches of every step
+    t0, t_log, loss_sum, n_sum = time.time(), time.time(), 0.0, 0  # n_sum: steps in loss_sum since last log
     for step in range(start_step, s.max_iters):
         lr = lr_at(step, s.lr, s.min_lr, s.warmup_iters, s.max_iters)   # warmup, then cosine decay
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(s.grad_accum):
-            x, y, m = get_batch("train", batch_gen)                                # (B, T) each
-            with autocast:
-                loss = train_model(x, y, m) / s.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+        step_loss = torch.zeros((), device=device)
+        for k in range(s.grad_accum):   # every process draws every window: the global batch of one process
+            starts = draw_windows(s, data["train"], batch_gen)
+            if k not in my_micro_steps:
+                continue
+            x, y, m = get_batch(s, data["train"], starts, device)                 # (B, T) each
+            last = k == my_micro_steps[-1]          # DDP averages the gradients once, after the last backward
+            with autocast, (train_model.no_sync() if w.size > 1 and not last else contextlib.nullcontext()):
+                loss = train_model(x, y, m) / len(my_micro_steps)
+                loss.backward()
+            step_loss += loss.detach()
+        loss_sum += all_sum(step_loss).item() / w.size                        # the global batch's mean loss
         n_sum += 1
         if not math.isfinite(loss_sum):
-            sys.exit(f"error: training loss is {loss_sum} at step {step}; lower --lr or check the data. "
-                     f"The last good checkpoint is {ckpt_path} (if one was saved).")
+            raise FloatingPointError(f"training loss is {loss_sum} at step {step + 1}; lower --lr or check "
+                                     f"the data. {last_good(ckpt_path)}")
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
@@ -194,13 +173,144 @@ def main(argv=None):
             history.append({"step": done, "train_loss": loss_sum / n, "val_loss": "", "lr": lr})
             t_log, loss_sum, n_sum = time.time(), 0.0, 0
         if done % s.eval_interval == 0 or done == s.max_iters:
-            vl = val_loss()
-            best_val = min(best_val, vl)
+            vl = val_loss(s, eval_model, data["val"], device, autocast, w)
             history.append({"step": done, "train_loss": "", "val_loss": vl, "lr": lr})
-            save(done)
-            print(f"step {done:5d} | val loss {vl:.4f} | val perplexity {math.exp(vl):.1f} | "
-                  f"best {best_val:.4f} | saved {ckpt_path} | {(time.time() - t0) / 60:.1f} min", flush=True)
-    # ---- what a student can judge: held-out bits per character, real words, samples ------------------------
+            if w.main:
+                write_log(log_path, history)
+                plot(history, os.path.join(s.out_dir, "sft_loss.png"))
+            if not (math.isfinite(vl) and weights_finite(model)):
+                raise FloatingPointError(f"val loss is {vl} at step {done}: the run diverged (lower --lr). "
+                                         f"{last_good(ckpt_path)}")
+            saved = vl < best_val   # the checkpoint never gets worse: only a new best val loss replaces it
+            if saved:
+                best_val = vl
+                rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
+                if w.main:
+                    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
+                                     "optimizer": optimizer.state_dict(), "step": done, "rng": rng,
+                                     "best_val_loss": best_val, "config": asdict(s), "kind": "sft"},
+                                    ckpt_path)
+            print(f"step {done:5d} | val loss {vl:.4f} | val perplexity {math.exp(min(vl, 50)):.1f} | best "
+                  f"{best_val:.4f} | {('saved ' if saved else 'not better: kept ') + ckpt_path} | "
+                  f"{(time.time() - t0) / 60:.1f} min", flush=True)
+    barrier()                                                                 # the checkpoint is on disk
+    model.load_state_dict(load_checkpoint(ckpt_path, made_by="train_sft.py", kind="sft")["model"])  # the best
+    rep = report(s, model, device, autocast, best_val, t0, ckpt_path) if w.main else None
+    end_world()
+    return rep
+
+
+def last_good(path):
+    """What a diverged run says about the checkpoint it leaves (only good ones are ever written)."""
+    if os.path.exists(path):
+        step = torch.load(path, weights_only=True)["step"]
+        return f"The last good checkpoint is {path} (step {step}), kept as it was."
+    return f"No checkpoint was written ({path} does not exist)."
+
+
+def weights_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# ---- data: token stream + reply mask, cut into random windows --------------------------------------------
+
+def load_data(s):
+    """{"train": (tokens, reply mask), "val": (...)}: uint16 / uint8 arrays of the whole split, in play order;
+    with --feedback, the corrections (chat.py /fix, [流程与实践 §3.2]) appended to the training stream."""
+    from data.prepare import CACHE_DIR, prepare
+    prepare()  # builds data/cache/ from the vendored plays the first time (about half a minute)
+    data = {split: (np.memmap(os.path.join(CACHE_DIR, f"{split}.bin"), dtype=np.uint16, mode="r"),
+                    np.memmap(os.path.join(CACHE_DIR, f"{split}_mask.bin"), dtype=np.uint8, mode="r"))
+            for split in ("train", "val")}
+    if s.feedback:  # corrections are demonstrations too: append them to the training stream
+        from data.feedback import read_feedback, sft_examples
+        from data.prepare import encode_turn
+        examples = sft_examples(read_feedback([f for f in s.feedback.split(",") if f])[0])
+        ids, mask = [], []
+        for prompt, reply in examples * s.feedback_copies:  # prompt: a transcript ending in "Assistant:"
+            i, m = encode_turn(get_tokenizer(), prompt, reply, transcript=True)
+            ids, mask = ids + i, mask + m
+        tokens, reply_mask = data["train"]
+        data["train"] = (np.concatenate([tokens, np.array(ids, dtype=np.uint16)]),
+                         np.concatenate([reply_mask, np.array(mask, dtype=np.uint8)]))
+        print(f"added {len(examples)} corrections x {s.feedback_copies} copies ({len(ids)} tokens) from "
+              f"{s.feedback}")
+    return data
+
+
+def draw_windows(s, split_data, gen):
+    """Where batch_size random windows of block_size + 1 tokens start, (B,)."""
+    return torch.randint(len(split_data[0]) - s.block_size - 1, (s.batch_size,), generator=gen)
+
+
+def get_batch(s, split_data, starts, device):
+    """The windows that start at `starts`: inputs x, next-token targets y, and the loss mask m (reply tokens,
+    or every token with --train_on all), each (B, T)."""
+    tokens, mask = split_data
+    window = lambda a, i: torch.from_numpy(a[i:i + s.block_size].astype(np.int64))   # noqa: E731
+    x = torch.stack([window(tokens, i) for i in starts.tolist()])                          # (B, T)
+    y = torch.stack([window(tokens, i + 1) for i in starts.tolist()])                      # (B, T)
+    m = torch.ones_like(y, dtype=torch.bool) if s.train_on == "all" else \
+        torch.stack([window(mask, i + 1) for i in starts.tolist()]).bool()                # (B, T)
+    return x.to(device), y.to(device), m.to(device)
+
+
+@torch.no_grad()
+def val_loss(s, model, val_data, device, autocast, w):
+    """Mean loss over eval_iters val batches, the same windows every time, so evaluations compare; under
+    torchrun each process takes its share of the batches and the sums are added up."""
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    total = torch.zeros((), device=device)
+    for k in range(s.eval_iters):
+        starts = draw_windows(s, val_data, gen)
+        if k % w.size == w.rank:
+            with autocast:
+                total += model(*get_batch(s, val_data, starts, device)).float()
+    model.train()
+    return all_sum(total).item() / s.eval_iters
+
+
+# ---- model and optimizer: fresh, or resumed from the checkpoint ------------------------------------------
+
+def new_or_resumed(s, device, ckpt_path):
+    """(model, AdamW, batch generator, first step, best val loss). --resume takes the model's shape from the
+    checkpoint (it cannot change), and the optimisation flags from the command line: they are applied to the
+    restored optimizer and recorded in the settings, so the saved config is what really ran."""
+    batch_gen = torch.Generator().manual_seed(s.seed)
+    if not s.resume:
+        cfg = GPTConfig(**{k: getattr(s, k) for k in SHAPE})
+        model = GPT(cfg).to(device)
+        return model, make_optimizer(s, model, device), batch_gen, 0, float("inf")
+    ckpt = load_checkpoint(ckpt_path, made_by="train_sft.py", kind="sft")
+    model = gpt_from_checkpoint(ckpt).to(device)
+    for k in SHAPE:
+        if getattr(s, k) != getattr(model.config, k):
+            print(f"resume: {k} = {getattr(model.config, k)} from the checkpoint (not {getattr(s, k)}): "
+                  "a model's shape cannot change")
+            setattr(s, k, getattr(model.config, k))
+    optimizer = make_optimizer(s, model, device)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, param_groups(model, s.weight_decay)):
+        group.update(betas=(s.beta1, s.beta2), weight_decay=fresh["weight_decay"])   # today's flags
+    changed = [f"{k} {v} -> {getattr(s, k)}" for k, v in ckpt["config"].items()
+               if k not in SHAPE + ("resume", "preset") and hasattr(s, k) and getattr(s, k) != v]
+    if changed:
+        print("resume: changed since the checkpoint, applied: " + ", ".join(changed))
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    batch_gen.set_state(ckpt["rng"]["batch"])
+    print(f"resuming from {ckpt_path} at step {ckpt['step']} (best val loss {ckpt['best_val_loss']:.4f})")
+    return model, optimizer, batch_gen, ckpt["step"], ckpt["best_val_loss"]
+
+
+def make_optimizer(s, model, device):
+    return torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2),
+                             fused=torch.device(device).type == "cuda")
+
+
+# ---- what a student can judge: held-out bits per character, real words, samples -------------------------
+
+def report(s, model, device, autocast, best_val, t0, ckpt_path):
     from data.prepare import load_turns, real_word_rate
     enc = get_tokenizer()
     val_turns = load_turns("val")
@@ -212,7 +322,8 @@ def main(argv=None):
     replies = decode_replies(enc, seq, resp_mask)
     rate = real_word_rate(replies)
     print(f"done in {(time.time() - t0) / 60:.1f} min: best val loss {best_val:.4f} (perplexity "
-          f"{math.exp(best_val):.1f}); held-out {bpc:.3f} bits per character over {len(val_turns)} val turns; "
+          f"{math.exp(best_val):.1f}); held-out {bpc:.3f} bits per character over {len(val_turns)} val "
+          f"turns; "
           f"real-word rate {rate:.3f} of {len(replies)} sampled replies (temperature 1)")
     for p, r in list(zip(prompts, replies))[:3]:
         print(f"  Human: {p}\n    Bard: {r}")
@@ -232,7 +343,8 @@ def bits_per_char(model, enc, turns, device, batch=64):
     bits, chars = 0.0, 0
     for i in range(0, len(turns), batch):
         rows = [encode_turn(enc, t["prompt"], t["reply"]) for t in turns[i:i + batch]]
-        rows = [(ids[-model.config.block_size - 1:], mask[-model.config.block_size - 1:]) for ids, mask in rows]
+        keep = model.config.block_size + 1                                    # the end of an over-long turn
+        rows = [(ids[-keep:], mask[-keep:]) for ids, mask in rows]
         T = max(len(ids) for ids, _ in rows) - 1
         x = torch.full((len(rows), T), EOT, dtype=torch.long)                     # (B, T) right-padded inputs
         y = torch.full((len(rows), T), EOT, dtype=torch.long)                     # (B, T) next tokens
@@ -252,7 +364,8 @@ def read_log(path):
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else "") for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (float(v) if v not in ("", None) else "") for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def write_log(path, history):
@@ -265,9 +378,7 @@ def write_log(path, history):
 
 
 def plot(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     train = [(h["step"], h["train_loss"]) for h in history if h["train_loss"] != ""]
     val = [(h["step"], h["val_loss"]) for h in history if h["val_loss"] != ""]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -280,14 +391,8 @@ def plot(history, path):
     ax.set_title("SFT on Shakespeare dialogue")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # expected errors (missing checkpoint or data): no traceback
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -200,10 +200,13 @@ def check_writable(path):
     if os.path.isdir(path):
         raise OSError(f"feedback file {path} is a directory")
     if os.path.exists(path):
-        if not os.path.isfile(path) or not os.access(path, os.W_OK):
-            raise OSError(f"feedback file {path} is not a writable file")
-        with open(path, "ab"):                                               # e.g. a read-only mount
-            pass
+        try:
+            if not os.path.isfile(path) or not os.access(path, os.W_OK):
+                raise PermissionError(13, "not a writable file")
+            with open(path, "ab"):                                           # e.g. a read-only mount, /proc
+                pass
+        except OSError as e:
+            raise OSError(f"feedback file {path} is not writable ({e.strerror or e})") from None
         return
     folder = os.path.dirname(os.path.abspath(path))
     try:

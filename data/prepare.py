@@ -292,9 +292,10 @@ def cut_prompt(text, enc, max_tokens=MAX_TOKENS):
 # ----------------------------------------------------------------------------------------------------
 # Token stream and mask
 
-def encode_turn(enc, prompt, reply):
-    """Token ids and loss mask of one turn: prompt in chat format (mask 0), reply + EOT (mask 1)."""
-    p = enc.encode_ordinary(format_prompt(prompt))
+def encode_turn(enc, prompt, reply, transcript=False):
+    """Token ids and loss mask of one turn: prompt in chat format (mask 0), reply + EOT (mask 1).
+    transcript=True: the prompt is already a whole transcript ending in "\n\nAssistant:"."""
+    p = enc.encode_ordinary(prompt if transcript else format_prompt(prompt))
     r = encode_reply(enc, reply)
     return p + r, [0] * len(p) + [1] * len(r)
 

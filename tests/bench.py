@@ -85,12 +85,12 @@ def sft_preset_config(preset):
 
 
 def shapes(small):
-    gpt2 = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)      # GPT-2 small, vocab 50257
+    gpt2 = GPTConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024)   # GPT-2 small
     if not small:
         return dict(sft_cfg=gpt2, sft_batch=12,
                     gen_cfg=gpt2, gen_batches=(1, 64), gen_prompt=128, gen_new=128,
                     gae_B=512, gae_T=1024,
-                    lp_B=64, lp_T=512, lp_d=768, lp_chunks=(1024,),
+                    lp_B=64, lp_T=512, lp_d=768, lp_V=50257, lp_chunks=(1024,),
                     ppo_cfg=sft_preset_config("gpu")[0], ppo_settings=dict(train_ppo.PRESETS["gpu"], preset="gpu"))
     # Small: the cpu preset model (4 layers, d=128, T=256). Batch sizes, token counts and PPO epochs are cut
     # (halved: SFT batch 8 -> 4, 32 -> 16 new tokens; 4 PPO epochs -> 1) so that the whole run takes a few
@@ -100,7 +100,7 @@ def shapes(small):
     return dict(sft_cfg=cpu_cfg, sft_batch=cpu_batch // 2,
                 gen_cfg=cpu_cfg, gen_batches=(1, 64), gen_prompt=32, gen_new=16,
                 gae_B=64, gae_T=128,
-                lp_B=8, lp_T=256, lp_d=cpu_cfg.n_embd, lp_chunks=(1024, 256),
+                lp_B=8, lp_T=256, lp_d=cpu_cfg.n_embd, lp_V=cpu_cfg.vocab_size, lp_chunks=(1024, 256),
                 ppo_cfg=cpu_cfg,
                 ppo_settings=dict(train_ppo.PRESETS["cpu"], preset="cpu", batch_size=16, max_new_tokens=24,
                                   ppo_epochs=1))
@@ -478,8 +478,7 @@ def rss_peak_child(spec):
 
 
 def row_logprob(bench, sh, compile_on):
-    dev, B, T, d = bench.device, sh["lp_B"], sh["lp_T"], sh["lp_d"]
-    V = 50257
+    dev, B, T, d, V = bench.device, sh["lp_B"], sh["lp_T"], sh["lp_d"], sh["lp_V"]
     shape = f"B={B} T={T} V={V} d={d} float32, fwd+bwd"
     h, W, tokens, grad = logprob_inputs(B, T, V, d, dev)
     names = {"naive": "naive log_softmax(h @ W^T).gather"}

@@ -62,3 +62,20 @@ def run_main_block(script, *args):
     finally:
         sys.argv = argv
     return e.value
+
+
+TINY_SFT = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 128 --batch_size 4 --eval_iters 1 --max_iters 6 " \
+           "--lr 1e-2 --min_lr 1e-2 --warmup_iters 2 --eval_interval 3 --log_interval 3 --n_samples 4 --device cpu"
+TINY_RM = "--n_prompts 16 --n_heldout 6 --k 2 --max_new_tokens 8 --epochs 1 --batch_size 8 --eval_interval 2 --device cpu"
+TINY_PPO = ["--iters", "3", "--batch_size", "6", "--minibatch_size", "3", "--ppo_epochs", "2", "--max_new_tokens", "8",
+            "--n_eval", "6", "--n_report", "8", "--eval_interval", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The whole pipeline from nothing, as a student runs it (a subprocess, tiny settings), once per test run:
+    (out_dir with sft.pt, rm.pt, ppo.pt, ..., the CompletedProcess). Tests that change files work on a copy."""
+    d = tmp_path_factory.mktemp("pipeline")
+    r = run("train_ppo.py", "--out_dir", str(d), "--sft_args", TINY_SFT, "--rm_args", TINY_RM, *TINY_PPO)
+    return d, r
+

@@ -138,25 +138,25 @@ def test_head_init_and_defaults():
     assert not any("reward_" in k for k in rm.state_dict())                          # floats, not state
 
 
-def test_score_read_at_last_and_values():
+def test_score_is_the_mean_over_the_reply_and_values():
     torch.manual_seed(0)
     rm = RewardModel(GPTConfig(vocab_size=100, **TINY)).eval()
     idx = torch.randint(0, 100, (2, 10))
-    last = torch.tensor([3, 6])
+    reply = torch.zeros(2, 10, dtype=torch.bool)
+    reply[0, 1:4], reply[1, 6:] = True, True                                         # row 0: tokens 1..3
     with torch.no_grad():
-        r = rm(idx, last)
+        r = rm(idx, reply)
         v = rm.values(idx)
         assert r.shape == (2,) and v.shape == (2, 10)
-        assert torch.allclose(v[torch.arange(2), last], r, atol=1e-6)
+        assert torch.allclose(r, torch.stack([v[0, 1:4].mean(), v[1, 6:].mean()]), atol=1e-6)   # by hand
         later = idx.clone()
-        later[0, 4:] = (later[0, 4:] + 1) % 100                                       # after `last`
-        later[1, 7:] = (later[1, 7:] + 1) % 100
-        assert torch.allclose(rm(later, last), r, atol=1e-6)
-        at_last = idx.clone()
-        at_last[0, 3] = (at_last[0, 3] + 1) % 100                                     # at `last`
-        assert not torch.isclose(rm(at_last, last)[0], r[0])
+        later[0, 4:] = (later[0, 4:] + 1) % 100                                       # after the reply
+        assert torch.allclose(rm(later, reply)[0], r[0], atol=1e-6)                   # causal: no effect
+        inside = idx.clone()
+        inside[0, 2] = (inside[0, 2] + 1) % 100                                       # a reply token
+        assert not torch.isclose(rm(inside, reply)[0], r[0])
         rm.reward_mean, rm.reward_std = 0.5, 2.0
-        assert torch.allclose(rm.score(idx, last), (r - 0.5) / 2.0)
+        assert torch.allclose(rm.score(idx, reply), (r - 0.5) / 2.0)
 
 
 def test_scalar_head_stays_float32_under_bf16_autocast():
@@ -166,26 +166,26 @@ def test_scalar_head_stays_float32_under_bf16_autocast():
     rm = RewardModel(GPTConfig(vocab_size=100, **TINY)).eval()
     with torch.no_grad():
         rm.head.bias.fill_(1.15)
-        idx, last = torch.randint(0, 100, (4, 10)), torch.tensor([3, 6, 9, 9])
+        idx, reply = torch.randint(0, 100, (4, 10)), torch.arange(10)[None, :] >= torch.tensor([[7], [4], [9], [0]])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            r, v = rm(idx, last), rm.values(idx)
+            r, v = rm(idx, reply), rm.values(idx)
             h = rm.body.hidden_states(idx)                                            # (4, 10, d)
         assert r.dtype == v.dtype == torch.float32
         expected = h.float() @ rm.head.weight[0] + rm.head.bias[0]                    # (4, 10) float32
         assert torch.allclose(v, expected, atol=1e-6)
-        assert torch.allclose(r, expected[torch.arange(4), last], atol=1e-6)
+        assert torch.allclose(r, (expected * reply).sum(1) / reply.sum(1), atol=1e-6)
         assert not torch.equal(r, r.bfloat16().float())                               # finer than bf16
 
 
 def test_batch_replies_layout_and_truncation():
     enc = SimpleNamespace(eot_token=99)
-    idx, pad, last = batch_replies(enc, [[1, 2, 3], [4]], [[5, 99], [6, 7, 99]], block_size=8)
+    idx, pad, reply = batch_replies(enc, [[1, 2, 3], [4]], [[5, 99], [6, 7, 99]], block_size=8)
     assert idx.tolist() == [[1, 2, 3, 5, 99], [99, 4, 6, 7, 99]]
-    assert pad.tolist() == [0, 1] and last.tolist() == [4, 4]
-    idx, pad, last = batch_replies(enc, [[1, 2, 3], [4]], [[5, 99], [6, 7, 99]], block_size=4)
+    assert pad.tolist() == [0, 1] and reply.int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+    idx, pad, reply = batch_replies(enc, [[1, 2, 3], [4]], [[5, 99], [6, 7, 99]], block_size=4)
     assert idx.tolist() == [[2, 3, 5, 99], [4, 6, 7, 99]]                             # prompt cut on the left
-    idx, _, _ = batch_replies(enc, [[1, 2]], [[5, 6, 99]], block_size=3)             # no room for the prompt
-    assert idx.tolist() == [[5, 6, 99]]
+    idx, _, reply = batch_replies(enc, [[1, 2]], [[5, 6, 99]], block_size=3)         # no room for the prompt
+    assert idx.tolist() == [[5, 6, 99]] and reply.all()
     idx, _, _ = batch_replies(enc, [[1, 2]], [[5, 6, 7, 99]], block_size=3)          # reply alone too long
     assert idx.tolist() == [[6, 7, 99]]
     with pytest.raises(ValueError, match="EOT"):
@@ -198,14 +198,14 @@ def test_padded_batch_scores_like_each_row_alone():
     rm = RewardModel(GPTConfig(**TINY)).eval()
     prompts = [enc.encode_ordinary(format_prompt(p)) for p in ("Hello there, friend.", "Speak.")]
     replies = [encode_reply(enc, r) for r in ("Good day.", "I have nothing kind to say to thee today.")]
-    idx, pad, last = batch_replies(enc, prompts, replies, block_size=64)
+    idx, pad, reply = batch_replies(enc, prompts, replies, block_size=64)
     assert pad.min().item() == 0 and pad.max().item() > 0
     assert (idx[:, -1] == EOT).all()
     with torch.no_grad():
-        together = rm(idx, last, pad)
+        together = rm(idx, reply, pad)
         for i in range(2):
-            one = batch_replies(enc, prompts[i:i + 1], replies[i:i + 1], block_size=64)
-            assert torch.allclose(rm(*one[:1], one[2], one[1]), together[i:i + 1], atol=1e-5)
+            one_idx, one_pad, one_reply = batch_replies(enc, prompts[i:i + 1], replies[i:i + 1], block_size=64)
+            assert torch.allclose(rm(one_idx, one_reply, one_pad), together[i:i + 1], atol=1e-5)
 
 
 def test_from_sft_and_checkpoint_roundtrip(tmp_path):
@@ -222,10 +222,10 @@ def test_from_sft_and_checkpoint_roundtrip(tmp_path):
     ckpt = load_checkpoint(path, made_by="train_rm.py")                               # weights_only=True
     assert ckpt["kind"] == "rm" and isinstance(ckpt["reward_mean"], float)
     rm2 = RewardModel.from_checkpoint(ckpt).eval()
-    idx, last = torch.randint(0, 100, (3, 12)), torch.tensor([11, 5, 8])
+    idx, reply = torch.randint(0, 100, (3, 12)), torch.arange(12)[None, :] >= torch.tensor([[11], [5], [8]])
     with torch.no_grad():
-        assert torch.equal(rm2(idx, last), rm(idx, last))
-        assert torch.equal(rm2.score(idx, last), rm.score(idx, last))
+        assert torch.equal(rm2(idx, reply), rm(idx, reply))
+        assert torch.equal(rm2.score(idx, reply), rm.score(idx, reply))
     assert (rm2.reward_mean, rm2.reward_std) == (0.25, 3.0)
     with pytest.raises(ValueError, match="not a reward-model checkpoint"):
         RewardModel.from_checkpoint(sft)

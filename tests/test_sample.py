@@ -1,4 +1,4 @@
-"""Tests for sample.py (§5.4.1): filters against hand-worked distributions, generation against generating
+"""Tests for sample.py ([实战框架 §5.4.1]): filters against hand-worked distributions, generation against generating
 each prompt alone, EOT handling, truncation, and the command line. Tiny models, each test a few seconds."""
 import os
 import subprocess
@@ -31,7 +31,7 @@ def kept(logits):
     return [set(torch.nonzero(torch.isfinite(row)).flatten().tolist()) for row in logits]
 
 
-# ---------------------------------------------------------------------------------------------------- §5.4.1
+# ------------------------------------------------------------------------------------------ [实战框架 §5.4.1]
 
 P5 = [0.5, 0.2, 0.15, 0.1, 0.05]                                              # cumulative: .5 .7 .85 .95 1
 

@@ -15,22 +15,7 @@ import train_ppo
 from model import EOT, GPT, GPTConfig, get_tokenizer, load_checkpoint
 from reward import RewardModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_SFT = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 128 --batch_size 4 --eval_iters 1 --max_iters 6 " \
-           "--lr 1e-2 --min_lr 1e-2 --warmup_iters 2 --eval_interval 3 --log_interval 3 --device cpu"
-TINY_RM = "--n_prompts 16 --n_heldout 6 --k 2 --max_new_tokens 8 --epochs 1 --batch_size 8 --eval_interval 2 --device cpu"
-TINY_PPO = ["--iters", "3", "--batch_size", "6", "--minibatch_size", "3", "--ppo_epochs", "2", "--max_new_tokens", "8",
-            "--n_eval", "6", "--n_report", "8", "--eval_interval", "2", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The whole pipeline from nothing, as a student runs it (in a subprocess, with tiny settings)."""
-    d = tmp_path_factory.mktemp("pipeline")
-    r = subprocess.run([sys.executable, "train_ppo.py", "--out_dir", str(d), "--sft_args", TINY_SFT,
-                        "--rm_args", TINY_RM] + TINY_PPO, cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    return d, r
+from conftest import ROOT, TINY_PPO, pipeline  # noqa: F401  (pipeline: the tiny sft -> rm -> ppo run, once)
 
 
 def test_pipeline_trains_what_is_missing_and_writes_the_report(pipeline):
@@ -65,15 +50,19 @@ def test_ppo_checkpoint_holds_policy_critic_and_history(pipeline):
     assert any(not torch.equal(ck["model"][k], sft["model"][k]) for k in sft["model"])
 
 
-def test_resume_continues_from_the_saved_iteration(pipeline, monkeypatch, capsys):
-    d, _ = pipeline
+def test_resume_continues_from_the_saved_iteration(pipeline, tmp_path, monkeypatch, capsys):
+    import shutil
+    d = tmp_path / "copy"
+    shutil.copytree(pipeline[0], d)
     monkeypatch.setattr(train_ppo, "plot", lambda history, path: None)
     torch.set_num_threads(1)
-    train_ppo.main(["--out_dir", str(d), "--resume"] + TINY_PPO[:1] + ["4"] + TINY_PPO[2:])
+    train_ppo.main(["--out_dir", str(d), "--resume", "--lr", "3e-5"] + TINY_PPO[:1] + ["4"] + TINY_PPO[2:])
     out = capsys.readouterr().out
     assert "resuming from" in out and "at iteration 3" in out
     assert "iter   4/4" in out and "iter   3/4" not in out
-    assert load_checkpoint(str(d / "ppo.pt"), made_by="train_ppo.py")["iter"] == 4
+    assert "resume: lr 0.0001 -> 3e-05 (from the command line)" in out        # applied, not the saved lr
+    ck = load_checkpoint(str(d / "ppo.pt"), made_by="train_ppo.py")
+    assert ck["iter"] == 4 and ck["config"]["lr"] == 3e-5 and ck["optimizer"]["param_groups"][0]["lr"] == 3e-5
 
 
 def test_fixed_beta_zero_stays_zero(pipeline, tmp_path, monkeypatch, capsys):
@@ -105,6 +94,12 @@ def test_score_puts_the_penalty_on_replies_that_never_end(pipeline):
     assert shaped[1].item() == pytest.approx(-7.0, abs=1e-5)
     assert shaped[0].item() == pytest.approx(exp.rm_scores[0].item(), abs=1e-5)
     assert (exp.advantages[~resp_mask] == 0).all() and (exp.returns[~resp_mask] == 0).all()
+    # the reward model's score is clipped in the reward (not in what the report shows as its score)
+    s.score_clip = 1e-3
+    clipped = train_ppo.score(m, train_ppo.Rollout(seq, torch.zeros(2, dtype=torch.long), resp_mask), beta=0.1)
+    shaped = clipped.rewards.sum(1) + 0.1 * kl.sum(1)
+    assert shaped[0].item() == pytest.approx(max(-1e-3, min(1e-3, exp.rm_scores[0].item())), abs=1e-6)
+    assert torch.equal(clipped.rm_scores, exp.rm_scores)
 
 
 # ---- the gpu preset's code paths, on a CPU: bf16 autocast and torch.compile ------------------------------------

@@ -119,11 +119,11 @@ def test_reward_is_normalised_over_the_panel_replies(panel_run):
     enc = get_tokenizer()
     records, _ = read_feedback([str(d / "panel_labels.jsonl")])
     pairs = [(r["prompt"], x) for r in records[:512] for x in r["replies"]]
-    idx, pad, last = batch_replies(enc, [enc.encode_ordinary(p) for p, _ in pairs],
+    idx, pad, reply = batch_replies(enc, [enc.encode_ordinary(p) for p, _ in pairs],
                                    [enc.encode_ordinary(" " + x) + [enc.eot_token] for _, x in pairs],
                                    rm.body.config.block_size)
     with torch.no_grad():
-        z = rm.score(idx, last, pad).double()                                 # (N,)
+        z = rm.score(idx, reply, pad).double()                                # (N,)
     assert len(z) == sum(len(r["replies"]) for r in records)
     assert abs(z.mean().item()) < 1e-3
     assert z.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-2)

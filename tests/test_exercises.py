@@ -1,0 +1,226 @@
+""""Change one thing" (README): every classroom exercise is an edit of ONE function in ONE file, or a flag.
+Each test here makes the edit the way a student would, by replacing the function's body where it is defined
+(edit() below: every caller, whatever its import style, then runs the new body), and shows that the training
+or sampling path really calls it: the exercise changes what the path computes. A function that nothing calls
+(the trap the course once had: editing reward.bradley_terry_loss changed nothing) fails here."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import chat
+import model
+import ppo
+import reward
+import sample
+import train_ppo
+import train_rm
+from model import GPT, GPTConfig, format_prompt, get_tokenizer, save_checkpoint
+from reward import RewardModel, reply_scores
+
+CFG = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128)
+PROMPTS = ["How fares my lord?", "Good morrow.", "What news from Rome?", "Peace!"]
+
+
+def edit(monkeypatch, fn, replacement):
+    """A student's edit of `fn` in its own file: its code becomes replacement's (which runs with fn's globals)."""
+    monkeypatch.setattr(fn, "__code__", replacement.__code__)
+
+
+def tiny_models(**settings):
+    torch.manual_seed(0)
+    policy, rm = GPT(CFG), RewardModel(CFG)
+    s = train_ppo.Settings(**{**dict(device="cpu", batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=8),
+                              **settings})
+    return train_ppo.build_models(s, "cpu", policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
+
+
+def rollout_and_score(m, beta=0.1):
+    roll = train_ppo.rollout(m, m.policy, PROMPTS, generator=torch.Generator().manual_seed(0))
+    return train_ppo.score(m, roll, beta)
+
+
+# ---- 1. reward.py bradley_terry_loss: swap the pairwise loss (a hinge, or the book's relu version) --------------
+
+def hinge(r_chosen, r_rejected):
+    return F.relu(1.0 - (r_chosen - r_rejected)).mean()
+
+
+def test_1_the_pairwise_loss_train_rm_uses_is_reward_bradley_terry_loss(monkeypatch):
+    torch.manual_seed(0)
+    rm, enc = RewardModel(CFG), get_tokenizer()
+    batch = [{"kind": "comparison", "prompt": format_prompt(p), "prompts": [format_prompt(p)] * 2,
+              "replies": [f"Good {p}", f"Bad {p}"], "tie": False, "meta": {}} for p in PROMPTS]
+    s = train_rm.Settings()
+    before, _ = train_rm.item_losses(s, rm, batch)
+    edit(monkeypatch, reward.bradley_terry_loss, hinge)
+    after, _ = train_rm.item_losses(s, rm, batch)
+    with torch.no_grad():
+        sc = reply_scores(rm, enc, [p for r in batch for p in r["prompts"]], [x for r in batch for x in r["replies"]])
+    assert after.item() == pytest.approx(F.relu(1 - (sc[0::2] - sc[1::2])).mean().item(), rel=1e-5)
+    assert after.item() != pytest.approx(before.item())
+
+
+# ---- 2. ppo.py gae (or the flag --lam): the advantage estimator --------------------------------------------------
+
+def no_advantage(rewards, values, resp_mask, gamma=1.0, lam=0.95):
+    return torch.zeros_like(rewards), torch.where(resp_mask, rewards, 0.0)
+
+
+def test_2_the_advantages_train_ppo_learns_from_come_from_ppo_gae(monkeypatch):
+    m = tiny_models(whiten_advantages=False)
+    exp = rollout_and_score(m)
+    assert exp.advantages[exp.roll.resp_mask].abs().sum() > 0
+    lam0 = rollout_and_score(tiny_models(whiten_advantages=False, lam=0.0))    # the flag reaches gae too
+    assert not torch.allclose(lam0.advantages, exp.advantages)
+    edit(monkeypatch, ppo.gae, no_advantage)
+    assert (rollout_and_score(tiny_models()).advantages == 0).all()
+
+
+# ---- 3. train_ppo.py shape_rewards: a repetition penalty (or any reward shaping) ---------------------------------
+
+def with_penalty(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta):
+    scores = rm_scores.clamp(-s.score_clip, s.score_clip)
+    scores = apply_no_eos_penalty(scores, ended, s.no_eos_penalty) - 1.0   # noqa: F821  the student's term: -1
+    return per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)  # noqa: F821
+
+
+def test_3_reward_shaping_reaches_training_and_both_sides_of_the_evaluation(monkeypatch):
+    from reward import Panel
+    m, panel = tiny_models(), Panel()
+    exp = rollout_and_score(m)
+    sides = [train_ppo.judge(m, panel, model, PROMPTS, seed=1) for model in (m.ref, m.policy)]
+    edit(monkeypatch, train_ppo.shape_rewards, with_penalty)
+    exp2 = rollout_and_score(m)
+    assert torch.allclose(exp2.rewards.sum(1), exp.rewards.sum(1) - 1.0, atol=1e-5)   # what PPO learns from
+    for before, model_ in zip(sides, (m.ref, m.policy)):                           # what the report measures
+        after = train_ppo.judge(m, panel, model_, PROMPTS, seed=1)
+        assert after["reward"] == pytest.approx(before["reward"] - 1.0, abs=1e-5)
+        assert after["rm_score"] == pytest.approx(before["rm_score"], abs=1e-6)     # the RM's own score: unshaped
+
+
+# ---- 4. model.py sinusoidal_positions: another positional encoding ------------------------------------------------
+
+def no_positions(max_len, d_model):
+    return torch.zeros(max_len, d_model)
+
+
+def test_4_the_gpt_adds_model_sinusoidal_positions(monkeypatch):
+    idx = torch.randint(0, 100, (1, 12))
+    torch.manual_seed(0)
+    with_pe = GPT(CFG).eval()(idx)
+    edit(monkeypatch, model.sinusoidal_positions, no_positions)
+    torch.manual_seed(0)
+    m = GPT(CFG).eval()
+    assert (m.pe == 0).all() and not torch.allclose(m(idx), with_pe)
+
+
+# ---- 5. sample.py: a new sampling knob (e.g. min-p) is a field of Sampling, a rule, a step in filter_logits ---------
+
+def argmax_only(logits, temperature=1.0, top_k=None, top_p=None):
+    return torch.where(logits == logits.max(dim=-1, keepdim=True).values, logits, torch.full_like(logits, -1e9))
+
+
+def test_5_a_sampling_knob_is_one_file(monkeypatch):
+    # every field of sample.Sampling is a flag of sample.py and of chat.py, and a chat command
+    names = [f.name for f in dataclasses.fields(sample.Sampling)]
+    assert issubclass(sample.Settings, sample.Sampling) and issubclass(chat.Settings, sample.Sampling)
+    assert chat.KNOBS == names and all(chat.knob_named("/" + n) == n for n in names)
+    assert all(f"/{n} X" in chat.HELP for n in names)
+    # and what generate() samples from is sample.filter_logits' output
+    torch.manual_seed(0)
+    m = GPT(CFG).eval()
+    with torch.no_grad():
+        m.wte.weight.mul_(10)
+    ids = [get_tokenizer().encode_ordinary(format_prompt(p)) for p in PROMPTS]
+    greedy, _, _ = sample.generate(m, ids, 6, greedy=True)
+    sampled, _, _ = sample.generate(m, ids, 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(sampled, greedy)
+    edit(monkeypatch, sample.filter_logits, argmax_only)
+    edited, _, _ = sample.generate(m, ids, 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(edited, greedy)
+
+
+# ---- 6. train_ppo.py critic_from_reward_model: how the critic starts ----------------------------------------------
+
+def zero_critic(critic):
+    with torch.no_grad():
+        critic.head.weight.zero_()
+        critic.head.bias.zero_()
+    return critic
+
+
+def test_6_the_critic_starts_as_critic_from_reward_model_makes_it(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    gpt, rm = GPT(CFG), RewardModel(CFG)
+    save_checkpoint({"model": gpt.state_dict(), "model_args": dataclasses.asdict(CFG), "kind": "sft"},
+                    str(tmp_path / "sft.pt"))
+    save_checkpoint(rm.checkpoint_dict(), str(tmp_path / "rm.pt"))
+    paths = {"sft": str(tmp_path / "sft.pt"), "rm": str(tmp_path / "rm.pt")}
+    s = train_ppo.Settings(device="cpu", max_new_tokens=8)
+    idx = torch.randint(0, 100, (2, 9))
+    m, _ = train_ppo.setup(s, "cpu", paths)
+    assert m.critic.values(idx).abs().sum() > 0
+    edit(monkeypatch, train_ppo.critic_from_reward_model, zero_critic)
+    m, _ = train_ppo.setup(s, "cpu", paths)
+    assert (m.critic.values(idx) == 0).all()
+
+
+# ---- 7. ppo.py per_token_rewards: the KL estimator in the reward, k1 -> k3 --------------------------------------------
+
+def k3_rewards(scores, logprobs, ref_logprobs, resp_mask, beta):
+    kl = torch.where(resp_mask, kl_k3(logprobs, ref_logprobs), 0.0)  # noqa: F821  (ppo.py's own kl_k3)
+    n_valid = resp_mask.sum(dim=1)
+    last = (n_valid - 1).clamp(min=0)
+    score = torch.where(n_valid > 0, scores.to(kl.dtype), 0.0)
+    return (-beta * kl).scatter_add(1, last[:, None], score[:, None]), kl
+
+
+def test_7_the_kl_in_the_reward_is_ppo_per_token_rewards(monkeypatch):
+    m = tiny_models()
+    with torch.no_grad():                                   # a policy that differs from the reference
+        for p in m.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exp = rollout_and_score(m)
+    assert (exp.kl < 0).any()                               # k1 per token can be negative
+    edit(monkeypatch, ppo.per_token_rewards, k3_rewards)
+    exp3 = rollout_and_score(m)
+    mask = exp3.roll.resp_mask
+    assert (exp3.kl >= 0).all() and torch.allclose(exp3.kl[mask], ppo.kl_k3(exp3.logprobs, exp3.ref_logprobs)[mask])
+
+
+# ---- 8. the flag --vf_clip inf (ppo.py ppo_loss): the value clip off ----------------------------------------------
+
+def test_8_vf_clip_reaches_ppo_loss():
+    clipped = tiny_models(vf_clip=1e-6, critic_lr=1e-2, minibatch_size=2)
+    stats = train_ppo.update(clipped, rollout_and_score(clipped))
+    assert stats["value_clipfrac"] > 0                                          # after the first step: clipped
+    free = tiny_models(vf_clip=float("inf"), critic_lr=1e-2, minibatch_size=2)
+    assert train_ppo.update(free, rollout_and_score(free))["value_clipfrac"] == 0.0
+
+
+# ---- 9. the flags --ppo_epochs 1 --minibatch_size BATCH --lam 1: REINFORCE with a baseline ----------------------------
+
+def test_9_one_epoch_one_minibatch_never_clips():
+    m = tiny_models(ppo_epochs=1, minibatch_size=4, lam=1.0, clip_eps=0.01)
+    stats = train_ppo.update(m, rollout_and_score(m))
+    assert stats["clipfrac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+# ---- 10. the flag --clip_eps: the trust region -----------------------------------------------------------------------
+
+def test_10_clip_eps_reaches_ppo_loss():
+    stats = {}
+    for eps in (0.01, float("inf")):
+        m = tiny_models(ppo_epochs=3, minibatch_size=2, clip_eps=eps, lr=1e-2)
+        stats[eps] = train_ppo.update(m, rollout_and_score(m))
+    assert stats[0.01]["clipfrac"] > 0 and stats[float("inf")]["clipfrac"] == 0.0
+
+
+def test_the_replacements_run_with_the_names_of_the_file_they_edit():
+    # edit() runs a replacement with the edited function's module globals: the names they use are there
+    for mod, names in ((train_ppo, ("apply_no_eos_penalty", "per_token_rewards")), (ppo, ("kl_k3", "torch")),
+                       (reward, ("F",)), (model, ("torch",)), (sample, ("torch",))):
+        assert all(hasattr(mod, n) for n in names), mod.__name__

@@ -1,0 +1,388 @@
+"""Nothing lost, nothing silent: the fault-and-bad-input suite (README "What can go wrong").
+
+Each test is a case a hostile new user tried: feedback that must never be dropped, checkpoints that must never
+get worse, every bad setting refused before any work with one `error:` line naming the flag or file, and
+kill -9 during every kind of write. Tiny models; the scripts run in this process where a fresh interpreter
+is not what is being tested (run_main_block: the script's own `if __name__ == "__main__":` block)."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model as M
+from conftest import ROOT, TINY, pipeline, run_main_block, sft_dir  # noqa: F401
+from data.feedback import read_feedback, write_feedback
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RATING = {"kind": "rating", "prompt": "p", "reply": "r", "rating": 3}
+
+
+def error_line(capsys, code):
+    """The one line an argparse-style rejection prints (exit status 2), or an `error:` exit (status text)."""
+    err = capsys.readouterr().err
+    if isinstance(code, str):                                  # sys.exit("error: ...") prints it, status 1
+        return code
+    assert code == 2, (code, err)
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def read_only_dir(path):
+    """A folder nobody may write into, as root too (chattr +i), else chmod 555, else a /proc path."""
+    path.mkdir()
+    for cmd in (["chattr", "+i", str(path)], ["chmod", "555", str(path)]):
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            try:
+                open(path / ".probe", "w").close()
+                os.remove(path / ".probe")
+            except OSError:
+                return path
+    return "/proc/not_a_folder_for_checkpoints"
+
+
+def writable_again(path):
+    subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    subprocess.run(["chmod", "755", str(path)], capture_output=True)
+
+
+# ---- 1. lost data ---------------------------------------------------------------------------------------------
+
+def test_feedback_appended_after_a_cut_short_line_is_readable_and_the_fragment_kept(tmp_path):
+    fb = tmp_path / "fb.jsonl"
+    fb.write_text(json.dumps(RATING) + '\n{"kind":"rating","prompt":"p","rep')
+    note = write_feedback(str(fb), {**RATING, "rating": 4})
+    recs, n_bad = read_feedback(str(fb))                                     # every line is a record again
+    assert n_bad == 0 and [r["rating"] for r in recs] == [3.0, 4.0]
+    assert (tmp_path / "fb.jsonl.partial").read_text() == '{"kind":"rating","prompt":"p","rep\n'
+    assert "cut short" in note and "fb.jsonl.partial" in note
+    fb.write_text(json.dumps(RATING))                                        # a whole record, just no newline
+    assert "added one" in write_feedback(str(fb), RATING) and len(read_feedback(str(fb))[0]) == 2
+
+
+def test_chat_heals_the_feedback_file_and_says_so(tmp_path, pipeline):
+    fb = tmp_path / "fb.jsonl"
+    fb.write_text(json.dumps(RATING) + '\n{"kind":"rating","prompt":"p","rep')
+    r = subprocess.run([sys.executable, "chat.py", "--ckpt", str(pipeline[0] / "sft.pt"), "--rm", "none",
+                        "--feedback", str(fb)], input="Good morrow\n/rate 4\n", capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "moved to" in r.stdout and "* saved a rating: 4" in r.stdout
+    assert [x["rating"] for x in read_feedback(str(fb))[0]] == [3.0, 4.0]
+
+
+def test_a_diverging_sft_run_never_overwrites_the_good_checkpoint(tmp_path, sft_dir):
+    d = tmp_path / "out"
+    shutil.copytree(sft_dir, d)
+    before = (d / "sft.pt").read_bytes()
+    step = torch.load(d / "sft.pt", weights_only=True)["step"]
+    e = run_main_block("train_sft.py", "--out_dir", str(d), *TINY, "--resume", "--lr", "1e6", "--warmup_iters", "1",
+                       "--eval_interval", "1", "--max_iters", "12")
+    assert isinstance(e.code, str) and e.code.startswith("error: ")
+    assert "diverged" in e.code or "loss is" in e.code
+    assert f"The last good checkpoint is {d / 'sft.pt'} (step {step}), kept as it was" in e.code
+    assert (d / "sft.pt").read_bytes() == before
+
+
+def test_a_fresh_sft_run_at_a_huge_lr_stops_and_writes_nothing(tmp_path):
+    e = run_main_block("train_sft.py", "--out_dir", str(tmp_path), *TINY, "--lr", "1e6", "--max_iters", "6",
+                       "--eval_interval", "3", "--warmup_iters", "1")
+    assert isinstance(e.code, str) and "No checkpoint was written" in e.code and not (tmp_path / "sft.pt").exists()
+
+
+def test_a_diverging_ppo_run_never_saves_nan_weights(tmp_path, pipeline, monkeypatch):
+    import train_ppo
+    d = tmp_path / "out"
+    shutil.copytree(pipeline[0], d)
+    os.remove(d / "ppo.pt")
+    args = ["--out_dir", str(d), "--lr", "1e6", "--critic_lr", "1e6", "--iters", "4", "--batch_size", "6",
+            "--minibatch_size", "3", "--max_new_tokens", "8", "--n_eval", "4", "--n_report", "4", "--eval_interval",
+            "1", "--device", "cpu"]
+    monkeypatch.setattr(train_ppo, "plot", lambda history, path: None)
+    try:                                                   # Adam bounds each step: the user's repro may not nan
+        train_ppo.main(args)
+    except FloatingPointError as e:
+        assert "No checkpoint was written" in str(e) or f"The last good checkpoint is {d / 'ppo.pt'}" in str(e)
+    if (d / "ppo.pt").exists():
+        ck = M.load_checkpoint(str(d / "ppo.pt"), made_by="train_ppo.py")
+        assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    # and when the weights do go non-finite, the save refuses and names the file that really exists
+    real = train_ppo.update
+
+    def poisoned(m, exp):
+        out = real(m, exp)
+        with torch.no_grad():
+            next(m.policy.parameters()).fill_(float("nan"))
+        return out
+    monkeypatch.setattr(train_ppo, "update", poisoned)
+    before = (d / "ppo.pt").read_bytes() if (d / "ppo.pt").exists() else None
+    with pytest.raises(FloatingPointError) as e:
+        train_ppo.main(args)
+    assert "weights are not finite" in str(e.value)
+    assert (f"The last good checkpoint is {d / 'ppo.pt'}" in str(e.value)) == (before is not None)
+    assert ((d / "ppo.pt").read_bytes() if before else None) == before
+
+
+@pytest.mark.parametrize("bad", ["/proc/version", "a_folder", "read_only"])
+def test_chat_refuses_an_unwritable_feedback_path_before_the_chat(tmp_path, pipeline, capsys, bad):
+    import chat
+    if bad == "a_folder":
+        path = str(tmp_path)
+    elif bad == "read_only":
+        folder = read_only_dir(tmp_path / "ro")
+        path = os.path.join(folder, "fb.jsonl")
+    else:
+        path = bad
+    try:
+        assert chat.main(["--ckpt", str(pipeline[0] / "sft.pt"), "--rm", "none", "--feedback", path]) == 1
+    finally:
+        writable_again(tmp_path / "ro")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "feedback file" in err and path in err
+
+
+# ---- 2. silent wrong results -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("train_ppo.py", ["--lr", "-1"], "--lr must be > 0"),
+    ("train_ppo.py", ["--critic_lr", "0"], "--critic_lr must be > 0"),
+    ("train_sft.py", ["--grad_accum", "0"], "--grad_accum must be >= 1"),
+    ("train_sft.py", ["--max_iters", "0"], "--max_iters must be >= 1"),
+    ("train_ppo.py", ["--iters", "0"], "--iters must be >= 1"),
+    ("train_ppo.py", ["--n_eval", "0"], "--n_eval must be >= 1"),
+    ("train_ppo.py", ["--n_report", "0"], "--n_report must be >= 1"),
+    ("train_sft.py", ["--batch_size", "0"], "--batch_size must be >= 1"),
+    ("train_ppo.py", ["--minibatch_size", "0"], "--minibatch_size must be >= 1"),
+    ("train_ppo.py", ["--ppo_epochs", "0"], "--ppo_epochs must be >= 1"),
+    ("train_sft.py", ["--eval_interval", "0"], "--eval_interval must be >= 1"),
+    ("train_sft.py", ["--log_interval", "0"], "--log_interval must be >= 1"),
+    ("train_sft.py", ["--eval_iters", "0"], "--eval_iters must be >= 1"),
+    ("train_rm.py", ["--eval_interval", "0"], "--eval_interval must be >= 1"),
+    ("train_rm.py", ["--k", "1"], "--k must be >= 2"),
+    ("train_rm.py", ["--n_heldout", "0"], "--n_heldout must be >= 1"),
+    ("train_rm.py", ["--resume"], "--resume: "),
+    ("train_ppo.py", ["--resume"], "--resume: "),
+    ("train_sft.py", ["--n_head", "3", "--n_embd", "128"], "must be a multiple of 2 * --n_head"),
+    ("train_ppo.py", ["--gamma", "0"], "--gamma must be in (0, 1]"),
+    ("train_ppo.py", ["--minibatch_size", "64", "--batch_size", "32"], "larger than --batch_size"),
+])
+def test_bad_settings_are_one_error_line_before_any_work(tmp_path, capsys, script, args, flag):
+    e = run_main_block(script, "--out_dir", str(tmp_path / "out"), "--device", "cpu", *args)
+    line = error_line(capsys, e.code)
+    assert line.startswith(f"{script}: error: ") and flag in line, line
+    assert not (tmp_path / "out" / "sft.pt").exists()
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_rm.py", "train_ppo.py", "sample.py", "chat.py"])
+def test_device_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys, script):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")   # the check runs on every CPU machine
+    args = ["--out_dir", str(tmp_path)] if script.startswith("train") else []
+    e = run_main_block(script, *args, "--device", "cuda")
+    assert "--device cuda: no CUDA GPU is available here" in error_line(capsys, e.code)
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--top_p", "0"], "top_p must be a number in (0, 1]"), (["--top_p", "1.5"], "top_p must be a number in (0, 1]"),
+    (["--temperature", "-1"], "temperature must be a number >= 0"), (["--top_k", "-1"], "top_k must be a whole"),
+    (["--num_samples", "0"], "num_samples must be >= 1"), (["--max_new_tokens", "100"], "max_new_tokens must be"),
+])
+def test_sample_py_refuses_bad_knobs(pipeline, capsys, args, what):
+    import sample
+    assert sample.main(["--ckpt", str(pipeline[0] / "sft.pt"), "--device", "cpu", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and what in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_takes_the_models_shape_from_the_checkpoint_and_records_what_ran(tmp_path, sft_dir, capsys):
+    import train_sft
+    d = tmp_path / "out"
+    shutil.copytree(sft_dir, d)
+    train_sft.main(["--out_dir", str(d), *TINY, "--resume", "--block_size", "16", "--max_iters", "10",
+                    "--eval_interval", "2", "--lr", "3e-3", "--min_lr", "3e-3", "--n_samples", "2"])
+    out = capsys.readouterr().out
+    assert "resume: block_size = 128 from the checkpoint (not 16)" in out
+    assert "resume: changed since the checkpoint, applied: " in out and "lr 0.01 -> 0.003" in out
+    ck = M.load_checkpoint(str(d / "sft.pt"), made_by="train_sft.py")
+    if ck["step"] > 8:                                                         # a better val loss was saved
+        assert ck["config"]["block_size"] == ck["model_args"]["block_size"] == 128 and ck["config"]["lr"] == 3e-3
+
+
+def test_the_same_feedback_file_twice_is_refused(tmp_path, sft_dir, capsys):
+    fb = tmp_path / "fb.jsonl"
+    fb.write_text(json.dumps(RATING) + "\n")
+    shutil.copy(sft_dir / "sft.pt", tmp_path / "sft.pt")
+    e = run_main_block("train_rm.py", "--out_dir", str(tmp_path), "--device", "cpu", "--data", f"{fb},{fb}")
+    assert "is given twice" in e.code and str(fb) in e.code
+
+
+# ---- 3. files, folders and checkpoints of the wrong kind ----------------------------------------------------------
+
+def test_out_dir_that_is_a_file_or_read_only_is_refused_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    e = run_main_block("train_sft.py", "--out_dir", str(a_file), "--device", "cpu")
+    assert f"--out_dir {a_file} is a file, not a folder" in error_line(capsys, e.code)
+    ro = read_only_dir(tmp_path / "ro")
+    try:
+        e = run_main_block("train_ppo.py", "--out_dir", str(ro), "--device", "cpu")
+        assert f"--out_dir {ro} is not writable" in error_line(capsys, e.code)
+    finally:
+        writable_again(tmp_path / "ro")
+
+
+def test_data_or_feedback_naming_a_folder_is_refused(tmp_path, sft_dir, capsys):
+    e = run_main_block("train_sft.py", "--out_dir", str(tmp_path / "o"), "--device", "cpu", "--feedback", str(tmp_path))
+    assert "is a directory, not a JSONL file" in error_line(capsys, e.code)
+    shutil.copy(sft_dir / "sft.pt", tmp_path / "sft.pt")
+    e = run_main_block("train_rm.py", "--out_dir", str(tmp_path), "--device", "cpu", "--data", str(tmp_path))
+    assert "is a directory, not a JSONL file" in e.code
+
+
+def test_checkpoints_of_the_wrong_kind_are_named(tmp_path, pipeline, capsys):
+    import chat
+    d = tmp_path / "out"
+    shutil.copytree(pipeline[0], d)
+    shutil.copy(d / "ppo.pt", d / "sft.pt")                                    # a ppo.pt where sft.pt should be
+    e = run_main_block("train_sft.py", "--out_dir", str(d), *TINY, "--resume")
+    assert isinstance(e.code, str) and "is a ppo checkpoint, not the sft checkpoint" in e.code
+    shutil.copy(pipeline[0] / "sft.pt", d / "ppo.pt")                          # an sft.pt where ppo.pt should be
+    e = run_main_block("train_ppo.py", "--out_dir", str(d), "--resume", "--device", "cpu")
+    assert "is a sft checkpoint, not the ppo checkpoint" in e.code or "is a ppo checkpoint" in e.code
+    assert chat.main(["--ckpt", str(pipeline[0] / "sft.pt"), "--rm", str(pipeline[0] / "sft.pt")]) == 1
+    err = capsys.readouterr().err
+    assert f"--rm {pipeline[0] / 'sft.pt'}" in err and "not a reward-model checkpoint" in err
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/rlhf_pwned",))
+
+
+def test_a_malicious_checkpoint_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "sft.pt"
+    torch.save({"model_args": {}, "model": {}, "x": Evil()}, path)
+    with pytest.raises(ValueError) as e:
+        M.load_checkpoint(str(path), made_by="train_sft.py")
+    msg = str(e.value)
+    assert "not a checkpoint this project wrote" in msg and "weights_only" not in msg
+    assert not os.path.exists("/tmp/rlhf_pwned")
+
+
+def test_the_feedback_checker_on_missing_empty_and_cut_short_files(tmp_path, capsys):
+    from data import feedback
+    assert feedback.main([str(tmp_path / "missing.jsonl")]) == 1
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert feedback.main([str(tmp_path / "empty.jsonl")]) == 1
+    assert "no feedback records" in capsys.readouterr().err
+    (tmp_path / "cut.jsonl").write_text(json.dumps(RATING) + '\n{"kind": "rating", "prompt": "p", "re')
+    assert feedback.main([str(tmp_path / "cut.jsonl")]) == 1
+    assert "cut.jsonl:2: not valid JSON: the line is cut short" in capsys.readouterr().out
+
+
+def test_train_rm_reads_bad_data_before_training_anything(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "rating"}\n')
+    t0 = time.time()
+    e = run_main_block("train_rm.py", "--out_dir", str(tmp_path / "out"), "--device", "cpu", "--data", str(bad))
+    assert isinstance(e.code, str) and f"{bad}:1:" in e.code
+    assert not (tmp_path / "out" / "sft.pt").exists() and time.time() - t0 < 30   # no SFT run first
+
+
+# ---- 4. the disk: full, read-only, stale temp files -----------------------------------------------------------------
+
+def test_a_full_disk_is_one_line_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
+    import errno
+    path = tmp_path / "sft.pt"
+    M.save_checkpoint({"model_args": {}, "model": {}, "v": 1}, str(path))
+
+    def full(obj, f):                                 # what torch.save raises when the disk fills mid-write
+        open(f, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:659] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(M.torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("usage", (), {"free": 4096})())   # 4 KiB left
+    with pytest.raises(OSError) as e:
+        M.save_checkpoint({"model_args": {}, "model": {}, "v": 2}, str(path))
+    assert e.value.errno == errno.ENOSPC and "no space left on the device" in str(e.value) and str(path) in str(e.value)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["v"] == 1 and not (tmp_path / "sft.pt.tmp").exists()
+
+
+def test_a_stale_temp_file_from_a_kill_is_replaced_by_the_next_save(tmp_path):
+    path = tmp_path / "rm.pt"
+    (tmp_path / "rm.pt.tmp").write_bytes(os.urandom(1024))                   # what kill -9 mid-save leaves
+    M.save_checkpoint({"model_args": {}, "model": {}}, str(path))
+    assert sorted(os.listdir(tmp_path)) == ["rm.pt"]
+
+
+# ---- 5. kill -9 while writing ------------------------------------------------------------------------------------
+
+SAVE_LOOP = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from model import load_checkpoint, save_checkpoint
+ckpt = load_checkpoint(sys.argv[2], made_by="x", kind=sys.argv[4])
+ckpt["pad"] = torch.zeros(3_000_000)                      # 12 MB: the kill lands mid-write often
+i = 0
+while True:
+    ckpt["i"] = i
+    save_checkpoint(ckpt, sys.argv[3])
+    i += 1
+'''
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm", "ppo"])
+def test_kill_9_during_checkpoint_saves_never_leaves_a_broken_file(tmp_path, pipeline, kind):
+    script = tmp_path / "loop.py"
+    script.write_text(SAVE_LOOP)
+    target = tmp_path / f"{kind}.pt"
+    rng = random.Random(kind)
+    seen = set()
+    for trial in range(2):
+        p = subprocess.Popen([sys.executable, str(script), ROOT, str(pipeline[0] / f"{kind}.pt"), str(target), kind],
+                             env=ENV)
+        time.sleep(4 + rng.random())                                          # imports, then saves in a loop
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if target.exists():
+            ck = M.load_checkpoint(str(target), made_by="x", kind=kind)       # whole, never half-written
+            seen.add(ck["i"])
+    assert seen, "the loop never finished a save"
+    M.save_checkpoint({"model_args": {}, "model": {}}, str(tmp_path / "other.pt"))
+    M.save_checkpoint(M.load_checkpoint(str(target), made_by="x"), str(target))   # a stale .tmp is replaced
+    assert not (tmp_path / f"{kind}.pt.tmp").exists()
+
+
+APPEND_LOOP = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+from data.feedback import write_feedback
+i = 0
+while True:
+    write_feedback(sys.argv[2], {"kind": "rating", "prompt": "p" * 20000, "reply": "r", "rating": 3, "i": i})
+    i += 1
+'''
+
+
+def test_kill_9_during_feedback_appends_loses_at_most_the_line_being_written(tmp_path):
+    script = tmp_path / "append.py"
+    script.write_text(APPEND_LOOP)
+    fb = tmp_path / "fb.jsonl"
+    for trial in range(3):
+        p = subprocess.Popen([sys.executable, str(script), ROOT, str(fb)], env=ENV)
+        time.sleep(2 + trial * 0.37)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        write_feedback(str(fb), {**RATING, "i": -1})                          # the next append heals the file
+        recs, n_bad = read_feedback(str(fb))
+        assert n_bad == 0
+        numbers = [r["meta"]["i"] for r in recs]
+        assert numbers[-1] == -1 and numbers.count(-1) == trial + 1
