@@ -508,7 +508,8 @@ def offer(chat, k, ranking):
     scores = None
     if chat.rm is not None:
         with torch.no_grad():
-            scores = reply_scores(chat.rm, chat.enc, [format_prompt(turns)] * n, cands, True).tolist()
+            scores = reply_scores(chat.rm, chat.enc, [format_prompt(turns)] * n, cands,
+                                  normalised=True).tolist()
     if answer is None:
         term.info("cancelled: nothing saved, the transcript is unchanged")
         if scores is not None:

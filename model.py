@@ -13,7 +13,14 @@ What is here, top to bottom:
   [实战框架 §4.1.1] self-attention 机制     CausalSelfAttention (readable math path + fused SDPA path)
          KV cache for incremental decoding KVCache
          the transformer                   Block, GPT
-  tokenizer (GPT-2 BPE, offline), chat format, atomic checkpoint save / checked load.
+  and what every script needs beside the model:
+         learning rate, weight-decay groups, one optimizer step   lr_at, param_groups, clip_and_step
+         tokenizer (GPT-2's BPE cut to 8,192 ids, offline)        get_tokenizer
+         chat format (HH-RLHF transcripts)                        format_prompt, encode_reply
+         settings dataclass -> --flags, checked before any work   parse_settings, start_run
+         torchrun: this process's rank, collectives               World, start_world, all_sum, gather_shards
+         checkpoints: atomic save, checked load                   save_checkpoint, load_checkpoint
+         figures (matplotlib, headless)                           pyplot, save_figure
 
 What it simplifies: no rotary or learned positions, no grouped-query attention, no mixture of experts;
 one attention implementation switch (`use_sdpa`) instead of a zoo of kernels.
@@ -237,7 +244,7 @@ class GPT(nn.Module):
         mask = None                                                           # None means plain causal
         if pad is not None or offset > 0:
             mask = attention_mask(T, offset, pad, idx.device)                 # (B|1, 1, T, offset+T)
-        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.pe[pos]   # (B, T, d) x sqrt(d): Vaswani et al. 2017, 3.4
+        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.pe[pos]   # (B, T, d) x sqrt(d): Vaswani 2017
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask, cache)                                         # (B, T, d)
@@ -278,6 +285,15 @@ def param_groups(module, weight_decay):
         seen.add(id(p))
         (decay if p.dim() >= 2 and "wte" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_and_step(optimizer, parameters, grad_clip):
+    """The end of every trainer's step: clip the global gradient norm to grad_clip (0 = off), step, and
+    clear the gradients for the next backward pass."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,6 +367,16 @@ def encode_reply(enc, reply):
 # ----------------------------------------------------------------------------------------------------
 # Settings: every script keeps its settings in a dataclass at the top and reads flags with this.
 
+def yes_or_no(text):
+    """A bool flag's value: true/false, yes/no, on/off, 1/0; anything else is an error, not a silent False."""
+    import argparse
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def setting_comments(cls):
     """{field name: the comment after it in the source} for a settings dataclass and the ones it extends."""
     import inspect
@@ -375,9 +401,11 @@ def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
     for f in fields(cls):
         is_bool = f.type is bool
         names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
+        by_preset = "".join(f"; {name} preset: {p[f.name]}" for name, p in (presets or {}).items()
+                            if f.name in p)
         parser.add_argument(*sorted(names), dest=f.name, default=argparse.SUPPRESS,
-                            help=f"{comments.get(f.name, '')} (default: {f.default})",
-                            type=(lambda v: v.lower() in ("1", "true", "yes", "on")) if is_bool else f.type,
+                            help=f"{comments.get(f.name, '')} (default: {f.default}{by_preset})",
+                            type=yes_or_no if is_bool else f.type,
                             nargs="?" if is_bool else None, const=True if is_bool else None)  # --resume: true
     given = vars(parser.parse_args(argv))
     s = cls(**given)
@@ -417,7 +445,7 @@ def check_writable_dir(path):
     """Create the folder if needed and write (then remove) a small file in it: OSError says why not."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise OSError(f"{path} is a file, not a folder")
-    probe = os.path.join(path, ".write_probe")
+    probe = os.path.join(path, f".write_probe.{os.getpid()}")                # one per process (torchrun)
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "w") as f:
@@ -496,6 +524,10 @@ def start_world(device_setting):
         return w, device
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=w.rank, world_size=w.size,
                             timeout=timedelta(minutes=10))
+    if w.main:                                   # the data cache: built once, by process 0, before any reads
+        from data.prepare import prepare
+        prepare(verbose=False)
+    dist.barrier()
     if not w.main:
         sys.stdout = open(os.devnull, "w")                                    # one rank logs
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(
@@ -504,13 +536,15 @@ def start_world(device_setting):
     return w, device
 
 
-def all_sum(*tensors):
-    """Each tensor summed over the processes (in place, and returned); unchanged in a world of one."""
-    if world_size() > 1:
-        import torch.distributed as dist
-        for t in tensors:
-            dist.all_reduce(t)
-    return tensors[0] if len(tensors) == 1 else tensors
+def all_sum(x):
+    """x summed over the processes of a torchrun run (a new tensor); x itself in a plain run. Statistics of a
+    whole batch are sums of the processes' sums and counts: this is where the processes talk, apart from
+    DDP's gradient average (the collectives in ppo.py, train_*.py all come through here)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
 
 
 def gather_shards(shard):
@@ -569,11 +603,21 @@ def save_checkpoint(obj, path):
         folder = os.path.dirname(os.path.abspath(path))
         free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
         if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2 ** 20):
-            raise OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device "
-                                        f"({free / 2 ** 20:.0f} MiB free); {path} is unchanged") from None
+            left = f" ({free / 2 ** 20:.0f} MiB free)" if free is not None else ""
+            raise OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device{left}; "
+                                        f"{path} is unchanged") from None
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise OSError(getattr(e, "errno", None) or errno.EIO,
                       f"cannot write {path}: {reason}; {path} is unchanged") from None
+
+
+def last_good(path):
+    """What a run that diverged says about the checkpoint it leaves behind (only finite ones are written)."""
+    if not os.path.exists(path):
+        return f"No checkpoint was written ({path} does not exist)."
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    at = next((f" ({k} {ckpt[k]})" for k in ("step", "iter") if k in ckpt), "")
+    return f"The last good checkpoint is {path}{at}, kept as it was."
 
 
 def load_checkpoint(path, made_by, map_location="cpu", kind=None):

@@ -40,13 +40,16 @@ Two different KLs, measured against two different policies:
 
 What it simplifies: one response per prompt and a single reward at the end (no per-step rewards from the
 reward model); the KL penalty is the per-token k1 (no k2, no full-distribution KL); rows are episodes
-that end at the first EOT (or at the token budget, see apply_no_eos_penalty); no reward clipping or
-value-head normalisation; all averages are plain masked means over every valid token of the (mini)batch.
+that end at the first EOT (or at the token budget, see apply_no_eos_penalty); no value-head normalisation
+(train_ppo.shape_rewards clips the reward model's score); all averages are plain masked means over every valid
+token of the (mini)batch.
 """
 import functools
 
 import torch
 import torch.nn.functional as F
+
+from model import all_sum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
     values = torch.where(resp_mask, values.detach(), 0.0)                    # (B, R) V = 0 after the reply
     next_values = F.pad(values[:, 1:], (0, 1))                               # (B, R) V(s_{t+1}), 0 at the end
     deltas = rewards + gamma * next_values - values                           # (B, R) delta_t, 0 where masked
-    advantages = discounted_cumsum(deltas, gamma * lam)                   # (B, R) A_t = sum_l (g l)^l d_{t+l}
+    advantages = discounted_cumsum(deltas, gamma * lam)         # (B, R) A_t = sum_l (gamma lam)^l delta_{t+l}
     advantages = torch.where(resp_mask, advantages, 0.0)                      # (B, R)
     returns = torch.where(resp_mask, advantages + values, 0.0)                # (B, R)
     return advantages, returns
@@ -197,25 +200,16 @@ def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
 # ----------------------------------------------------------------------------------------------------
 # Masked statistics: every average runs over the valid tokens only (masked entries are set to 0 first).
 
-def all_processes_sum(x):
-    """x summed over the processes of a torchrun run; x itself in a plain run. THE place the processes of a
-    PPO run talk, apart from DDP's gradient average: each process holds its share of the rollout batch, so
-    a statistic of the whole batch (the advantage whitening's mean and variance, explained variance) is a
-    sum of per-process sums and counts. (Minibatch losses stay per process: DDP averages the gradients.)"""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
-
-
 def masked_mean(x, mask, dim=None, all_processes=False):
     """Mean of x over the entries where mask is True (over `dim`, or all). all_processes: over the whole
-    batch of a torchrun run, not only this process's share of it."""
+    batch of a torchrun run, not only this process's share of it (each process holds its share of the rollout
+    batch, so the whole batch's mean is the sum of the processes' sums over the sum of their counts: the
+    collective model.all_sum; the minibatch losses stay per process, DDP averages their gradients)."""
     x = torch.where(mask, x, 0.0)
     if dim is None:
         total, count = x.sum(), mask.sum()
         if all_processes:
-            total, count = all_processes_sum(total), all_processes_sum(count)
+            total, count = all_sum(total), all_sum(count)
         return total / count.clamp(min=1)                                     # ()
     return x.sum(dim) / mask.sum(dim).clamp(min=1)                            # x's shape without `dim`
 
@@ -225,7 +219,7 @@ def masked_var(x, mask, unbiased=True, all_processes=False):
     centred = torch.where(mask, x - masked_mean(x, mask, all_processes=all_processes), 0.0)
     var = masked_mean(centred ** 2, mask, all_processes=all_processes)        # ()
     if unbiased:
-        n = all_processes_sum(mask.sum()) if all_processes else mask.sum()
+        n = all_sum(mask.sum()) if all_processes else mask.sum()
         var = var * n / (n - 1).clamp(min=1)
     return var
 
@@ -316,9 +310,9 @@ def explained_variance(values, returns, mask):
 
 # ----------------------------------------------------------------------------------------------------
 # Log-probs without the (N, V) logits. The plain form, log_softmax(h W^T / T).gather(tokens), holds the
-# (N, V) logits, their log-softmax and its gradient at once: (64*128) rows x 50257 words x 4 bytes = 1.6 GB
-# each. logprobs_from_hidden goes through the rows chunk_size at a time, in the forward pass and again in
-# the backward pass, where each chunk's logits are recomputed instead of stored (what
+# (N, V) logits, their log-softmax and its gradient at once: (64*128) rows x 8192 tokens x 4 bytes = 268 MB
+# each (1.6 GB with GPT-2's full 50,257). logprobs_from_hidden goes through the rows chunk_size at a time,
+# in the forward pass and again in the backward pass, where each chunk's logits are recomputed instead of stored (what
 # torch.utils.checkpoint would do, written out here with the gradient by hand). So at any time only one
 # chunk's (chunk_size, V) tensors are alive.
 #

@@ -1,16 +1,14 @@
 """
-Reward: the reward model, the ranking losses that train it, the simulated rater panel that stands in for
-human raters, and the reader for human-feedback files.
+Reward: the reward model, the ranking losses that train it, and the simulated rater panel that stands in for
+human raters.
 
-    from reward import RewardModel, bradley_terry_loss, Panel, read_feedback
+    from reward import RewardModel, bradley_terry_loss, Panel, reply_scores
     rm = RewardModel.from_sft(load_checkpoint("out/sft.pt", made_by="train_sft.py"))
-    idx, pad, last = batch_replies(enc, prompts_tokens, replies_tokens, rm.body.config.block_size)
-    r = rm(idx, last, pad)                                   # (B,) raw scores, read at each reply's EOT
+    r = reply_scores(rm, enc, prompts, replies)              # (B,) raw: the head's mean over each reply
     loss = bradley_terry_loss(r_chosen, r_rejected)          # [实战框架 §4.3.2]
     panel = Panel(); panel.gold("Thou art kind and gentle.") # the noise-free "human" score
 
-    python reward.py data/feedback.jsonl          # check feedback files: counts per kind, first errors
-    python reward.py --score "Good night, sweet prince."   # what the panel thinks of a reply
+    python reward.py "Good night, sweet prince."             # what the panel thinks of a reply
 
 What is here, top to bottom:
   [实战框架 §5.2] the reward model: GPT body + scalar head (the critic reuses it)   RewardModel, reply_scores
@@ -22,7 +20,7 @@ What is here, top to bottom:
          the simulated rater panel (VADER lexicon, 10 raters)                       Panel
   (the feedback files, the four kinds and HH-RLHF as they are, are read by data/feedback.py)
 
-What it simplifies: the reward is read at one token (the reply's EOT), no ensemble, no margin or
+What it simplifies: the reward is one number per reply (a mean over its tokens), no ensemble, no margin or
 length terms in the losses. The "humans" are ten lexicon raters who judge kindness by the words a reply
 uses, a bag of words with no grammar, negation or sarcasm. A correction is not a loss of its own: the
 reader turns it into a comparison (edited > original) plus an SFT example.
@@ -196,15 +194,6 @@ def rating_loss(r, ratings, lo=1, hi=5):
     return ((r - target) ** 2).mean()                                         # scalar
 
 
-def pairwise_accuracy(r_chosen, r_rejected):
-    """Fraction of pairs the reward model orders like the rater (ties count as wrong)."""
-    return (r_chosen > r_rejected).float().mean().item()
-
-
-def mean_margin(r_chosen, r_rejected):
-    return (r_chosen - r_rejected).float().mean().item()
-
-
 # ----------------------------------------------------------------------------------------------------
 # The simulated rater panel: the default "human" of this project.
 
@@ -310,10 +299,6 @@ class Panel:
         noisy = s / self.temperature + _gumbel(rng, len(replies))             # (K,)
         return [int(i) for i in np.argsort(-noisy, kind="stable")], rater
 
-    def compare(self, a, b, rng, rater=None):
-        """0 if the rater prefers a, else 1."""
-        return self.rank([a, b], rng, rater)[0][0]
-
     def agree_prob(self, a, b):
         """Probability that one random rater orders a, b as gold does:
         mean_r sigmoid(sign(gold_a - gold_b) * (s_r(a) - s_r(b)) / tau). Needs unequal gold scores."""
@@ -338,8 +323,6 @@ class Panel:
         if not probs:
             raise ValueError("no pairs with different gold scores")
         return float(np.mean(probs)), len(probs)
-
-    ceiling = single_rater_ceiling  # the name DESIGN.md uses
 
 
 def _numpy(x):

@@ -38,8 +38,9 @@ from model import EOT, format_prompt, get_tokenizer, gpt_from_checkpoint, load_c
 @dataclass
 class Sampling:
     """The decoding knobs ([实战框架 §5.4.1] 采样生成), for sample.py's flags and chat.py's commands alike: chat.py
-    makes a command of every field (/temperature 0.7, or /temp 0.7). To add a knob (e.g. min-p), add a field
-    here with its comment, its rule in check_sampling, and its step in filter_logits: this file only."""
+    makes a command of every field (/temperature 0.7, or /temp 0.7). To add a knob (e.g. min-p), all in this
+    file: a field here with its comment; an argument with its rule in check_sampling and with its step in
+    filter_logits; an argument of generate, passed on to filter_logits; and its entry in sampling_args."""
     temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 = greedy
     top_k: int = 50                          # keep only the k most likely tokens (0 = off)
     top_p: float = 0.95                    # keep the smallest set of tokens with probability >= p (1.0 = off)
@@ -130,8 +131,8 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
 def sample_from(probs, generator=None):
     """One token per row drawn from probs (B, V) by inverting the cumulative distribution: a uniform u in
     [0, total) picks the first token whose cumulative probability exceeds u. Same distribution as
-    torch.multinomial, ~15x faster on a CPU at V = 50257. A token with probability 0 is never drawn (its
-    cumulative value equals its predecessor's); (1 - 1e-6) keeps float rounding from landing on the end."""
+    torch.multinomial, ~15x faster on a CPU at V = 50257 (GPT-2's vocabulary). A token with probability 0
+    is never drawn (its cumulative value equals its predecessor's); (1 - 1e-6) keeps float rounding from landing on the end."""
     cdf = probs.cumsum(dim=-1)                                                # (B, V)
     u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)      # (B, 1) uniform in [0, 1)
     u = u * cdf[:, -1:] * (1 - 1e-6)                                          # (B, 1) in [0, total)
@@ -254,8 +255,9 @@ def summary(replies):
     from data.prepare import real_word_rate, words
     ws = [w for r in replies for w in words(r)]
     distinct = len(set(ws)) / max(len(ws), 1)
-    return (f"{len(replies)} replies: {len(set(replies))} distinct; distinct words {distinct:.2f} of {len(ws)}; "
-            f"real-word rate {real_word_rate(replies):.3f}; {len(ws) / len(replies):.1f} words each")
+    return (f"{len(replies)} replies: {len(set(replies))} distinct; distinct words {distinct:.2f} of "
+            f"{len(ws)}; real-word rate {real_word_rate(replies):.3f}; {len(ws) / len(replies):.1f} words "
+            "each")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ Four models: the policy (trained, starts as the SFT model), the reference (froze
 model (frozen), and the critic (trained, starts as the reward model). All run with dropout off.
 
 What it simplifies: one reply per prompt, a single-turn prompt, one reward at the end of each reply
-(no per-sentence rewards), no reward whitening or clipping, policy and critic stepped by one optimizer.
+(no per-sentence rewards), no reward whitening, policy and critic stepped by one optimizer (and their gradient
+norm clipped together).
 """
 import json
 import os
@@ -40,9 +41,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare import load_turns, play_words, real_word_rate, unique_prompts, words
-from model import (EOT, GPT, World, end_world, format_prompt, gather_shards, get_tokenizer, load_checkpoint,
-                   pyplot, run_script, save_checkpoint, save_figure, start_run, world_size)
-from ppo import (AdaptiveKLController, FixedKLController, all_processes_sum, apply_no_eos_penalty,
+from model import (EOT, GPT, World, all_sum, clip_and_step, end_world, format_prompt, gather_shards,
+                   get_tokenizer, last_good, load_checkpoint, pyplot, run_script, save_checkpoint, save_figure,
+                   start_run, world_size)
+from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
 from reward import GOLD_EPS, MIN_WORDS, Panel, RewardModel
@@ -94,7 +96,7 @@ class Settings:
 PRESETS = {
     "cpu": dict(batch_size=32, n_eval=64, n_report=200),
     "gpu": dict(iters=150, batch_size=256, max_new_tokens=64, minibatch_size=64, n_eval=256, n_report=512,
-                kl_horizon=800, eval_interval=15, dtype="bfloat16", compile=True),   # 256 / 800 = cpu's 32 / 100
+                kl_horizon=800, eval_interval=15, dtype="bfloat16", compile=True),   # 256/800: cpu's 32/100
 }
 
 
@@ -173,6 +175,15 @@ def problems(s):
                    f"of the {world_size()} processes: each process rolls out and trains on its share of both")
     if not (0 < s.gamma <= 1 and 0 <= s.lam <= 1):
         out.append(f"--gamma must be in (0, 1] and --lam in [0, 1], got {s.gamma} and {s.lam}")
+    sft_path = os.path.join(s.out_dir, "sft.pt")
+    if os.path.isfile(sft_path):                         # the prompt and the reply share the context window
+        try:
+            block = torch.load(sft_path, map_location="cpu", weights_only=True)["model_args"]["block_size"]
+        except Exception:                                # a bad sft.pt gets its own message in setup()
+            block = None
+        if block and s.max_new_tokens > block // 2:
+            out.append(f"--max_new_tokens {s.max_new_tokens} is more than half of {sft_path}'s context "
+                       f"window ({block} tokens): the prompt needs the other half")
     ppo_path = os.path.join(s.out_dir, "ppo.pt")
     if s.resume and not os.path.exists(ppo_path):
         out.append(f"--resume: {ppo_path} does not exist (run without --resume to start one)")
@@ -184,7 +195,6 @@ def problems(s):
 def main(argv=None):
     s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)     # w: this process (torchrun)
     t_start = time.time()
-    random.seed(s.seed)
     paths = {name: os.path.join(s.out_dir, f"{name}.pt") for name in ("sft", "rm", "ppo")}
     train_missing(s, paths)
     torch.manual_seed(s.seed + w.rank)                                  # each process samples its own replies
@@ -194,7 +204,8 @@ def main(argv=None):
     kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl \
         else FixedKLController(s.init_kl_coef)
     rater = rm_ckpt.get("config", {})                                   # the panel that labelled rm.pt's data
-    panel = Panel(preference=rater.get("preference", "kind"), min_words=rater.get("min_words", MIN_WORDS))
+    panel = Panel(preference=rater.get("preference", "kind"), min_words=rater.get("min_words", MIN_WORDS),
+                  temperature=rater.get("rater_temperature", 0.1))
     print(f"models: policy/reference {m.policy.num_params() / 1e6:.2f}M params, reward model and critic "
           f"{m.rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
 
@@ -255,19 +266,13 @@ def resume(s, m, kl_ctl, path):
             print(f"resume: {name} {group['lr']} -> {lr} (from the command line)")
         group["lr"] = lr
     kl_ctl.value = ck["kl_coef"]
+    if ck["kl_coef"] != s.init_kl_coef:
+        print(f"resume: beta = {ck['kl_coef']:.4g} from the checkpoint (--init_kl_coef starts new runs only)")
     torch.set_rng_state(ck["rng"])                                         # process 0's; the others their own
     if m.world.rank:
         torch.manual_seed(s.seed + m.world.rank + 1000 * ck["iter"])
     print(f"resuming from {path} at iteration {ck['iter']}")
     return ck["iter"], ck["history"]
-
-
-def last_good(path):
-    """What a diverged run says about the checkpoint it leaves (only finite ones are ever written)."""
-    if not os.path.exists(path):
-        return f"No checkpoint was written ({path} does not exist)."
-    it = torch.load(path, weights_only=True)["iter"]
-    return f"The last good checkpoint is {path} (iteration {it}), kept as it was."
 
 
 def train_missing(s, paths):
@@ -287,6 +292,9 @@ def setup(s, device, paths, world=World()):
     policy, _ = load_model(paths["sft"], device=device, kind="sft")
     ref, _ = load_model(paths["sft"], device=device, kind="sft")
     rm_ckpt = load_checkpoint(paths["rm"], made_by="train_rm.py", kind="rm")
+    if not rm_ckpt.get("final", True):
+        raise ValueError(f"{paths['rm']} is from a train_rm.py run that did not finish (its scores are not "
+                         "normalised yet): finish it with `python train_rm.py --resume`")
     rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
     critic = critic_from_reward_model(RewardModel.from_checkpoint(rm_ckpt).to(device))
     return build_models(s, device, policy, ref, rm, critic, world), rm_ckpt
@@ -294,10 +302,11 @@ def setup(s, device, paths, world=World()):
 
 def critic_from_reward_model(critic):
     """The critic starts as the reward model, body and head: its features already tell kind words from unkind
-    ones, and the reward model's score is the mean of this head over the reply, so V(s_t) starts as "how kind
-    the reply is at token t", in the units of the rewards (the normalisation is folded into the head). That is
-    not yet the value of the state (the critic learns that from the returns); whether it beats a fresh head is
-    the exercise "critic init" (README), which changes this function."""
+    ones, and the reward model's score is the mean of this head over the reply, so V(s_t), read at the
+    position just before token t, starts as "how kind the text so far reads", in the units of the rewards
+    (the normalisation is folded into the head). That is not yet the value of the state (the critic learns
+    that from the returns); whether it beats a fresh head is exercise 6 of the README's "Change one thing",
+    which changes this function."""
     with torch.no_grad():
         critic.head.weight /= critic.reward_std
         critic.head.bias.sub_(critic.reward_mean).div_(critic.reward_std)
@@ -359,9 +368,10 @@ def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta):
 
 
 @torch.no_grad()
-def score(m, roll, beta):
+def score(m, roll, beta, advantages=True):
     """Score a rollout: RM score, log-probs under the policy and the reference, critic values, the shaped
-    rewards, then GAE advantages and returns ([实战框架 §4.2.3]), whitened over the batch's valid tokens."""
+    rewards, then (unless advantages=False: the evaluation needs none) GAE advantages and returns
+    ([实战框架 §4.2.3]), the advantages whitened over the whole batch's valid tokens."""
     s, seq, pad, resp_mask = m.s, roll.seq, roll.pad, roll.resp_mask          # (B, P+R), (B,), (B, R)
     B, R = resp_mask.shape
     last = seq.size(1) - R + resp_mask.sum(1) - 1                      # (B,) index of each reply's last token
@@ -373,9 +383,12 @@ def score(m, roll, beta):
         reply_mask = torch.cat([torch.zeros_like(seq[:, :-R], dtype=torch.bool), resp_mask], 1)  # (B, P+R)
         rm_scores = m.rm.score(seq, reply_mask, pad).float()                  # (B,) normalised RM score
     rewards, kl = shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta)  # (B, R) each
+    if not advantages:
+        return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, None, None,
+                          beta)
     advantages, returns = m.gae(rewards, values, resp_mask, s.gamma, s.lam)   # (B, R) each
     if s.whiten_advantages:
-        advantages = whiten(advantages, resp_mask)                            # (B, R)
+        advantages = whiten(advantages, resp_mask)                            # (B, R) over all processes
     return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, advantages,
                       returns, beta)
 
@@ -397,18 +410,16 @@ def update(m, exp):
                                      exp.values[mb], exp.returns[mb], roll.resp_mask[mb], clip_eps=s.clip_eps,
                                      vf_clip=s.vf_clip, vf_coef=s.vf_coef, entropy=mb_entropy,
                                      ent_coef=s.ent_coef)
-            if all_processes_sum(torch.isfinite(loss).logical_not().float()) > 0:   # all stop, or none
+            if all_sum(torch.isfinite(loss).logical_not().float()) > 0:   # all stop, or none
                 raise FloatingPointError(f"PPO loss is {loss.item()}: lower --lr or --critic_lr, or raise "
                                          "the KL coefficient")
-            m.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(m.actor_critic.parameters(), s.grad_clip)
-            m.optimizer.step()
+            clip_and_step(m.optimizer, m.actor_critic.parameters(), s.grad_clip)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
-    means = all_processes_sum(torch.tensor([v / n for v in sums.values()], dtype=torch.float64)) / w.size
+    means = torch.tensor([v / n for v in sums.values()], dtype=torch.float64, device=m.device)
+    means = all_sum(means) / w.size
     out = dict(zip(sums, means.tolist()))                                     # the mean over the processes
     out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask).item()
     return out
@@ -422,11 +433,12 @@ def log_row(it, exp, stats, panel, enc, times):
     mask = exp.roll.resp_mask
     golds = panel.golds(decode_replies(enc, exp.roll.seq, mask))
     k3 = torch.where(mask, kl_k3(exp.logprobs, exp.ref_logprobs), 0.0)        # (B, R)
-    per_reply = {"rm_score": exp.rm_scores, "reward": exp.rewards.sum(1), "gold": torch.tensor(golds),
+    golds = torch.tensor(golds, device=mask.device)
+    per_reply = {"rm_score": exp.rm_scores, "reward": exp.rewards.sum(1), "gold": golds,
                  "kl": exp.kl.sum(1), "kl_k3": k3.sum(1), "reply_len": mask.sum(1), "ended": exp.ended}
-    sums = [v.double().sum().cpu() for v in per_reply.values()] + [torch.tensor(float(len(golds)))]
-    sums = torch.stack(sums)                                                  # this process's sums and count
-    sums = all_processes_sum(sums)
+    sums = [v.double().sum() for v in per_reply.values()]
+    sums = torch.stack(sums + [torch.tensor(float(len(golds)), device=mask.device)])  # its sums, and count
+    sums = all_sum(sums)
     means = {k: (v / sums[-1]).item() for k, v in zip(per_reply, sums[:-1])}
     return {"iter": it, **means, "beta": exp.beta, **stats, "t_gen": times[0], "t_score": times[1],
             "t_update": times[2]}
@@ -474,7 +486,7 @@ def judge(m, panel, model, prompts, seed):
     w = m.world
     out = {k: [] for k in ("rm_score", "reward", "kl", "kl_k3", "text")}
     for roll in rollouts(m, model, w.shard(prompts), seed + w.rank):
-        exp = score(m, roll, beta=0.0)
+        exp = score(m, roll, beta=0.0, advantages=False)     # no whitening: no collective inside a batch loop
         mask = roll.resp_mask
         out["rm_score"] += exp.rm_scores.tolist()
         out["reward"] += exp.rewards.sum(1).tolist()                          # beta = 0: the shaped score
@@ -526,9 +538,10 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
           f"real-word rate SFT {rep['real_word_rate_sft']:.3f} -> PPO {rep['real_word_rate']:.3f}")
     for p, a, c in rep["examples"][:4]:
         print(f"\n  Human: {p}\n    SFT: {a}\n    PPO: {c}")
-    runs = {s.out_dir: history}
+    runs = {f"{s.out_dir} ({beta_setting(asdict(s))})": history}
     for d in [d for d in s.compare_with.split(",") if d]:
-        runs[d] = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py")["history"]
+        ck = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py", kind="ppo")
+        runs[f"{d} ({beta_setting(ck['config'])})"] = ck["history"]
     if m.world.main:
         plot_overoptimisation(runs, os.path.join(s.out_dir, "overoptimisation.png"))
     return rep
@@ -574,6 +587,13 @@ def plot(history, path):
         ax.legend()
     fig.suptitle("PPO: proxy (reward model) vs gold (panel); divergence = over-optimisation")
     save_figure(fig, path)
+
+
+def beta_setting(config):
+    """How a run set the KL coefficient, for a figure's legend: "beta = 0", "beta = 0.1" or "adaptive beta"."""
+    if config.get("adaptive_kl", True):
+        return f"adaptive beta, KL target {config.get('kl_target', '?')}"
+    return f"beta = {config.get('init_kl_coef', '?')}"
 
 
 def plot_overoptimisation(runs, path):

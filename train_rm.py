@@ -22,14 +22,13 @@ Steps, top to bottom (main() is one short call each):
      bag-of-words model's: does the transformer beat counting words?
   6. normalise the reward to mean 0 / std 1 over SFT replies; write out/rm.pt and out/rm_curves.png.
 
-What it simplifies: one reward model (no ensembles), the score is read at the final <|endoftext|>
-token only, and the panel is a lexicon of real human word ratings rather than people reading the text.
+What it simplifies: one reward model (no ensembles), one score per reply (the head's mean over the reply's
+tokens), and the panel is a lexicon of real human word ratings rather than people reading the text.
 """
 import hashlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -39,8 +38,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.feedback import read_feedback
 from data.prepare import load_turns, unique_prompts, words
-from model import (all_sum, barrier, end_world, format_prompt, gather_shards, get_tokenizer, load_checkpoint,
-                   lr_at, param_groups, pyplot, run_script, save_checkpoint, save_figure, start_run)
+from model import (all_sum, barrier, clip_and_step, end_world, format_prompt, gather_shards, get_tokenizer,
+                   last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script, save_checkpoint,
+                   save_figure, start_run)
 from reward import (MIN_WORDS, Panel, RewardModel, bradley_terry_loss, gold_accuracy, plackett_luce_loss,
                     rating_loss, reply_scores)
 from sample import decode_replies, encode_prompt, generate, load_model
@@ -116,7 +116,6 @@ def problems(s):
 def main(argv=None):
     s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)     # w: this process (torchrun)
     t_start = time.time()
-    random.seed(s.seed)
     torch.manual_seed(s.seed)
     panel = Panel(preference=s.preference, temperature=s.rater_temperature, min_words=s.min_words)
     file_records = read_files(s)                                                    # 1.
@@ -133,6 +132,7 @@ def main(argv=None):
     normalise(s, w, rm, panel_records, policy)                                      # 6.
     if w.main:
         save(s, rm, optimizer, max_iters, history, sft_path, final=True)
+    barrier()                                                                 # rm.pt is final on disk for all
     end_world()
     gold = (f"gold accuracy {ev['gold_acc']:.3f} vs single rater {ev['rater_ceiling']:.3f} and bag of words "
             f"{ev['bow_gold_acc']:.3f} on {ev['gold_pairs']} pairs" if ev["gold_pairs"] else
@@ -181,7 +181,8 @@ def sample_replies(s, policy, prompts, k):
         seq, pad, resp_mask = generate(policy, ids[i:i + s.gen_batch], s.max_new_tokens,
                                        temperature=s.temperature)
         texts += decode_replies(enc, seq, resp_mask)
-        print(f"  sampled {len(texts)}/{len(ids)} replies ({time.time() - t0:.0f}s)", flush=True)
+        if i == 0 or len(texts) * 10 // len(ids) > (len(texts) - s.gen_batch) * 10 // len(ids):  # ~every 10%
+            print(f"  sampled {len(texts)}/{len(ids)} replies ({time.time() - t0:.0f}s)", flush=True)
     return [texts[j * k:(j + 1) * k] for j in range(len(prompts))]
 
 
@@ -315,7 +316,7 @@ def item_losses(s, rm, batch, counts=None):
     this equals one Plackett-Luce loss over them all); the rating loss is added with rating_weight.
     counts = (ranked items, rated items, processes) of the whole batch when `batch` is one process's share
     of it (torchrun): the means are then over the whole batch, times the number of processes, which DDP
-    divides back out when it averages the gradients. None: `batch` is the whole batch. rm may be DDP-wrapped."""
+    divides back out when it averages the gradients. None: `batch` is the whole batch. rm may be in DDP."""
     device = next(rm.parameters()).device
     prompts = [p for r in batch for p in r["prompts"]]
     replies = [x for r in batch for x in r["replies"]]
@@ -367,7 +368,8 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
     """The loop: AdamW with warmup + cosine decay, gradient clipping; a held-out evaluation and a
     checkpoint every eval_interval steps. Under torchrun each process scores its share of every batch and
     DDP averages the gradients."""
-    ddp_rm = DDP(rm, device_ids=[w.local_rank] if rm.head.weight.is_cuda else None) if w.size > 1 else rm
+    ddp_rm = DDP(rm, device_ids=[w.local_rank] if rm.head.weight.is_cuda else None,
+                 broadcast_buffers=False) if w.size > 1 else rm        # the only buffers: fixed positions
     rm.train()
     batches = batches_of(s, train_items, w.size)
     max_iters, t0 = len(batches), time.time()
@@ -384,10 +386,7 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
         if not torch.isfinite(loss):
             raise FloatingPointError(f"reward-model loss is {loss.item()} at step {step + 1}; lower --lr or "
                                      f"check the data. {last_good(os.path.join(s.out_dir, 'rm.pt'))}")
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), s.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(optimizer, rm.parameters(), s.grad_clip)
         done = step + 1
         right = [a > b for sc in gather_shards(scores) for i, a in enumerate(sc) for b in sc[i + 1:]]
         train_acc = float(np.mean(right)) if right else math.nan            # pairs ordered like the labels
@@ -406,12 +405,6 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
             if w.main:
                 save(s, rm, optimizer, done, history, os.path.join(s.out_dir, "sft.pt"))
     return max_iters
-
-
-def last_good(path):
-    """What a diverged run says about the checkpoint it leaves (only finite ones are ever written)."""
-    return f"The last good checkpoint is {path}, kept as it was." if os.path.exists(path) else \
-        f"No checkpoint was written ({path} does not exist)."
 
 
 def save(s, rm, optimizer, step, history, sft_path, final=False):
@@ -460,11 +453,11 @@ def evaluate(s, w, rm, items, panel):
 def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3, 1e-2), steps=300, lr=0.3):
     """Does the transformer beat counting words? A linear model on the same training labels: a reply's
     features are its word frequencies (count / number of words, over the words of the training replies),
-    its score w . f(reply), fitted with the same Bradley-Terry loss on every pair of every ranking (each
-    reply beats the ones ranked below it) plus l2 * |w|^2, by full-batch gradient descent with Adam. l2 is
-    chosen on a tenth of the training prompts held back (accuracy against their labels, never gold), then
-    the model is refitted on all of them. Returns its held-out gold accuracy and the number of pairs used
-    (as reward.gold_accuracy)."""
+    its score w . f(reply), fitted with the same Bradley-Terry loss ([实战框架 §4.3.2]) on every pair of every
+    ranking (each reply beats the ones ranked below it) plus l2 * |w|^2, by full-batch gradient descent with
+    Adam. l2 is chosen on a tenth of the training prompts held back (accuracy against their labels, never
+    gold), then the model is refitted on all of them. Returns its held-out gold accuracy and the number of
+    pairs used (as reward.gold_accuracy)."""
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {w: i for i, w in enumerate(sorted({w for r in ranked for x in r["replies"] for w in words(x)}))}
 

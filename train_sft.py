@@ -3,9 +3,9 @@ Supervised fine-tuning (SFT): train the book's GPT from scratch on Shakespeare's
 turns, "\\n\\nHuman: <a speech>\\n\\nAssistant: <the reply to it><|endoftext|>". Writes out/sft.pt, which
 train_rm.py, train_ppo.py, sample.py and chat.py read.
 
-    python train_sft.py                     # preset chosen by device (cpu: ~5 min on 2 cores)
+    python train_sft.py                     # preset chosen by device (cpu: ~4.5 min on 2 cores)
     python train_sft.py --preset gpu --max_iters 2000 --lr 6e-4
-    python train_sft.py --resume            # continue out/sft.pt exactly where it stopped
+    python train_sft.py --resume            # continue out/sft.pt from its step (the best val loss so far)
     python train_sft.py --help              # every setting, with its comment
 
 The loop, top to bottom: settings -> data -> model -> optimizer -> for each step: learning rate,
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT, GPT, GPTConfig, all_sum, barrier, end_world, get_tokenizer, gpt_from_checkpoint,
-                   load_checkpoint, lr_at, param_groups, pyplot, run_script, save_checkpoint, save_figure,
-                   start_run, world_size)
+from model import (EOT, GPT, GPTConfig, all_sum, barrier, clip_and_step, end_world, get_tokenizer,
+                   gpt_from_checkpoint, last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script,
+                   save_checkpoint, save_figure, start_run, world_size)
 from sample import decode_replies, encode_prompt, generate
 
 
@@ -74,16 +74,16 @@ class Settings:
     compile: bool = False          # torch.compile the model: fused kernels (on in the gpu preset)
 
 
-# Presets, chosen by device and printed at start. cpu: ~4 min on 2 cores (README: measured). gpu: on paper (no
-# GPU was lent to this project): with the 8,192-id vocabulary the embedding is 4M parameters, not 19M, so the
-# ~30M parameters of the old gpu preset go to the blocks instead: 8 layers of d=512.
+# Presets, chosen by device and printed at start. cpu: ~4.5 min on 2 cores (README: measured). gpu: on
+# paper (no GPU was lent to this project): with the 8,192-id vocabulary the embedding is 4M parameters, not
+# 19M, so the ~30M parameters of the old gpu preset go to the blocks instead: 8 layers of d=512.
 PRESETS = {
     "cpu": dict(batch_size=8, max_iters=1500, warmup_iters=20, eval_interval=250, eval_iters=10),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.2, batch_size=64, max_iters=2000,
                 lr=6e-4, min_lr=6e-5, warmup_iters=100, eval_interval=250, eval_iters=50,
                 dtype="bfloat16", compile=True),
 }
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "dropout")   # the model's shape: a checkpoint's own
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "dropout")   # a checkpoint's own: --resume keeps them
 
 
 def problems(s):
@@ -93,8 +93,11 @@ def problems(s):
     out = [f"--{k} must be >= 1, got {getattr(s, k)}" for k in at_least_1 if getattr(s, k) < 1]
     out += [f"--{k} must be >= 0, got {getattr(s, k)}" for k in ("warmup_iters", "weight_decay", "grad_clip",
             "min_lr") if getattr(s, k) < 0]
-    if s.n_head >= 1 and s.n_embd % (2 * s.n_head):
-        out.append(f"--n_embd {s.n_embd} must be a multiple of 2 * --n_head (sin/cos come in pairs)")
+    if s.n_head >= 1 and s.n_embd % s.n_head:
+        out.append(f"--n_embd {s.n_embd} must be a multiple of --n_head {s.n_head} (each head gets "
+                   "n_embd / n_head dimensions)")
+    if s.n_embd % 2:
+        out.append(f"--n_embd {s.n_embd} must be even (the positions' sin and cos come in pairs)")
     if not 0 <= s.dropout < 1:
         out.append(f"--dropout must be in [0, 1), got {s.dropout}")
     if not s.lr > 0 or s.min_lr > s.lr:
@@ -132,7 +135,9 @@ def main(argv=None):
         train_model = DDP(eval_model, device_ids=[w.local_rank] if device.startswith("cuda") else None,
                           broadcast_buffers=False)                    # the only buffer: fixed positions
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
-    history = read_log(log_path) if s.resume else []
+    history = [h for h in read_log(log_path) if h["step"] <= start_step] if s.resume else []
+    if w.size > 1:
+        torch.manual_seed(s.seed + 1000 * w.rank)    # dropout: each process its own masks (DDP syncs weights)
 
     # ---- the loop -----------------------------------------------------------------------------------------
     train_model.train()
@@ -159,10 +164,7 @@ def main(argv=None):
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss is {loss_sum} at step {step + 1}; lower --lr or check "
                                      f"the data. {last_good(ckpt_path)}")
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(optimizer, model.parameters(), s.grad_clip)
         done = step + 1
         if done % s.log_interval == 0 or done == s.max_iters:
             dt = time.time() - t_log
@@ -198,14 +200,6 @@ def main(argv=None):
     rep = report(s, model, device, autocast, best_val, t0, ckpt_path) if w.main else None
     end_world()
     return rep
-
-
-def last_good(path):
-    """What a diverged run says about the checkpoint it leaves (only good ones are ever written)."""
-    if os.path.exists(path):
-        step = torch.load(path, weights_only=True)["step"]
-        return f"The last good checkpoint is {path} (step {step}), kept as it was."
-    return f"No checkpoint was written ({path} does not exist)."
 
 
 def weights_finite(model):
@@ -287,7 +281,7 @@ def new_or_resumed(s, device, ckpt_path):
     for k in SHAPE:
         if getattr(s, k) != getattr(model.config, k):
             print(f"resume: {k} = {getattr(model.config, k)} from the checkpoint (not {getattr(s, k)}): "
-                  "a model's shape cannot change")
+                  "a resumed model keeps its shape and dropout")
             setattr(s, k, getattr(model.config, k))
     optimizer = make_optimizer(s, model, device)
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -63,13 +63,14 @@ def _prompt(obj):
         raise ValueError("field 'prompt' is empty")
     if raw.startswith(HUMAN):
         if not raw.endswith(ASSISTANT):
-            raise ValueError("a prompt transcript (starting with '\\n\\nHuman:') must end with '\\n\\nAssistant:'")
+            raise ValueError("a prompt transcript (starting with '\\n\\nHuman:') must end with "
+                             "'\\n\\nAssistant:'")
         return raw
     return format_prompt(p)
 
 
 def _split_hh(obj, key):
-    """HH-RLHF: a whole transcript -> (the transcript up to its LAST "\\n\\nAssistant:", the reply after it)."""
+    """HH-RLHF: a whole transcript -> (the transcript up to its LAST "\\n\\nAssistant:", the reply after)."""
     text = obj.get(key)
     if not isinstance(text, str) or not text.startswith(HUMAN) or ASSISTANT not in text:
         raise ValueError(f"{key!r} is not a transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
@@ -97,9 +98,11 @@ def parse_feedback(obj):
     kind = obj.get("kind")
     if kind is None and "chosen" in obj and "rejected" in obj:               # Anthropic HH-RLHF, as it is
         (p, a), (p_r, b) = _split_hh(obj, "chosen"), _split_hh(obj, "rejected")
-        rec, used = {"kind": "comparison", "prompt": p, "replies": [a, b], "prompts": [p, p_r]}, ("chosen", "rejected")
+        rec = {"kind": "comparison", "prompt": p, "replies": [a, b], "prompts": [p, p_r]}
+        used = ("chosen", "rejected")
     elif kind is None:
-        raise ValueError(f"no 'kind' field: expected one of {list(KINDS)}, or an HH-RLHF chosen/rejected pair")
+        raise ValueError(f"no 'kind' field: expected one of {list(KINDS)}, or an HH-RLHF chosen/rejected "
+                         "pair")
     elif kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: expected one of {list(KINDS)}")
     else:
@@ -160,7 +163,8 @@ def check_paths(paths):
             raise ValueError(f"feedback file {p} is a directory, not a JSONL file")
         real = os.path.realpath(p)
         if real in seen:
-            raise ValueError(f"feedback file {p} is given twice ({seen[real]} and {p}): its records would count twice")
+            raise ValueError(f"feedback file {p} is given twice ({seen[real]} and {p}): its records would "
+                             "count twice")
         seen[real] = p
     return paths
 
@@ -273,7 +277,7 @@ def sft_examples(records):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Check feedback JSONL files: counts per kind, and the bad lines.")
+    ap = argparse.ArgumentParser(description="Check feedback JSONL files: counts per kind, the bad lines.")
     ap.add_argument("files", nargs="+", help="feedback JSONL files to check")
     args = ap.parse_args(argv)
     errors = []

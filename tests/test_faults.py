@@ -168,7 +168,8 @@ def test_chat_refuses_an_unwritable_feedback_path_before_the_chat(tmp_path, pipe
     ("train_rm.py", ["--n_heldout", "0"], "--n_heldout must be >= 1"),
     ("train_rm.py", ["--resume"], "--resume: "),
     ("train_ppo.py", ["--resume"], "--resume: "),
-    ("train_sft.py", ["--n_head", "3", "--n_embd", "128"], "must be a multiple of 2 * --n_head"),
+    ("train_sft.py", ["--n_head", "3", "--n_embd", "128"], "must be a multiple of --n_head 3"),
+    ("train_sft.py", ["--n_head", "1", "--n_embd", "129"], "--n_embd 129 must be even"),
     ("train_ppo.py", ["--gamma", "0"], "--gamma must be in (0, 1]"),
     ("train_ppo.py", ["--minibatch_size", "64", "--batch_size", "32"], "larger than --batch_size"),
 ])

@@ -17,7 +17,7 @@ from model import ASSISTANT, EOT, HUMAN, GPT, GPTConfig, encode_reply, format_pr
 from model import load_checkpoint, save_checkpoint
 from data.prepare import words
 from reward import (LEXICON_FILE, Panel, RewardModel, batch_replies, book_relu_loss, bradley_terry_loss,
-                    gold_accuracy, load_lexicon, mean_margin, pairwise_accuracy, plackett_luce_loss,
+                    gold_accuracy, load_lexicon, plackett_luce_loss,
                     rating_loss)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -110,12 +110,6 @@ def test_rating_loss_hand_values():
     lo, hi = torch.tensor([1.0, 0.0]), torch.tensor([5.0, 10.0])                     # mixed scales
     loss = rating_loss(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 10.0]), lo, hi)  # targets -1, 1
     assert loss.item() == pytest.approx(1.0)
-
-
-def test_accuracy_and_margin():
-    r_c, r_r = torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 3.0, 1.0, 0.0])
-    assert pairwise_accuracy(r_c, r_r) == pytest.approx(0.5)                         # the tie is wrong
-    assert mean_margin(r_c, r_r) == pytest.approx(0.5)
 
 
 def test_gold_accuracy_skips_equal_gold():
@@ -316,7 +310,7 @@ def test_pairwise_choice_frequency_is_bradley_terry(panel):
     assert panel.rater_score(a, 0) == pytest.approx(s_a)
     p = 1 / (1 + math.exp(-(s_a - s_b) / panel.temperature))                        # sigma(1) = 0.73
     rng = np.random.default_rng(0)
-    wins = sum(panel.compare(a, b, rng, rater=0) == 0 for _ in range(4000))
+    wins = sum(panel.rank([a, b], rng, rater=0)[0][0] == 0 for _ in range(4000))
     assert wins / 4000 == pytest.approx(p, abs=0.03)
     # a random rater each time, with random.Random: the panel average of the ten sigmoids
     p_any = np.mean([1 / (1 + math.exp(-(rt["good"][r] - rt["sweet"][r]) / 10 / panel.temperature))
