@@ -53,6 +53,7 @@ What it simplifies:
 """
 import codecs
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -284,15 +285,17 @@ class Terminal:
         self.say("* " + text, "2")                                            # dim
 
     def read(self, prompt):
-        """One line of input (without its newline). EOFError at the end of input."""
+        """One line of input (without its newline), bytes that are not UTF-8 replaced by U+FFFD (so that
+        anything typed can be saved as feedback). EOFError at the end of input."""
         if self.interactive:
             if self.color:  # \001 \002 tell readline the colour codes take no room on the screen
                 prompt = f"\001\033[1;32m\002{prompt}\001\033[0m\002"
-            return input(prompt)
-        line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\r\n")
+            line = input(prompt)
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+        return line.rstrip("\r\n").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
     def ask(self, prompt, parse):
         """The answer to a command: parse(line), or None if cancelled. In a terminal a bad answer is
@@ -459,7 +462,8 @@ class Chat:
         try:
             healed = write_feedback(self.s.feedback, record)
         except (ValueError, OSError) as e:
-            self.term.info(f"NOT saved ({e}); your feedback is this line, to keep by hand: {record}")
+            self.term.info(f"NOT saved ({e}); your feedback is this line, to keep by hand: "
+                           f"{json.dumps(record)}")
             return False
         if healed:
             self.term.info(healed)

@@ -423,8 +423,11 @@ def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
 
 
 def common_problems(s):
-    """The checks every script needs: --device, --dtype, and a writable --out_dir."""
-    problems = []
+    """The checks every script needs: numbers that are numbers, --device, --dtype, a writable --out_dir."""
+    comments = setting_comments(type(s))
+    problems = [f"--{f.name} must be a finite number, got {getattr(s, f.name)}" for f in fields(s)
+                if f.type is float and not math.isfinite(getattr(s, f.name))
+                and not (getattr(s, f.name) == math.inf and "inf = off" in comments.get(f.name, ""))]
     device = getattr(s, "device", "auto")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         problems.append(f"--device must be auto, cpu or cuda, not {device!r}")
@@ -489,12 +492,16 @@ def start_run(cls, presets, argv, doc, check):
 
 def run_script(main):
     """`python train_x.py`: run main(); an expected error (a missing or bad file, bad data, a run that
-    diverged) is one `error: ...` line and exit status 1, not a traceback."""
+    diverged) is one `error: ...` line and exit status 1, not a traceback; Ctrl-C is one line and status 130
+    (every checkpoint is written atomically, so the last one saved is whole)."""
     import sys
     try:
         main()
     except (OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C): the checkpoints saved so far are whole; --resume continues", file=sys.stderr)
+        sys.exit(130)
 
 
 def world_size():
@@ -609,6 +616,22 @@ def save_checkpoint(obj, path):
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise OSError(getattr(e, "errno", None) or errno.EIO,
                       f"cannot write {path}: {reason}; {path} is unchanged") from None
+
+
+MAX_WEIGHT = 1e3   # a trained model's weights stay far below this (here: below 10); beyond it a run diverged
+
+
+def weights_problem(module):
+    """None when every weight is finite and smaller than MAX_WEIGHT; else what is wrong with them. The trainers
+    check this before every save, so a diverged run never replaces a checkpoint."""
+    biggest = 0.0
+    for p in module.parameters():
+        if not bool(torch.isfinite(p).all()):
+            return "not finite"
+        biggest = max(biggest, float(p.detach().abs().max()))
+    if biggest > MAX_WEIGHT:
+        return f"as large as {biggest:.3g} (a trained model's stay far below {MAX_WEIGHT:g})"
+    return None
 
 
 def last_good(path):

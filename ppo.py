@@ -312,9 +312,9 @@ def explained_variance(values, returns, mask):
 # Log-probs without the (N, V) logits. The plain form, log_softmax(h W^T / T).gather(tokens), holds the
 # (N, V) logits, their log-softmax and its gradient at once: (64*128) rows x 8192 tokens x 4 bytes = 268 MB
 # each (1.6 GB with GPT-2's full 50,257). logprobs_from_hidden goes through the rows chunk_size at a time,
-# in the forward pass and again in the backward pass, where each chunk's logits are recomputed instead of stored (what
-# torch.utils.checkpoint would do, written out here with the gradient by hand). So at any time only one
-# chunk's (chunk_size, V) tensors are alive.
+# in the forward pass and again in the backward pass, where each chunk's logits are recomputed instead of
+# stored (what torch.utils.checkpoint would do, written out here with the gradient by hand). So at any time
+# only one chunk's (chunk_size, V) tensors are alive.
 #
 # The gradient, with z = h W^T / temperature the logits and pi = softmax(z):
 #   d log pi(a) / dz = onehot(a) - pi        (raise the sampled token, lower every token by its probability)

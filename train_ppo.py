@@ -42,8 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare import load_turns, play_words, real_word_rate, unique_prompts, words
 from model import (EOT, GPT, World, all_sum, clip_and_step, end_world, format_prompt, gather_shards,
-                   get_tokenizer, last_good, load_checkpoint, pyplot, run_script, save_checkpoint, save_figure,
-                   start_run, world_size)
+                   get_tokenizer, last_good, load_checkpoint, pyplot, run_script, save_checkpoint,
+                   save_figure, start_run, weights_problem, world_size)
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
@@ -74,8 +74,8 @@ class Settings:
     minibatch_size: int = 16         # episodes per gradient step
     lr: float = 1e-4                 # policy learning rate (Adam)
     critic_lr: float = 1e-4          # critic learning rate
-    clip_eps: float = 0.2            # [实战框架 §4.2.2] ratio clip: the ratio is kept in [1 - eps, 1 + eps]
-    vf_clip: float = 0.2             # value clip around the rollout's values
+    clip_eps: float = 0.2            # [实战框架 §4.2.2] ratio clip: ratio kept in [1 - eps, 1 + eps] (inf = off)
+    vf_clip: float = 0.2             # value clip around the rollout's values (inf = off)
     vf_coef: float = 0.5             # weight of the value loss
     ent_coef: float = 0.0            # entropy bonus weight
     gamma: float = 1.0               # discount; 1 = the episode is one short reply
@@ -181,9 +181,16 @@ def problems(s):
             block = torch.load(sft_path, map_location="cpu", weights_only=True)["model_args"]["block_size"]
         except Exception:                                # a bad sft.pt gets its own message in setup()
             block = None
-        if block and s.max_new_tokens > block // 2:
-            out.append(f"--max_new_tokens {s.max_new_tokens} is more than half of {sft_path}'s context "
-                       f"window ({block} tokens): the prompt needs the other half")
+    else:                                                # sft.pt will be trained first, with this context
+        import train_sft
+        flags = s.sft_args.replace("=", " ").split()
+        given = flags[flags.index("--block_size") + 1] if "--block_size" in flags[:-1] else None
+        block = int(given) if given and given.isdigit() else train_sft.PRESETS.get(s.preset, {}).get(
+            "block_size", train_sft.Settings.block_size)
+        sft_path += " (to be trained)"
+    if block and s.max_new_tokens > block // 2:
+        out.append(f"--max_new_tokens {s.max_new_tokens} is more than half of the context window of "
+                   f"{sft_path} ({block} tokens): the prompt needs the other half")
     ppo_path = os.path.join(s.out_dir, "ppo.pt")
     if s.resume and not os.path.exists(ppo_path):
         out.append(f"--resume: {ppo_path} does not exist (run without --resume to start one)")
@@ -295,6 +302,10 @@ def setup(s, device, paths, world=World()):
     if not rm_ckpt.get("final", True):
         raise ValueError(f"{paths['rm']} is from a train_rm.py run that did not finish (its scores are not "
                          "normalised yet): finish it with `python train_rm.py --resume`")
+    if rm_ckpt["model_args"]["block_size"] < policy.config.block_size:
+        raise ValueError(f"{paths['rm']} reads {rm_ckpt['model_args']['block_size']} tokens, {paths['sft']} "
+                         f"writes {policy.config.block_size}: the reward model must read every prompt and reply "
+                         f"the policy writes; train it from this sft.pt (python train_rm.py)")
     rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
     critic = critic_from_reward_model(RewardModel.from_checkpoint(rm_ckpt).to(device))
     return build_models(s, device, policy, ref, rm, critic, world), rm_ckpt
@@ -305,7 +316,7 @@ def critic_from_reward_model(critic):
     ones, and the reward model's score is the mean of this head over the reply, so V(s_t), read at the
     position just before token t, starts as "how kind the text so far reads", in the units of the rewards
     (the normalisation is folded into the head). That is not yet the value of the state (the critic learns
-    that from the returns); whether it beats a fresh head is exercise 6 of the README's "Change one thing",
+    that from the returns); whether it beats a fresh head is exercise C6 of the README's "Change one thing",
     which changes this function."""
     with torch.no_grad():
         critic.head.weight /= critic.reward_std
@@ -332,7 +343,7 @@ def build_models(s, device, policy, ref, rm, critic, world=World()):
     actor_critic = ActorCritic(policy, critic)
     if world.size > 1:
         actor_critic = DDP(actor_critic, device_ids=[world.local_rank] if device.startswith("cuda") else None,
-                           broadcast_buffers=False)                   # the only buffers: fixed positions
+                           forward_sync_buffers=False)                   # the only buffers: fixed positions
     return Models(s, get_tokenizer(), device, autocast, policy, ref, rm, critic, optimizer,
                   fused(gae) if s.compile else gae, fused(ppo_loss) if s.compile else ppo_loss, actor_critic,
                   world)
@@ -457,9 +468,10 @@ def print_row(row, iters):
 
 def save(s, m, kl_ctl, it, history, path):
     """Process 0 writes ppo.pt (the weights are the same on every process) and the plot."""
-    if not all(bool(torch.isfinite(p).all()) for p in m.actor_critic.parameters()):
-        raise FloatingPointError(f"the policy's or the critic's weights are not finite at iteration {it}: "
-                                 f"lower --lr or --critic_lr. {last_good(path)}")
+    bad = weights_problem(m.actor_critic)
+    if bad:
+        raise FloatingPointError(f"the policy's or the critic's weights are {bad} at iteration {it}: the run "
+                                 f"diverged (lower --lr or --critic_lr). {last_good(path)}")
     if not m.world.main:
         return
     save_checkpoint({"model": m.policy.state_dict(), "model_args": asdict(m.policy.config),
@@ -590,7 +602,7 @@ def plot(history, path):
 
 
 def beta_setting(config):
-    """How a run set the KL coefficient, for a figure's legend: "beta = 0", "beta = 0.1" or "adaptive beta"."""
+    """How a run set the KL coefficient, for a figure's legend: "beta = 0", "beta = 0.1", "adaptive beta"."""
     if config.get("adaptive_kl", True):
         return f"adaptive beta, KL target {config.get('kl_target', '?')}"
     return f"beta = {config.get('init_kl_coef', '?')}"

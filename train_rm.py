@@ -40,7 +40,7 @@ from data.feedback import read_feedback
 from data.prepare import load_turns, unique_prompts, words
 from model import (all_sum, barrier, clip_and_step, end_world, format_prompt, gather_shards, get_tokenizer,
                    last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script, save_checkpoint,
-                   save_figure, start_run)
+                   save_figure, start_run, weights_problem)
 from reward import (MIN_WORDS, Panel, RewardModel, bradley_terry_loss, gold_accuracy, plackett_luce_loss,
                     rating_loss, reply_scores)
 from sample import decode_replies, encode_prompt, generate, load_model
@@ -119,6 +119,8 @@ def main(argv=None):
     torch.manual_seed(s.seed)
     panel = Panel(preference=s.preference, temperature=s.rater_temperature, min_words=s.min_words)
     file_records = read_files(s)                                                    # 1.
+    if s.resume:                                          # a wrong rm.pt is refused before any sampling
+        load_checkpoint(os.path.join(s.out_dir, "rm.pt"), made_by="train_rm.py", kind="rm")
     sft_path, policy = load_sft(s, device)                                          # 2.
     rng = np.random.default_rng(s.seed + w.rank)
     panel_records = panel_labels(s, w, policy, panel, rng) if not s.data or s.mix_panel else []   # 3.
@@ -137,7 +139,7 @@ def main(argv=None):
     gold = (f"gold accuracy {ev['gold_acc']:.3f} vs single rater {ev['rater_ceiling']:.3f} and bag of words "
             f"{ev['bow_gold_acc']:.3f} on {ev['gold_pairs']} pairs" if ev["gold_pairs"] else
             "gold accuracy: none (the held-out labels are not the panel's: its gold order is not theirs)")
-    print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy {ev['acc']:.3f}, {gold} "
+    print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy {label_acc(ev)}, {gold} "
           f"-> {os.path.join(s.out_dir, 'rm.pt')}")
     return ev
 
@@ -369,7 +371,7 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
     checkpoint every eval_interval steps. Under torchrun each process scores its share of every batch and
     DDP averages the gradients."""
     ddp_rm = DDP(rm, device_ids=[w.local_rank] if rm.head.weight.is_cuda else None,
-                 broadcast_buffers=False) if w.size > 1 else rm        # the only buffers: fixed positions
+                 forward_sync_buffers=False) if w.size > 1 else rm        # the only buffers: fixed positions
     rm.train()
     batches = batches_of(s, train_items, w.size)
     max_iters, t0 = len(batches), time.time()
@@ -400,7 +402,7 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
             history.append({"step": done, **{"eval_" + k: v for k, v in ev.items()}})
             gold = (f" | gold acc {ev['gold_acc']:.3f} (single rater {ev['rater_ceiling']:.3f}, "
                     f"{ev['gold_pairs']} pairs)" if ev["gold_pairs"] else "")
-            print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc {ev['acc']:.3f}{gold}",
+            print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc {label_acc(ev)}{gold}",
                   flush=True)
             if w.main:
                 save(s, rm, optimizer, done, history, os.path.join(s.out_dir, "sft.pt"))
@@ -409,9 +411,10 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
 
 def save(s, rm, optimizer, step, history, sft_path, final=False):
     path = os.path.join(s.out_dir, "rm.pt")
-    if not all(bool(torch.isfinite(p).all()) for p in rm.parameters()):
-        raise FloatingPointError(f"the reward model's weights are not finite at step {step}; lower --lr. "
-                                 f"{last_good(path)}")
+    bad = weights_problem(rm)
+    if bad:
+        raise FloatingPointError(f"the reward model's weights are {bad} at step {step}: the run diverged "
+                                 f"(lower --lr). {last_good(path)}")
     ckpt = {**rm.checkpoint_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(s),
             "kind": "rm", "final": final, "sft_ckpt": sft_path, "history": history}
     save_checkpoint(ckpt, path)
@@ -419,6 +422,10 @@ def save(s, rm, optimizer, step, history, sft_path, final=False):
 
 
 # ---- 5. held-out evaluation --------------------------------------------------------------------------------
+
+def label_acc(ev):
+    return f"{ev['acc']:.3f}" if math.isfinite(ev["acc"]) else "n/a (the held-out items are ratings: no pairs)"
+
 
 @torch.no_grad()
 def evaluate(s, w, rm, items, panel):

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (EOT, GPT, GPTConfig, all_sum, barrier, clip_and_step, end_world, get_tokenizer,
                    gpt_from_checkpoint, last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script,
-                   save_checkpoint, save_figure, start_run, world_size)
+                   save_checkpoint, save_figure, start_run, weights_problem, world_size)
 from sample import decode_replies, encode_prompt, generate
 
 
@@ -91,6 +91,8 @@ def problems(s):
     at_least_1 = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
                   "eval_interval", "eval_iters", "log_interval", "n_samples", "feedback_copies")
     out = [f"--{k} must be >= 1, got {getattr(s, k)}" for k in at_least_1 if getattr(s, k) < 1]
+    if 1 <= s.block_size < 8:
+        out.append(f"--block_size must be >= 8 (a prompt and a reply share it), got {s.block_size}")
     out += [f"--{k} must be >= 0, got {getattr(s, k)}" for k in ("warmup_iters", "weight_decay", "grad_clip",
             "min_lr") if getattr(s, k) < 0]
     if s.n_head >= 1 and s.n_embd % s.n_head:
@@ -129,11 +131,15 @@ def main(argv=None):
     ckpt_path, log_path = os.path.join(s.out_dir, "sft.pt"), os.path.join(s.out_dir, "sft_log.csv")
     data = load_data(s)                                                       # token streams + reply masks
     model, optimizer, batch_gen, start_step, best_val = new_or_resumed(s, device, ckpt_path)
+    for split, (tokens, _) in data.items():
+        if len(tokens) <= model.config.block_size + 1:
+            raise ValueError(f"--block_size {model.config.block_size} is longer than the {split} text "
+                             f"({len(tokens):,} tokens): a training window must fit in it")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, config {asdict(model.config)}")
     eval_model = train_model = torch.compile(model) if s.compile else model
     if w.size > 1:                 # gradients averaged over the processes in every backward pass
         train_model = DDP(eval_model, device_ids=[w.local_rank] if device.startswith("cuda") else None,
-                          broadcast_buffers=False)                    # the only buffer: fixed positions
+                          forward_sync_buffers=False)                    # the only buffer: fixed positions
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     history = [h for h in read_log(log_path) if h["step"] <= start_step] if s.resume else []
     if w.size > 1:
@@ -180,9 +186,12 @@ def main(argv=None):
             if w.main:
                 write_log(log_path, history)
                 plot(history, os.path.join(s.out_dir, "sft_loss.png"))
-            if not (math.isfinite(vl) and weights_finite(model)):
-                raise FloatingPointError(f"val loss is {vl} at step {done}: the run diverged (lower --lr). "
-                                         f"{last_good(ckpt_path)}")
+            bad = weights_problem(model)
+            uniform = math.log(model.config.vocab_size)    # the loss of a uniform guess over the vocabulary
+            if bad or not math.isfinite(vl) or vl > uniform + 1:
+                why = f"the weights are {bad}" if bad else f"worse than a uniform guess ({uniform:.2f})"
+                raise FloatingPointError(f"val loss is {vl:.4g} at step {done}, {why}: the run diverged (lower "
+                                         f"--lr). {last_good(ckpt_path)}")
             saved = vl < best_val   # the checkpoint never gets worse: only a new best val loss replaces it
             if saved:
                 best_val = vl
@@ -202,17 +211,13 @@ def main(argv=None):
     return rep
 
 
-def weights_finite(model):
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 # ---- data: token stream + reply mask, cut into random windows --------------------------------------------
 
 def load_data(s):
     """{"train": (tokens, reply mask), "val": (...)}: uint16 / uint8 arrays of the whole split, in play order;
     with --feedback, the corrections (chat.py /fix, [流程与实践 §3.2]) appended to the training stream."""
     from data.prepare import CACHE_DIR, prepare
-    prepare()  # builds data/cache/ from the vendored plays the first time (about half a minute)
+    prepare()  # builds data/cache/ from the vendored plays the first time (a few seconds)
     data = {split: (np.memmap(os.path.join(CACHE_DIR, f"{split}.bin"), dtype=np.uint16, mode="r"),
                     np.memmap(os.path.join(CACHE_DIR, f"{split}_mask.bin"), dtype=np.uint8, mode="r"))
             for split in ("train", "val")}
@@ -311,7 +316,8 @@ def report(s, model, device, autocast, best_val, t0, ckpt_path):
     with autocast:
         bpc = bits_per_char(model, enc, val_turns, device)
         prompts = [t["prompt"] for t in val_turns[::max(1, len(val_turns) // s.n_samples)]][:s.n_samples]
-        seq, _, resp_mask = generate(model, [encode_prompt(enc, p) for p in prompts], 48, temperature=1.0,
+        budget = min(48, model.config.block_size // 2)                      # the prompt gets the other half
+        seq, _, resp_mask = generate(model, [encode_prompt(enc, p) for p in prompts], budget, temperature=1.0,
                                      generator=torch.Generator(device).manual_seed(s.seed))
     replies = decode_replies(enc, seq, resp_mask)
     rate = real_word_rate(replies)

@@ -262,12 +262,19 @@ def write_feedback(path, record):
     The object is checked against the schema first, so a bad record never reaches the file. Returns the
     message of heal() (None if the file was whole)."""
     parse_feedback(record)
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")   # fails here, before any write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     healed = heal(path)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    with open(path, "ab", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        try:
+            rest = memoryview(line)
+            while rest:                                      # a raw write may write only part of the line
+                rest = rest[f.write(rest):]
+            os.fsync(f.fileno())
+        except OSError:                                      # a full disk: no half line stays behind
+            f.truncate(size)
+            raise
     return healed
 
 

@@ -295,14 +295,18 @@ def test_sigint_stops_the_reply_between_tokens():
     """Ctrl-C only sets a flag; the reply stops at the next token, with exactly the text shown so far."""
     enc, model, s, ids = streaming_setup()
     full, _ = stream_reply(model, enc, ids, s, torch.Generator().manual_seed(3), io.StringIO())
-    before = signal.getsignal(signal.SIGINT)
-    out = SigintAfter(4)
-    part, interrupted = stream_reply(model, enc, ids, s, torch.Generator().manual_seed(3), out)
-    assert interrupted and out.getvalue().strip() == printable(part) and full.startswith(part) and len(part) < len(full)
-    assert signal.getsignal(signal.SIGINT) is before                          # Ctrl-C works as before again
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even under nohup
+    try:
+        out = SigintAfter(4)
+        part, interrupted = stream_reply(model, enc, ids, s, torch.Generator().manual_seed(3), out)
+        assert interrupted and out.getvalue().strip() == printable(part) and full.startswith(part)
+        assert len(part) < len(full)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C works as before again
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_stream_decodes_multibyte_characters_and_stops_at_a_blank_line():

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import ROOT, TINY, pipeline, run_main_block, sft_dir  # noqa: F401
+from conftest import ROOT, TINY, TINY_PPO, TINY_RM, pipeline, run_main_block, sft_dir  # noqa: F401
 from data.feedback import read_feedback, write_feedback
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -96,22 +96,22 @@ def test_a_fresh_sft_run_at_a_huge_lr_stops_and_writes_nothing(tmp_path):
     assert isinstance(e.code, str) and "No checkpoint was written" in e.code and not (tmp_path / "sft.pt").exists()
 
 
-def test_a_diverging_ppo_run_never_saves_nan_weights(tmp_path, pipeline, monkeypatch):
+def test_a_diverging_ppo_run_never_replaces_the_checkpoint(tmp_path, pipeline, monkeypatch):
     import train_ppo
     d = tmp_path / "out"
-    shutil.copytree(pipeline[0], d)
-    os.remove(d / "ppo.pt")
+    shutil.copytree(pipeline[0], d)                        # a good ppo.pt is there
     args = ["--out_dir", str(d), "--lr", "1e6", "--critic_lr", "1e6", "--iters", "4", "--batch_size", "6",
             "--minibatch_size", "3", "--max_new_tokens", "8", "--n_eval", "4", "--n_report", "4", "--eval_interval",
             "1", "--device", "cpu"]
     monkeypatch.setattr(train_ppo, "plot", lambda history, path: None)
-    try:                                                   # Adam bounds each step: the user's repro may not nan
+    before = (d / "ppo.pt").read_bytes()
+    with pytest.raises(FloatingPointError) as e:           # weights of 1e6 are not a policy: never saved
         train_ppo.main(args)
-    except FloatingPointError as e:
-        assert "No checkpoint was written" in str(e) or f"The last good checkpoint is {d / 'ppo.pt'}" in str(e)
-    if (d / "ppo.pt").exists():
-        ck = M.load_checkpoint(str(d / "ppo.pt"), made_by="train_ppo.py")
-        assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert "diverged" in str(e.value) or "loss is nan" in str(e.value)
+    assert f"The last good checkpoint is {d / 'ppo.pt'}" in str(e.value)
+    assert (d / "ppo.pt").read_bytes() == before
+    os.remove(d / "ppo.pt")
+    args[args.index("--lr") + 1] = args[args.index("--critic_lr") + 1] = "1e-4"
     # and when the weights do go non-finite, the save refuses and names the file that really exists
     real = train_ppo.update
 
@@ -172,6 +172,12 @@ def test_chat_refuses_an_unwritable_feedback_path_before_the_chat(tmp_path, pipe
     ("train_sft.py", ["--n_head", "1", "--n_embd", "129"], "--n_embd 129 must be even"),
     ("train_ppo.py", ["--gamma", "0"], "--gamma must be in (0, 1]"),
     ("train_ppo.py", ["--minibatch_size", "64", "--batch_size", "32"], "larger than --batch_size"),
+    ("train_sft.py", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    ("train_sft.py", ["--weight_decay", "nan"], "--weight_decay must be a finite number, got nan"),
+    ("train_rm.py", ["--rating_weight", "nan"], "--rating_weight must be a finite number"),
+    ("train_ppo.py", ["--no_eos_penalty", "nan"], "--no_eos_penalty must be a finite number"),
+    ("train_sft.py", ["--block_size", "4"], "--block_size must be >= 8"),
+    ("train_ppo.py", ["--sft_args", "--block_size 32"], "more than half of the context window"),
 ])
 def test_bad_settings_are_one_error_line_before_any_work(tmp_path, capsys, script, args, flag):
     e = run_main_block(script, "--out_dir", str(tmp_path / "out"), "--device", "cpu", *args)
@@ -350,7 +356,10 @@ def test_kill_9_during_checkpoint_saves_never_leaves_a_broken_file(tmp_path, pip
     for trial in range(2):
         p = subprocess.Popen([sys.executable, str(script), ROOT, str(pipeline[0] / f"{kind}.pt"), str(target), kind],
                              env=ENV)
-        time.sleep(4 + rng.random())                                          # imports, then saves in a loop
+        deadline = time.time() + 120                                          # imports, then saves in a loop:
+        while not target.exists() and time.time() < deadline and p.poll() is None:   # a loaded machine is slow
+            time.sleep(0.1)
+        time.sleep(rng.random())                                              # then a kill at a random moment
         p.send_signal(signal.SIGKILL)
         p.wait()
         if target.exists():
@@ -387,3 +396,113 @@ def test_kill_9_during_feedback_appends_loses_at_most_the_line_being_written(tmp
         assert n_bad == 0
         numbers = [r["meta"]["i"] for r in recs]
         assert numbers[-1] == -1 and numbers.count(-1) == trial + 1
+
+
+# ---- found by the second sweep --------------------------------------------------------------------------------
+
+def test_a_fresh_sft_run_that_diverges_keeps_the_good_checkpoint_it_found(tmp_path, sft_dir):
+    d = tmp_path / "out"
+    shutil.copytree(sft_dir, d)
+    before = (d / "sft.pt").read_bytes()
+    e = run_main_block("train_sft.py", "--out_dir", str(d), *TINY, "--lr", "1e6", "--max_iters", "4",
+                       "--eval_interval", "1", "--warmup_iters", "1")
+    assert isinstance(e.code, str) and "diverged" in e.code and "kept as it was" in e.code, e.code
+    assert (d / "sft.pt").read_bytes() == before                    # weights of 1e4 and more are never saved
+
+
+def test_a_diverging_reward_model_never_replaces_rm_pt(tmp_path, pipeline):
+    d = tmp_path / "out"
+    shutil.copytree(pipeline[0], d)
+    before = (d / "rm.pt").read_bytes()
+    e = run_main_block("train_rm.py", "--out_dir", str(d), *TINY_RM.split(), "--lr", "1e6", "--warmup_iters", "1")
+    assert isinstance(e.code, str) and ("diverged" in e.code or "loss is nan" in e.code), e.code
+    assert f"The last good checkpoint is {d / 'rm.pt'}" in e.code
+    assert (d / "rm.pt").read_bytes() == before
+
+
+def test_a_context_longer_than_the_text_is_one_line(tmp_path):
+    e = run_main_block("train_sft.py", "--out_dir", str(tmp_path), *TINY, "--block_size", "100000", "--n_embd", "8",
+                       "--max_iters", "1")
+    assert isinstance(e.code, str) and "--block_size 100000 is longer than the" in e.code, e.code
+
+
+def test_train_rm_refuses_a_wrong_rm_pt_before_sampling(tmp_path, sft_dir):
+    shutil.copy(sft_dir / "sft.pt", tmp_path / "sft.pt")
+    shutil.copy(sft_dir / "sft.pt", tmp_path / "rm.pt")
+    e = run_main_block("train_rm.py", "--out_dir", str(tmp_path), *TINY_RM.split(), "--resume")
+    assert isinstance(e.code, str) and "is a sft checkpoint, not the rm checkpoint" in e.code, e.code
+    assert not (tmp_path / "panel_labels.jsonl").exists()
+
+
+def test_ppo_refuses_a_reward_model_that_reads_less_than_the_policy_writes(tmp_path, pipeline):
+    d = tmp_path / "out"
+    shutil.copytree(pipeline[0], d)
+    os.remove(d / "ppo.pt")
+    rm = torch.load(d / "rm.pt", weights_only=True)
+    rm["model_args"]["block_size"] = 64                                        # the sft.pt reads 128
+    torch.save(rm, d / "rm.pt")
+    e = run_main_block("train_ppo.py", "--out_dir", str(d), *TINY_PPO)
+    assert isinstance(e.code, str) and "rm.pt reads 64 tokens" in e.code and "writes 128" in e.code, e.code
+
+
+def test_held_out_ratings_have_no_label_accuracy_and_say_so(tmp_path, sft_dir, capsys):
+    shutil.copy(sft_dir / "sft.pt", tmp_path / "sft.pt")
+    fb = tmp_path / "ratings.jsonl"
+    fb.write_text("".join(json.dumps({**RATING, "prompt": f"p{i}", "reply": f"r {i}", "rating": 1 + i % 5}) + "\n"
+                          for i in range(40)))
+    import train_rm
+    ev = train_rm.main(["--out_dir", str(tmp_path), *TINY_RM.split(), "--data", str(fb)])
+    out = capsys.readouterr().out
+    assert ev["acc"] != ev["acc"]                                              # nan: there is no pair to order
+    assert "label acc n/a (the held-out items are ratings: no pairs)" in out and "nan" not in out
+
+
+def test_a_feedback_line_that_cannot_be_written_leaves_no_half_line(tmp_path, monkeypatch):
+    import errno
+    fb = tmp_path / "fb.jsonl"
+    write_feedback(str(fb), RATING)
+    before = fb.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        write_feedback(str(fb), {**RATING, "prompt": "x" * 5000})
+    monkeypatch.undo()
+    assert fb.read_bytes() == before                                           # cut back to the whole lines
+    write_feedback(str(fb), {**RATING, "rating": 5})
+    assert [r["rating"] for r in read_feedback(str(fb))[0]] == [3, 5] and not (tmp_path / "fb.jsonl.partial").exists()
+
+
+def test_chat_saves_feedback_after_input_that_is_not_utf8(tmp_path, pipeline):
+    fb = tmp_path / "fb.jsonl"
+    garbage = bytes(range(128, 256)) * 4
+    r = subprocess.run([sys.executable, "chat.py", "--ckpt", str(pipeline[0] / "sft.pt"), "--feedback", str(fb),
+                        "--max_new_tokens", "8"], input=b"hi " + garbage + b"\n/rate 3\n", capture_output=True,
+                       cwd=ROOT, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    recs, n_bad = read_feedback(str(fb))
+    assert n_bad == 0 and len(recs) == 1 and "\ufffd" in recs[0]["prompt"]
+
+
+def test_a_short_context_trains_to_the_end(tmp_path, monkeypatch):
+    import train_sft
+    monkeypatch.setattr(train_sft, "plot", lambda history, path: None)
+    train_sft.main(["--out_dir", str(tmp_path), *TINY, "--block_size", "32", "--max_iters", "2", "--eval_interval",
+                    "2", "--n_samples", "2"])                           # the report's replies fit in 32 tokens
+    assert (tmp_path / "sft.pt").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_checkpoint_stays_whole(tmp_path, sft_dir):
+    shutil.copytree(sft_dir, tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "train_sft.py", "--out_dir", str(tmp_path / "out"), *TINY, "--resume",
+                          "--max_iters", "100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "model:" not in p.stdout.readline():        # training has started
+        pass
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and "interrupted (Ctrl-C)" in err, err[-2000:]
+    M.load_checkpoint(str(tmp_path / "out" / "sft.pt"), made_by="x", kind="sft")

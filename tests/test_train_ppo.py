@@ -78,6 +78,22 @@ def test_fixed_beta_zero_stays_zero(pipeline, tmp_path, monkeypatch, capsys):
     assert all(h["beta"] == 0.0 for h in ck["history"] if "beta" in h)
 
 
+def test_the_same_seed_gives_the_same_final_report(pipeline, tmp_path, monkeypatch):
+    # a run is chaotic (a rounding difference changes every later sample) but not random: same seed, same report
+    monkeypatch.setattr(train_ppo, "plot", lambda history, path: None)
+    torch.set_num_threads(1)
+    reports = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        for name in ("sft.pt", "rm.pt"):
+            os.symlink(pipeline[0] / name, tmp_path / run / name)
+        train_ppo.main(["--out_dir", str(tmp_path / run)] + TINY_PPO)
+        report = json.loads((tmp_path / run / "ppo_report.json").read_text())
+        reports.append({k: v for k, v in report.items() if not k.startswith("minutes")})   # all but the times
+    assert reports[0] == reports[1]
+    assert reports[0]["kl"] > 0                                   # the policy moved: the runs did something
+
+
 def test_score_puts_the_penalty_on_replies_that_never_end(pipeline):
     # score(): replies without <|endoftext|> get no_eos_penalty as their score; rewards sum to score - beta*KL
     d, _ = pipeline
