@@ -500,7 +500,8 @@ def run_script(main):
     except (OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C): the checkpoints saved so far are whole; --resume continues", file=sys.stderr)
+        print("\ninterrupted (Ctrl-C): the checkpoints saved so far are whole; --resume continues",
+              file=sys.stderr)
         sys.exit(130)
 
 
@@ -622,8 +623,8 @@ MAX_WEIGHT = 1e3   # a trained model's weights stay far below this (here: below 
 
 
 def weights_problem(module):
-    """None when every weight is finite and smaller than MAX_WEIGHT; else what is wrong with them. The trainers
-    check this before every save, so a diverged run never replaces a checkpoint."""
+    """None when every weight is finite and smaller than MAX_WEIGHT; else what is wrong with them. The
+    trainers check this before every save, so a diverged run never replaces a checkpoint."""
     biggest = 0.0
     for p in module.parameters():
         if not bool(torch.isfinite(p).all()):

@@ -304,8 +304,8 @@ def setup(s, device, paths, world=World()):
                          "normalised yet): finish it with `python train_rm.py --resume`")
     if rm_ckpt["model_args"]["block_size"] < policy.config.block_size:
         raise ValueError(f"{paths['rm']} reads {rm_ckpt['model_args']['block_size']} tokens, {paths['sft']} "
-                         f"writes {policy.config.block_size}: the reward model must read every prompt and reply "
-                         f"the policy writes; train it from this sft.pt (python train_rm.py)")
+                         f"writes {policy.config.block_size}: the reward model must read every prompt and "
+                         f"reply the policy writes; train it from this sft.pt (python train_rm.py)")
     rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
     critic = critic_from_reward_model(RewardModel.from_checkpoint(rm_ckpt).to(device))
     return build_models(s, device, policy, ref, rm, critic, world), rm_ckpt

@@ -424,7 +424,8 @@ def save(s, rm, optimizer, step, history, sft_path, final=False):
 # ---- 5. held-out evaluation --------------------------------------------------------------------------------
 
 def label_acc(ev):
-    return f"{ev['acc']:.3f}" if math.isfinite(ev["acc"]) else "n/a (the held-out items are ratings: no pairs)"
+    no_pairs = "n/a (the held-out items are ratings: no pairs)"
+    return f"{ev['acc']:.3f}" if math.isfinite(ev["acc"]) else no_pairs
 
 
 @torch.no_grad()

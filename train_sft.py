@@ -190,8 +190,8 @@ def main(argv=None):
             uniform = math.log(model.config.vocab_size)    # the loss of a uniform guess over the vocabulary
             if bad or not math.isfinite(vl) or vl > uniform + 1:
                 why = f"the weights are {bad}" if bad else f"worse than a uniform guess ({uniform:.2f})"
-                raise FloatingPointError(f"val loss is {vl:.4g} at step {done}, {why}: the run diverged (lower "
-                                         f"--lr). {last_good(ckpt_path)}")
+                raise FloatingPointError(f"val loss is {vl:.4g} at step {done}, {why}: the run diverged "
+                                         f"(lower --lr). {last_good(ckpt_path)}")
             saved = vl < best_val   # the checkpoint never gets worse: only a new best val loss replaces it
             if saved:
                 best_val = vl
