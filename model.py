@@ -500,8 +500,8 @@ def run_script(main):
     except (OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C): the checkpoints saved so far are whole; --resume continues",
-              file=sys.stderr)
+        print("\ninterrupted (Ctrl-C): the checkpoints saved so far are whole; run again with --resume to "
+              "continue from the last one", file=sys.stderr)
         sys.exit(130)
 
 

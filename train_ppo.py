@@ -183,14 +183,15 @@ def problems(s):
             block = None
     else:                                                # sft.pt will be trained first, with this context
         import train_sft
-        flags = s.sft_args.replace("=", " ").split()
-        given = flags[flags.index("--block_size") + 1] if "--block_size" in flags[:-1] else None
+        flags = s.sft_args.replace("=", " ").replace("--block-size", "--block_size").split()
+        given = [b for a, b in zip(flags, flags[1:]) if a == "--block_size"][-1:]    # argparse: the last one
+        given = given[0] if given else None
         block = int(given) if given and given.isdigit() else train_sft.PRESETS.get(s.preset, {}).get(
             "block_size", train_sft.Settings.block_size)
         sft_path += " (to be trained)"
     if block and s.max_new_tokens > block // 2:
-        out.append(f"--max_new_tokens {s.max_new_tokens} is more than half of the context window of "
-                   f"{sft_path} ({block} tokens): the prompt needs the other half")
+        out.append(f"--max_new_tokens {s.max_new_tokens} is more than half of the context window "
+                   f"({block} tokens) of {sft_path}: the prompt needs the other half")
     ppo_path = os.path.join(s.out_dir, "ppo.pt")
     if s.resume and not os.path.exists(ppo_path):
         out.append(f"--resume: {ppo_path} does not exist (run without --resume to start one)")
@@ -306,6 +307,10 @@ def setup(s, device, paths, world=World()):
         raise ValueError(f"{paths['rm']} reads {rm_ckpt['model_args']['block_size']} tokens, {paths['sft']} "
                          f"writes {policy.config.block_size}: the reward model must read every prompt and "
                          f"reply the policy writes; train it from this sft.pt (python train_rm.py)")
+    if not rm_ckpt["reward_std"] > 1e-3:
+        raise ValueError(f"{paths['rm']}'s scores hardly vary over SFT replies (std "
+                         f"{rm_ckpt['reward_std']:.2g}): it cannot tell PPO which replies are better; "
+                         "retrain it (python train_rm.py)")
     rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
     critic = critic_from_reward_model(RewardModel.from_checkpoint(rm_ckpt).to(device))
     return build_models(s, device, policy, ref, rm, critic, world), rm_ckpt

@@ -132,6 +132,7 @@ def main(argv=None):
     if ev["gold_pairs"]:
         ev["bow_gold_acc"], _ = bag_of_words_baseline(train_items, eval_items, panel)
     normalise(s, w, rm, panel_records, policy)                                      # 6.
+    refuse_diverged(s, rm, max_iters)
     if w.main:
         save(s, rm, optimizer, max_iters, history, sft_path, final=True)
     barrier()                                                                 # rm.pt is final on disk for all
@@ -395,7 +396,8 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
         history.append({"step": done, "train_loss": loss.item(), "train_acc": train_acc})
         if done % 10 == 0:
             eta = (time.time() - t0) / (done - start_step) * (max_iters - done)
-            print(f"step {done:4d}/{max_iters} | loss {loss.item():.4f} | pair acc {train_acc:.2f} | "
+            pair_acc = f"{train_acc:.2f}" if math.isfinite(train_acc) else "n/a"   # ratings have no pairs
+            print(f"step {done:4d}/{max_iters} | loss {loss.item():.4f} | pair acc {pair_acc} | "
                   f"lr {lr:.1e} | ETA {eta / 60:.1f} min", flush=True)
         if done % s.eval_interval == 0 or done == max_iters:
             ev = evaluate(s, w, rm, eval_items, panel)
@@ -404,17 +406,21 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
                     f"{ev['gold_pairs']} pairs)" if ev["gold_pairs"] else "")
             print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc {label_acc(ev)}{gold}",
                   flush=True)
+            refuse_diverged(s, rm, done)                                      # every process: all stop
             if w.main:
                 save(s, rm, optimizer, done, history, os.path.join(s.out_dir, "sft.pt"))
     return max_iters
 
 
-def save(s, rm, optimizer, step, history, sft_path, final=False):
-    path = os.path.join(s.out_dir, "rm.pt")
+def refuse_diverged(s, rm, step):
     bad = weights_problem(rm)
     if bad:
         raise FloatingPointError(f"the reward model's weights are {bad} at step {step}: the run diverged "
-                                 f"(lower --lr). {last_good(path)}")
+                                 f"(lower --lr). {last_good(os.path.join(s.out_dir, 'rm.pt'))}")
+
+
+def save(s, rm, optimizer, step, history, sft_path, final=False):
+    path = os.path.join(s.out_dir, "rm.pt")
     ckpt = {**rm.checkpoint_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(s),
             "kind": "rm", "final": final, "sft_ckpt": sft_path, "history": history}
     save_checkpoint(ckpt, path)
