@@ -605,7 +605,7 @@ def main(argv=None):
         except ImportError:
             pass
     sys.stdout.reconfigure(errors="replace")                            # any text prints, whatever the locale
-    sys.stdin.reconfigure(errors="surrogateescape")           # any bytes read: Terminal.read replaces bad ones
+    sys.stdin.reconfigure(errors="surrogateescape")  # any bytes are read: Terminal.read replaces bad ones
     return Chat(model, get_tokenizer(), s, ckpt_path, rm, rm_path, Terminal(interactive)).run()
 
 

@@ -144,12 +144,17 @@ else:
 '''
 
 
-def test_whitening_and_statistics_are_those_of_the_concatenated_batch(tmp_path):
-    script = tmp_path / "whole.py"
-    script.write_text(WHOLE_BATCH)
+def run_two_processes(tmp_path, source, expect):
+    """Write `source` to a script, run it as 2 torchrun processes, and check it printed `expect`."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     r = run(str(script), ROOT, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "whole-batch statistics equal" in r.stdout
+    assert expect in r.stdout
+
+
+def test_whitening_and_statistics_are_those_of_the_concatenated_batch(tmp_path):
+    run_two_processes(tmp_path, WHOLE_BATCH, "whole-batch statistics equal")
 
 
 LOG_ROW = r'''
@@ -195,11 +200,7 @@ if rank == 0:
 
 
 def test_logged_means_and_the_kl_for_beta_are_those_of_the_whole_batch(tmp_path):
-    script = tmp_path / "log_row.py"
-    script.write_text(LOG_ROW)
-    r = run(str(script), ROOT, nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "logged means equal" in r.stdout
+    run_two_processes(tmp_path, LOG_ROW, "logged means equal")
 
 
 # ---- bad setups --------------------------------------------------------------------------------------------------
