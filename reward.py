@@ -17,12 +17,13 @@ What is here, top to bottom:
   [实战框架 §5.2.2] the book's relu variant of it, with its bug                     book_relu_loss
   [实战框架 §4.3.1] Plackett-Luce listwise loss (K = 2 is Bradley-Terry)            plackett_luce_loss
   [流程与实践 §3.2] ratings (评分), as regression; metrics                            rating_loss
-         the simulated rater panel (VADER lexicon, 10 raters)                       Panel
+         the simulated rater panel (VADER's rules, each of 10 raters his own ratings) Panel
   (the feedback files, the four kinds and HH-RLHF as they are, are read by data/feedback.py)
 
 What it simplifies: the reward is one number per reply (a mean over its tokens), no ensemble, no margin or
-length terms in the losses. The "humans" are ten lexicon raters who judge kindness by the words a reply
-uses, a bag of words with no grammar, negation or sarcasm. A correction is not a loss of its own: the
+length terms in the losses. The "humans" are ten raters who read a reply with VADER's rules (negation, "but",
+boosters, emphasis) and their own word ratings: context in a window of three words, no grammar, relevance or
+sarcasm. A correction is not a loss of its own: the
 reader turns it into a comparison (edited > original) plus an SFT example.
 """
 import argparse
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import re
+import string
 from dataclasses import asdict
 
 import numpy as np
@@ -37,7 +39,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.prepare import words
 from model import GPT, HERE, encode_reply, gpt_from_checkpoint
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,18 +51,26 @@ from model import GPT, HERE, encode_reply, gpt_from_checkpoint
 # over its words, and the mean gives every word its own gradient. Every h_t has attended to the prompt.
 
 
+READOUTS = ("mean", "sum")
+
+
 class RewardModel(nn.Module):
     """GPT body + scalar head. `reward_mean` / `reward_std` are plain Python floats, not buffers: the
     trainer sets them after training (e.g. mean and std of raw scores on held-out replies); not in
     state_dict(), and checkpoint_dict() / from_checkpoint() carry them as the floats "reward_mean" and
     "reward_std". One place, one type: a float works on any device and can be assigned directly."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, readout="mean"):
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        self.readout = readout                                                # how the head's values become r
         self.body = GPT(cfg)
         self.head = nn.Linear(cfg.n_embd, 1)
-        # std 1/sqrt(d+1): with unit-variance LayerNorm outputs the initial scores have variance ~1
-        nn.init.normal_(self.head.weight, mean=0.0, std=1.0 / math.sqrt(cfg.n_embd + 1))
+        # mean: std 1/sqrt(d+1), so with unit-variance LayerNorm outputs the initial scores have variance ~1;
+        # sum: zeros, so a reply's initial score is not a sum of random per-token values
+        std = 1.0 / math.sqrt(cfg.n_embd + 1) if readout == "mean" else 0.0
+        nn.init.normal_(self.head.weight, mean=0.0, std=std)
         nn.init.zeros_(self.head.bias)
         self.reward_mean, self.reward_std = 0.0, 1.0
 
@@ -71,9 +80,10 @@ class RewardModel(nn.Module):
         return self.scalar_head(h)                                            # (B, T)
 
     def forward(self, idx, reply_mask, pad=None):
-        """Raw scores (B,): the head's mean over the reply's tokens, reply_mask (B, T) True on them."""
+        """Raw scores (B,): the head's mean (or sum) over the reply's tokens (reply_mask (B, T) True on them)."""
         per_token = self.values(idx, pad)                                     # (B, T)
-        return (per_token * reply_mask).sum(1) / reply_mask.sum(1).clamp(min=1)  # (B,)
+        total = (per_token * reply_mask).sum(1)                               # (B,)
+        return total if self.readout == "sum" else total / reply_mask.sum(1).clamp(min=1)   # (B,)
 
     def scalar_head(self, h):
         """(..., d) -> (...,) in float32, also under bf16 autocast: bf16 keeps 8 bits (scores like 1.15 and
@@ -87,10 +97,10 @@ class RewardModel(nn.Module):
         return (self(idx, reply_mask, pad) - self.reward_mean) / self.reward_std   # (B,)
 
     @classmethod
-    def from_sft(cls, ckpt):
+    def from_sft(cls, ckpt, readout="mean"):
         """Start from an SFT checkpoint dict: body = its "model" weights, head freshly initialised."""
         body = gpt_from_checkpoint(ckpt)
-        rm = cls(body.config)
+        rm = cls(body.config, readout)
         rm.body = body
         return rm
 
@@ -101,7 +111,7 @@ class RewardModel(nn.Module):
         if missing:
             raise ValueError(f"not a reward-model checkpoint (missing {missing}); make one with "
                              "`python train_rm.py`")
-        rm = cls.from_sft(ckpt)
+        rm = cls.from_sft(ckpt, ckpt.get("readout", "mean"))
         rm.head.load_state_dict(ckpt["head"])
         rm.reward_mean, rm.reward_std = float(ckpt["reward_mean"]), float(ckpt["reward_std"])
         return rm
@@ -109,7 +119,7 @@ class RewardModel(nn.Module):
     def checkpoint_dict(self):
         return {"model_args": asdict(self.body.config), "model": self.body.state_dict(),
                 "head": self.head.state_dict(), "reward_mean": float(self.reward_mean),
-                "reward_std": float(self.reward_std), "kind": "rm"}
+                "reward_std": float(self.reward_std), "readout": self.readout, "kind": "rm"}
 
 
 def batch_replies(enc, prompts_tokens, replies_tokens, block_size):
@@ -195,13 +205,24 @@ def rating_loss(r, ratings, lo=1, hi=5):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The simulated rater panel: the default "human" of this project.
+# The simulated rater panel: the default "human" of this project. Each of ten raters reads a reply with
+# the rules of VADER (Hutto & Gilbert, "VADER: A Parsimonious Rule-based Model for Sentiment Analysis of
+# Social Media Text", ICWSM 2014: its five heuristics, with the constants and word lists of the authors'
+# package vaderSentiment 3.3.2) and his own ratings of its words.
 
 LEXICON_FILE = os.path.join(HERE, "data", "vader_lexicon.txt")
+RULES_FILE = os.path.join(HERE, "data", "vader_rules.json")       # negators, boosters, dampeners, idioms
 LEXICON_WORD_RE = re.compile(r"[a-z][a-z']*")
 N_RATERS = 10
-MIN_WORDS = 1     # a reply shorter than this is judged as if padded with neutral words (see Panel)
-GOLD_EPS = 1e-9  # gold scores closer than this count as equal (a tie: no right order to agree with)
+NEGATION = -0.74     # heuristic 5: a word negated in the three words before it: valence times this
+BOOST = 0.293        # heuristic 3: a booster ("very") adds this intensity, a dampener ("slightly") takes it
+CAPS = 0.733         # heuristic 2: a word in ALL CAPS, when the reply is not all caps, gains this intensity
+BANG = 0.292         # heuristic 1: each "!" (at most 4) adds this to the size of the sum
+QUESTIONS = 0.18     # 2 or 3 "?" add this each, 4 or more add 0.96 (vaderSentiment's _amplify_qm)
+BUT_BEFORE, BUT_AFTER = 0.5, 1.5   # heuristic 4: words before the first "but" count half, after it 1.5x
+ALPHA = 15           # compound = S / sqrt(S^2 + ALPHA): grows with the sum S and saturates at +-1
+TEMPERATURE = 0.28   # a rater's choice noise on the compound scale: one rater agrees with gold 0.78 (README)
+GOLD_EPS = 1e-9      # gold scores closer than this count as equal (a tie: no right order to agree with)
 
 
 def load_lexicon(path=LEXICON_FILE):
@@ -232,55 +253,198 @@ def load_lexicon(path=LEXICON_FILE):
     return index, np.array(rows, dtype=np.float64)                            # (V, 10)
 
 
-def _gumbel(rng, k):
-    """k standard Gumbel draws from a numpy Generator or a random.Random."""
-    if isinstance(rng, np.random.Generator):
-        return rng.gumbel(size=k)                                             # (k,)
-    return np.array([-math.log(max(rng.expovariate(1.0), 1e-300)) for _ in range(k)])  # -log Exp(1)
+def load_rules(path=RULES_FILE):
+    """data/vader_rules.json -> (negators set, modifiers {word or two words: +-BOOST}, idioms {phrase: v})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+        negators, idioms = set(r["negators"]), {k: float(v) for k, v in r["idioms"].items()}
+        modifiers = {**{w: BOOST for w in r["boosters"]}, **{w: -BOOST for w in r["dampeners"]}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not VADER's rule lists ({e})") from None
+    return negators, modifiers, idioms
 
 
-def _rater(rng):
-    return int(rng.integers(N_RATERS)) if isinstance(rng, np.random.Generator) else rng.randrange(N_RATERS)
+def vader_tokens(text):
+    """VADER's tokens: split at white space; punctuation stripped from both ends of a token unless that
+    leaves two characters or fewer, when the token is kept whole (VADER keeps ":)" so; it also keeps "No."
+    and "I," whole, and "No." then matches no word: a quirk kept, see Panel)."""
+    out = []
+    for t in text.split():
+        bare = t.strip(string.punctuation)
+        out.append(bare if len(bare) > 2 else t)
+    return out
+
+
+def compound(s):
+    """VADER's compound score of a sentiment sum: S / sqrt(S^2 + 15), in (-1, 1)."""
+    return s / np.sqrt(s * s + ALPHA)
 
 
 class Panel:
     """Ten simulated raters who want the Bard to be kind (or, with preference="unkind", cruel).
 
-    Scoring rule. Rater r (0..9) scores a reply by its kindness density:
-        s_r = sign * sum_{w in distinct words(reply), w in lexicon} rating_r(w) / max(n, min_words)
-    where n counts ALL the reply's words (in the lexicon or not, repeats included), rating_r(w) in -4..+4
-    is the rating the r-th of VADER's ten human annotators gave the word, and sign = +1 for "kind", -1 for
-    "unkind". Why per word: dividing by the length means a reply cannot win by being long (piling on
-    words), and one kind word in a short reply counts more than the same word in a long speech. Why each
-    word once: a person does not find a kind word kinder for hearing it five times, so "Yes: Yes: Yes:"
-    scores a third of "Yes:" (the repeats still lengthen the reply). Why min_words: a reply shorter than
-    min_words words is judged as if the missing words were neutral, so a curt "Love." is not the kindest
-    possible answer to every question (the choice of min_words is measured in the README). Why individual
-    ratings and not the lexicon's mean: the ten people disagree, so the raters disagree as people do.
-    gold(text) is the noise-free panel: the mean of the ten s_r (the file's rounded mean column is not
-    used). A reply with no lexicon words scores 0.
+    Scoring rule: VADER for each rater. Rater r (0..9) reads the reply's tokens (vader_tokens) and gives each
+    word of the lexicon the rating rating_r(w) in -4..+4 that the r-th of VADER's ten human annotators gave
+    it; then VADER's rules change those valences by their context (word_valence, the "but" rule, the
+    punctuation rule: each a method below, its constant named above); the sum S_r becomes
+        s_r = sign * S_r / sqrt(S_r^2 + 15)        (VADER's compound, sign +1 "kind", -1 "unkind")
+    So a reply is kinder the more kind things it says, with diminishing returns and no division by its
+    length; "not kind" is unkind; "but" shifts the weight to what follows; "very" and "!" intensify.
+    gold(text) is the noise-free panel, the mean of the ten s_r. A reply with no lexicon word scores 0.
+
+    Departures from VADER (each tested in tests/test_reward.py; measured against the package: README):
+      1. each word of the lexicon counts once per reply: a later repeat has valence 0 (it still occupies
+         its place in the windows of the rules). A person does not find "love love love love" four times
+         as loving, and a sum without this would pay PPO to repeat its kindest word.
+      2. the "but" rule scales the words by their position; VADER's code finds each valence's position with
+         list.index, which scales the wrong word when two valences are equal.
+      3. a booster, a dampener or ALL CAPS intensifies the rater's own valence: a word a rater rated 0 stays 0
+         (VADER's code, written for the mean ratings, none of which is 0, would push it up or down).
+      4. the lexicon's words only: no emoticons or emoji (the Bard uses none).
+    Kept from VADER on purpose: its tokens ("No." keeps its full stop and is no word, so a curt "No." is
+    neutral, not unkind; but punctuation also ends a word's reach: in "No, I love thee" the "No," does not
+    negate "love", which a reader agrees with) and its negation quirks (a word of the lexicon inside the
+    window stops the negation check for that distance). Words a rater cannot read (the SFT model's
+    non-words) cost nothing: measured, the PPO replies keep a real-word rate above 0.9 without it (README).
 
     Choice model. A rater ranks replies by Plackett-Luce on s_r / temperature: sort s_r / tau + Gumbel
     noise, which draws an exact Plackett-Luce sample; for two replies it is Bradley-Terry,
     P(a beats b) = sigmoid((s_r(a) - s_r(b)) / tau). So the rater is noisy where replies are close and
     near-certain where they are far apart: the data the losses of [实战框架 §4.3] 排序学习 assume."""
 
-    def __init__(self, preference="kind", temperature=0.1, min_words=MIN_WORDS, path=LEXICON_FILE):
+    def __init__(self, preference="kind", temperature=TEMPERATURE, path=LEXICON_FILE, rules=RULES_FILE):
         if preference not in ("kind", "unkind"):
             raise ValueError(f"preference must be 'kind' or 'unkind', got {preference!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if min_words < 1:
-            raise ValueError(f"min_words must be >= 1, got {min_words}")
-        self.preference, self.temperature, self.min_words = preference, temperature, min_words
+        self.preference, self.temperature = preference, temperature
         self.sign = 1.0 if preference == "kind" else -1.0
         self.index, self.ratings = load_lexicon(path)                         # dict, (V, 10)
+        self.mean_ratings = self.ratings.mean(1).tolist()                     # (V,) VADER's own valences
+        self.negators, self.modifiers, self.idioms = load_rules(rules)
+        self._cache = {}
+
+    # ---- VADER's sum, for every column of `table` (V, R): the ten raters' ratings, or the means (V, 1) ----
+
+    def sentiment_sum(self, text, table=None, once=True, rules=True, why=None):
+        """S for each column of table (default: the ten raters) -> (R,). once=False counts repeats as VADER
+        does; rules=False is the bag-of-words sum (each word its own rating, no context rule); why, a list,
+        collects a line for every rule that fired."""
+        table, why = (self.ratings if table is None else table), ([] if why is None else why)
+        toks = vader_tokens(text)
+        low = [t.lower() for t in toks]
+        mixed_caps = 0 < sum(t.isupper() for t in toks) < len(toks)         # some tokens ALL CAPS, not all
+        seen, valences = set(), {}                                            # position -> (R,) valence
+        for i, w in enumerate(low):
+            if w not in self.index or w in self.modifiers or (w == "kind" and low[i + 1:i + 2] == ["of"]):
+                continue                                                      # no valence of its own
+            if once and w in seen:
+                why.append(f"{toks[i]}: a repeat, counted once")
+                continue
+            seen.add(w)
+            v = table[self.index[w]].astype(np.float64)                       # (R,)
+            why.append(f"{toks[i]}: rated {self.mean_ratings[self.index[w]]:+.2f} on average")
+            valences[i] = self.word_valence(v, i, toks, low, mixed_caps, table, why) if rules else v
+        if rules:
+            valences = self.but_rule(low, valences, why)
+        total = sum(valences.values(), np.zeros(table.shape[1]))             # (R,)
+        return self.punctuation_rule(text, total, why) if rules else total
+
+    def word_valence(self, v, i, toks, low, mixed_caps, table, why):
+        """VADER's rules for the lexicon word at position i, in its order (sentiment_valence): "no", CAPS,
+        then for each of the three words before it that is not itself in the lexicon: boosters, negation,
+        and at distance 3 the idioms; last "least"."""
+        if low[i] == "no" and i + 1 < len(low) and low[i + 1] in self.index:
+            v = np.zeros_like(v)                          # "no" before a word negates it; no valence of its own
+        if "no" in low[max(i - 2, 0):i] or (i > 2 and low[i - 3] == "no" and low[i - 1] in ("or", "nor")):
+            v = table[self.index[low[i]]] * NEGATION
+            why.append(f"{toks[i]}: after 'no', x{NEGATION}")
+        if mixed_caps and toks[i].isupper():
+            v = v + CAPS * np.sign(v)
+            why.append(f"{toks[i]}: ALL CAPS, +{CAPS} intensity")
+        for d in (1, 2, 3):
+            if i >= d and low[i - d] not in self.index:
+                v = self.booster_rule(v, toks[i - d], d, mixed_caps, why)
+                v = self.negation_rule(v, low, i, d, why)
+                if d == 3:
+                    v = self.idiom_rule(v, low, i, why)
+        if i > 0 and low[i - 1] == "least" and (i < 2 or low[i - 2] not in ("at", "very")):
+            v = v * NEGATION                                                  # "least kind", not "at least"
+            why.append(f"{toks[i]}: after 'least', x{NEGATION}")
+        return v
+
+    def booster_rule(self, v, word, d, mixed_caps, why):
+        """Heuristic 3 (scalar_inc_dec): a booster d words before adds BOOST in the direction of the rater's
+        valence, a dampener takes it away; x0.95 at distance 2, x0.9 at 3; ALL CAPS adds CAPS more."""
+        if word.lower() not in self.modifiers:
+            return v
+        size = self.modifiers[word.lower()] + (CAPS if mixed_caps and word.isupper() else 0.0)
+        size *= {1: 1.0, 2: 0.95, 3: 0.9}[d]
+        why.append(f"{word}: modifier at distance {d}, {size:+.3f} intensity")
+        return v + np.sign(v) * size
+
+    def negation_rule(self, v, low, i, d, why):
+        """Heuristic 5 (_negation_check): a negator ("not", "never", any word with "n't") d words before
+        multiplies the valence by NEGATION; "never so/this" instead multiplies by 1.25 and "without doubt"
+        leaves it. At distance 3 VADER's code reads "so"/"this" just before the word as "never so" too."""
+        never_so = low[i - d] == "never" and low[i - d + 1] in ("so", "this")
+        if d > 1 and (never_so or d == 3 and low[i - 1] in ("so", "this")):
+            why.append(f"{low[i]}: 'never so/this', x1.25")
+            return v * 1.25
+        without_doubt = d > 1 and low[i - d] == "without" and "doubt" in low[i - d + 1:i]
+        negated = self.negated(low[i - d]) and not without_doubt
+        if negated:
+            why.append(f"{low[i]}: negated by '{low[i - d]}' at distance {d}, x{NEGATION}")
+            return v * NEGATION
+        return v
+
+    def negated(self, word):
+        return word in self.negators or "n't" in word
+
+    def idiom_rule(self, v, low, i, why):
+        """VADER's special cases (_special_idioms_check): a phrase around the word ("to die for", "yeah
+        right") sets its valence; a two-word dampener before it ("kind of", "sort of") adds -BOOST."""
+        before = [" ".join(low[i - 1:i + 1]), " ".join(low[i - 2:i + 1]), " ".join(low[i - 2:i]),
+                  " ".join(low[i - 3:i]), " ".join(low[i - 3:i - 1])]
+        after = [" ".join(low[i:i + 2]) if i + 1 < len(low) else "",
+                 " ".join(low[i:i + 3]) if i + 2 < len(low) else ""]
+        hit = next((p for p in before if p in self.idioms), None)
+        hit = next((p for p in reversed(after) if p in self.idioms), hit)
+        if hit:
+            v = np.full_like(v, self.idioms[hit])
+            why.append(f"{low[i]}: idiom '{hit}', valence {self.idioms[hit]}")
+        for gram in (before[3], before[4], before[2]):
+            if gram in self.modifiers:
+                v = v + self.modifiers[gram]
+        return v
+
+    def but_rule(self, low, valences, why):
+        """Heuristic 4 (_but_check): around the first "but", the words before it count BUT_BEFORE, after it
+        BUT_AFTER (by position: departure 2). valences: position -> (R,)."""
+        if "but" not in low:
+            return valences
+        b = low.index("but")
+        why.append(f"but: before x{BUT_BEFORE}, after x{BUT_AFTER}")
+        return {j: v * (BUT_BEFORE if j < b else BUT_AFTER if j > b else 1.0) for j, v in valences.items()}
+
+    def punctuation_rule(self, text, total, why):
+        """Heuristic 1 (_amplify_ep, _amplify_qm): "!" and "?" add to the sum's size, in its direction."""
+        bangs, questions = min(text.count("!"), 4), text.count("?")
+        amp = bangs * BANG + (0.0 if questions < 2 else questions * QUESTIONS if questions <= 3 else 0.96)
+        if amp:
+            why.append(f"punctuation: {bangs} '!', {questions} '?': +{amp:.3f} intensity")
+        return total + np.sign(total) * amp
+
+    # ---- the panel's scores ----
 
     def rater_scores(self, text):
-        """All ten raters' scores of one reply, (10,)."""
-        ws = words(text)
-        rows = [self.index[w] for w in set(ws) if w in self.index]           # each word once
-        return self.sign * self.ratings[rows].sum(0) / max(len(ws), self.min_words)  # (10,)
+        """All ten raters' scores of one reply, (10,): VADER's compound of each rater's sum."""
+        if text not in self._cache:
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache[text] = self.sign * compound(self.sentiment_sum(text))   # (10,)
+        return self._cache[text]
 
     def rater_score(self, text, rater):
         return float(self.rater_scores(text)[rater])
@@ -290,6 +454,16 @@ class Panel:
 
     def golds(self, texts):
         return np.array([self.gold(t) for t in texts])                        # (N,)
+
+    def bag_of_words_gold(self, text):
+        """gold with VADER's context rules off: the mean compound of each rater's plain sum of the ratings of
+        the reply's words (each once). Pairs that it orders unlike gold are the "context pairs"."""
+        return float((self.sign * compound(self.sentiment_sum(text, rules=False))).mean())
+
+    def reference_compound(self, text):
+        """VADER itself (to check against vaderSentiment): the lexicon's mean ratings, repeats counted."""
+        means = np.array(self.mean_ratings)[:, None]                          # (V, 1)
+        return float(compound(self.sentiment_sum(text, means, once=False))[0])
 
     def rank(self, replies, rng, rater=None):
         """One rater's Plackett-Luce ranking: (order best-first as a list of indices, rater id).
@@ -325,6 +499,16 @@ class Panel:
         return float(np.mean(probs)), len(probs)
 
 
+def _gumbel(rng, k):
+    """k standard Gumbel draws from a numpy Generator or a random.Random."""
+    if isinstance(rng, np.random.Generator):
+        return rng.gumbel(size=k)                                             # (k,)
+    return np.array([-math.log(max(rng.expovariate(1.0), 1e-300)) for _ in range(k)])  # -log Exp(1)
+
+
+def _rater(rng):
+    return int(rng.integers(N_RATERS)) if isinstance(rng, np.random.Generator) else rng.randrange(N_RATERS)
+
 def _numpy(x):
     return x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
 
@@ -344,13 +528,16 @@ def gold_accuracy(rm_a, rm_b, gold_a, gold_b):
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="What the simulated rater panel thinks of a reply.")
+    ap = argparse.ArgumentParser(description="What the simulated panel thinks of a reply, rule by rule.")
     ap.add_argument("reply", help="the reply to score, e.g. \"Good night, sweet prince.\"")
     args = ap.parse_args(argv)
-    panel = Panel()
-    found = [w for w in words(args.reply) if w in panel.index]
+    panel, why = Panel(), []
+    panel.sentiment_sum(args.reply, why=why)
     print(f"gold {panel.gold(args.reply):+.4f}  raters {np.round(panel.rater_scores(args.reply), 3)}")
-    print(f"{len(words(args.reply))} words, in the lexicon: {found}")
+    print(f"VADER with the lexicon's means {panel.reference_compound(args.reply):+.4f}; bag-of-words sum "
+          f"(no context rules) {panel.bag_of_words_gold(args.reply):+.4f}")
+    print(f"tokens {vader_tokens(args.reply)}")
+    print("\n".join("  " + line for line in why) or "  no word of the lexicon")
     return 0
 
 

@@ -47,7 +47,7 @@ from model import (EOT, GPT, World, all_sum, clip_and_step, end_world, format_pr
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
-from reward import GOLD_EPS, MIN_WORDS, Panel, RewardModel
+from reward import GOLD_EPS, TEMPERATURE, Panel, RewardModel
 from sample import decode_replies, generate, load_model
 
 
@@ -212,8 +212,8 @@ def main(argv=None):
     kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl \
         else FixedKLController(s.init_kl_coef)
     rater = rm_ckpt.get("config", {})                                   # the panel that labelled rm.pt's data
-    panel = Panel(preference=rater.get("preference", "kind"), min_words=rater.get("min_words", MIN_WORDS),
-                  temperature=rater.get("rater_temperature", 0.1))
+    panel = Panel(preference=rater.get("preference", "kind"),
+                  temperature=rater.get("rater_temperature", TEMPERATURE))
     print(f"models: policy/reference {m.policy.num_params() / 1e6:.2f}M params, reward model and critic "
           f"{m.rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
 

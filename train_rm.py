@@ -23,7 +23,7 @@ Steps, top to bottom (main() is one short call each):
   6. normalise the reward to mean 0 / std 1 over SFT replies; write out/rm.pt and out/rm_curves.png.
 
 What it simplifies: one reward model (no ensembles), one score per reply (the head's mean over the reply's
-tokens), and the panel is a lexicon of real human word ratings rather than people reading the text.
+tokens), and the panel is VADER's rules over real human word ratings rather than people reading the text.
 """
 import hashlib
 import json
@@ -41,8 +41,8 @@ from data.prepare import load_turns, unique_prompts, words
 from model import (all_sum, barrier, clip_and_step, end_world, format_prompt, gather_shards, get_tokenizer,
                    last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script, save_checkpoint,
                    save_figure, start_run, weights_problem)
-from reward import (MIN_WORDS, Panel, RewardModel, bradley_terry_loss, gold_accuracy, plackett_luce_loss,
-                    rating_loss, reply_scores)
+from reward import (GOLD_EPS, READOUTS, TEMPERATURE, Panel, RewardModel, bradley_terry_loss, gold_accuracy,
+                    plackett_luce_loss, rating_loss, reply_scores)
 from sample import decode_replies, encode_prompt, generate, load_model
 
 
@@ -59,8 +59,7 @@ class Settings:
     n_heldout: int = 200             # held-out prompts (test plays) for evaluation
     k: int = 4                       # replies per prompt; the panel ranks them (K=2: a comparison)
     preference: str = "kind"         # kind: the more positive reply wins | unkind: the exercise that flips it
-    rater_temperature: float = 0.1   # a rater's decision noise: P(a > b) = sigmoid((s_a - s_b) / T)
-    min_words: int = MIN_WORDS   # a reply shorter than this is judged as if padded with neutral words (Panel)
+    rater_temperature: float = TEMPERATURE   # a rater's choice noise: P(a > b) = sigmoid((s_a - s_b) / T)
     max_new_tokens: int = 48         # reply length budget when sampling from the SFT model
     temperature: float = 1.0         # sampling temperature for the SFT replies
     gen_batch: int = 128             # replies generated at once
@@ -71,6 +70,7 @@ class Settings:
     min_lr: float = 3e-5             # final learning rate
     warmup_iters: int = 20           # warmup steps
     weight_decay: float = 0.0        # AdamW decay on weight matrices
+    readout: str = "mean"            # mean | sum: the reward is the head's mean (or sum) over the reply
     embedding_lr_mult: float = 10.0  # the token embeddings learn this many times faster (each word's rating)
     grad_clip: float = 1.0           # clip the global gradient norm (0 = off)
     rating_weight: float = 1.0       # weight of the rating regression loss
@@ -97,12 +97,12 @@ def problems(s):
             "rating_weight", "min_lr") if getattr(s, k) < 0]
     out += [f"--{k} must be > 0, got {getattr(s, k)}" for k in ("lr", "rater_temperature", "temperature",
             "embedding_lr_mult") if not getattr(s, k) > 0]
-    if s.min_words < 1:
-        out.append(f"--min_words must be >= 1, got {s.min_words}")
     if s.k < 2:
         out.append(f"--k must be >= 2 (the panel ranks K replies to each prompt), got {s.k}")
     if s.min_lr > s.lr:
         out.append(f"--min_lr must be at most --lr, got {s.min_lr} > {s.lr}")
+    if s.readout not in READOUTS:
+        out.append(f"--readout must be one of {', '.join(READOUTS)}, not {s.readout!r}")
     if s.preference not in ("kind", "unkind"):
         out.append(f"--preference must be kind or unkind, not {s.preference!r}")
     rm_path = os.path.join(s.out_dir, "rm.pt")
@@ -117,7 +117,7 @@ def main(argv=None):
     s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)     # w: this process (torchrun)
     t_start = time.time()
     torch.manual_seed(s.seed)
-    panel = Panel(preference=s.preference, temperature=s.rater_temperature, min_words=s.min_words)
+    panel = Panel(preference=s.preference, temperature=s.rater_temperature)
     file_records = read_files(s)                                                    # 1.
     if s.resume:                                          # a wrong rm.pt is refused before any sampling
         load_checkpoint(os.path.join(s.out_dir, "rm.pt"), made_by="train_rm.py", kind="rm")
@@ -130,7 +130,7 @@ def main(argv=None):
     max_iters = train(s, w, rm, optimizer, train_items, eval_items, start_step, history, panel)
     ev = evaluate(s, w, rm, eval_items, panel)                                      # 5.
     if ev["gold_pairs"]:
-        ev["bow_gold_acc"], _ = bag_of_words_baseline(train_items, eval_items, panel)
+        ev.update({"bow_" + k: v for k, v in bag_of_words_baseline(train_items, eval_items, panel).items()})
     normalise(s, w, rm, panel_records, policy)                                      # 6.
     refuse_diverged(s, rm, max_iters)
     if w.main:
@@ -138,7 +138,8 @@ def main(argv=None):
     barrier()                                                                 # rm.pt is final on disk for all
     end_world()
     gold = (f"gold accuracy {ev['gold_acc']:.3f} vs single rater {ev['rater_ceiling']:.3f} and bag of words "
-            f"{ev['bow_gold_acc']:.3f} on {ev['gold_pairs']} pairs" if ev["gold_pairs"] else
+            f"{ev['bow_gold_acc']:.3f} on {ev['gold_pairs']} pairs; on the {ev['context_pairs']} context "
+            f"pairs {fmt(ev['context_acc'])} vs bag of words {fmt(ev['bow_context_acc'])}" if ev["gold_pairs"] else
             "gold accuracy: none (the held-out labels are not the panel's: its gold order is not theirs)")
     print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy {label_acc(ev)}, {gold} "
           f"-> {os.path.join(s.out_dir, 'rm.pt')}")
@@ -278,7 +279,7 @@ def new_or_resumed(s, sft_path, device):
     else:
         sft = load_checkpoint(sft_path, made_by="train_sft.py", kind="sft")
         torch.manual_seed(s.seed)                      # the same fresh head, whatever sampling came before
-        ckpt, rm = None, RewardModel.from_sft(sft).to(device)
+        ckpt, rm = None, RewardModel.from_sft(sft, s.readout).to(device)
     optimizer = torch.optim.AdamW(rm_param_groups(s, rm), lr=s.lr, fused=torch.device(device).type == "cuda")
     if ckpt is None:
         return rm, optimizer, 0, []
@@ -403,7 +404,8 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
             ev = evaluate(s, w, rm, eval_items, panel)
             history.append({"step": done, **{"eval_" + k: v for k, v in ev.items()}})
             gold = (f" | gold acc {ev['gold_acc']:.3f} (single rater {ev['rater_ceiling']:.3f}, "
-                    f"{ev['gold_pairs']} pairs)" if ev["gold_pairs"] else "")
+                    f"{ev['gold_pairs']} pairs; context pairs {fmt(ev['context_acc'])})"
+                    if ev["gold_pairs"] else "")
             print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc {label_acc(ev)}{gold}",
                   flush=True)
             refuse_diverged(s, rm, done)                                      # every process: all stop
@@ -428,6 +430,10 @@ def save(s, rm, optimizer, step, history, sft_path, final=False):
 
 
 # ---- 5. held-out evaluation --------------------------------------------------------------------------------
+
+def fmt(acc):
+    return "n/a" if acc is None else f"{acc:.3f}"                      # no context pairs: nothing to count
+
 
 def label_acc(ev):
     no_pairs = "n/a (the held-out items are ratings: no pairs)"
@@ -454,24 +460,40 @@ def evaluate(s, w, rm, items, panel):
     rm.train(was_training)
     pairs = [p for part in gather_shards([pairs]) for p in part]
     ev = {"loss": all_sum(loss_sum).item() / len(batches), "acc": float(np.mean([p[1] > p[3] for p in pairs]))
-          if pairs else math.nan, "gold_acc": math.nan, "rater_ceiling": math.nan, "gold_pairs": 0}
+          if pairs else math.nan, "gold_acc": math.nan, "rater_ceiling": math.nan, "gold_pairs": 0,
+          "context_acc": None, "context_pairs": 0}
     if pairs and all(r["meta"].get("source") == "panel" for r in items):     # gold means something here
-        g_better, g_worse = panel.golds([p[0] for p in pairs]), panel.golds([p[2] for p in pairs])
-        if (np.abs(g_better - g_worse) > 0).any():
-            ev["gold_acc"], ev["gold_pairs"] = gold_accuracy([p[1] for p in pairs], [p[3] for p in pairs],
-                                                             g_better, g_worse)
-            ev["rater_ceiling"], _ = panel.single_rater_ceiling([(p[0], p[2]) for p in pairs])
+        better, worse = [p[0] for p in pairs], [p[2] for p in pairs]
+        if (np.abs(panel.golds(better) - panel.golds(worse)) > 0).any():
+            ev.update(gold_verdict(panel, better, worse, [p[1] for p in pairs], [p[3] for p in pairs]))
+            ev["rater_ceiling"], _ = panel.single_rater_ceiling(list(zip(better, worse)))
     return ev
+
+
+def gold_verdict(panel, better, worse, score_better, score_worse):
+    """How often scores order pairs of replies like the panel's gold (reward.gold_accuracy), on all pairs and
+    on the "context pairs": those that gold orders unlike the bag-of-words sum (Panel.bag_of_words_gold),
+    where only a model that reads the words in their context ("not", "but", "very", "!") can be right."""
+    g_better, g_worse = panel.golds(better), panel.golds(worse)
+    bow = [np.array([panel.bag_of_words_gold(x) for x in xs]) for xs in (better, worse)]
+    context = np.sign(g_better - g_worse) != np.sign(bow[0] - bow[1])                    # (P,)
+    out = dict(zip(("gold_acc", "gold_pairs"), gold_accuracy(score_better, score_worse, g_better, g_worse)))
+    out["context_acc"], out["context_pairs"] = None, 0                        # None, not nan: nan != nan
+    if (context & (np.abs(g_better - g_worse) >= GOLD_EPS)).any():
+        pick = lambda x: np.asarray(x, dtype=np.float64)[context]             # noqa: E731
+        out["context_acc"], out["context_pairs"] = gold_accuracy(pick(score_better), pick(score_worse),
+                                                                 g_better[context], g_worse[context])
+    return out
 
 
 def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3, 1e-2), steps=300, lr=0.3):
     """Does the transformer beat counting words? A linear model on the same training labels: a reply's
-    features are its word frequencies (count / number of words, over the words of the training replies),
-    its score w . f(reply), fitted with the same Bradley-Terry loss ([实战框架 §4.3.2]) on every pair of every
-    ranking (each reply beats the ones ranked below it) plus l2 * |w|^2, by full-batch gradient descent with
-    Adam. l2 is chosen on a tenth of the training prompts held back (accuracy against their labels, never
+    features say which words it uses (1 for each distinct word, over the words of the training replies: the
+    panel's form without its context rules), its score w . f(reply), fitted with the same Bradley-Terry loss
+    ([实战框架 §4.3.2]) on every pair of every ranking (each reply beats the ones ranked below it) plus
+    l2 * |w|^2, by full-batch gradient descent with Adam. l2 is chosen on a tenth of the training prompts held back (accuracy against their labels, never
     gold), then the model is refitted on all of them. Returns its held-out gold accuracy and the number of
-    pairs used (as reward.gold_accuracy)."""
+    pairs used, on all pairs and on the context pairs (gold_verdict)."""
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {w: i for i, w in enumerate(sorted({w for r in ranked for x in r["replies"] for w in words(x)}))}
 
@@ -479,9 +501,8 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
         rows, cols, vals, better, worse, n = [], [], [], [], [], 0
         for r in items:
             for a, x in enumerate(r["replies"]):
-                ws = [w for w in words(x) if w in vocab]
-                for w in ws:
-                    rows.append(n + a), cols.append(vocab[w]), vals.append(1.0 / len(words(x)))
+                for w in {w for w in words(x) if w in vocab}:
+                    rows.append(n + a), cols.append(vocab[w]), vals.append(1.0)
                 better += [n + a] * (len(r["replies"]) - a - 1)
                 worse += list(range(n + a + 1, n + len(r["replies"])))
             n += len(r["replies"])
@@ -514,8 +535,8 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
     w = fit(ranked, max(label_acc, key=lambda l2: label_acc[l2]))
     evals = [r for r in eval_items if r["kind"] != "rating"]
     sc, a, b = scores(evals, w)
-    gold = panel.golds([x for r in evals for x in r["replies"]])
-    return gold_accuracy(sc[a], sc[b], gold[a], gold[b])
+    texts = [x for r in evals for x in r["replies"]]
+    return gold_verdict(panel, [texts[i] for i in a], [texts[i] for i in b], sc[a], sc[b])
 
 
 # ---- 6. normalisation --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-Why the bag of words beats the reward model (README "Reward model"): the measurements behind that table, on the
+Why the bag of words beats the reward model (README "Reward model"): the yardsticks behind that section, on the
 labels a pipeline run left in out/ (sft.pt, panel_labels.jsonl, panel_labels_heldout.jsonl).
 
     python tests/rm_gap.py                             # the yardsticks: numpy, about a minute
@@ -12,7 +12,8 @@ Not a test (pytest collects only test_*.py) and not run by CI. Prints held-out g
 held-out pairs for:
   - bag of words (train_rm.bag_of_words_baseline), and the same fit on other features: the reward model's own
     tokens (encode_reply ids, the 8,192-id tokenizer), those of lowercased text, GPT-2's full 50,257 ids;
-  - the panel's form with the lexicon's mean ratings as the weights (what a perfect bag of words reaches);
+  - the bag-of-words sum with the lexicon's mean ratings as the weights (what a perfect bag of words reaches:
+    it misses only the context pairs);
   - with --rankings R: R - 1 more rankings of each training prompt's replies (a rater drawn at random for
     each), and the bag of words refitted on them;
   - with --rm: a reward model trained as train_rm.py's cpu preset trains it (optimizer groups, schedule,
@@ -40,7 +41,7 @@ def bag_of(features, train, heldout, panel):
     saved = train_rm.words
     train_rm.words = features
     try:
-        return train_rm.bag_of_words_baseline(train, heldout, panel)[0]
+        return train_rm.bag_of_words_baseline(train, heldout, panel)["gold_acc"]
     finally:
         train_rm.words = saved
 
@@ -62,11 +63,11 @@ def yardsticks(train, heldout, panel):
         print(f"{vocab:6d} ids: {multi} of the {len(lexicon)} lexicon words in the training replies take 2+ ids; "
               f"bag of tokens {tokens:.3f}, of lowercased text {lowered:.3f}")
     mean = panel.ratings.mean(1)                                              # (V,) the lexicon's mean rating
-    form = lambda x: sum(mean[panel.index[w]] for w in words(x) if w in panel.index) / max(len(words(x)), 1)
+    form = lambda x: sum(mean[panel.index[w]] for w in set(words(x)) if w in panel.index)   # no context rule
     better, worse = ([x for _, x in pairs] for pairs in heldout_pairs(heldout))
     acc, n = gold_accuracy([form(x) for x in better], [form(x) for x in worse], panel.golds(better),
                            panel.golds(worse))
-    print(f"the panel's form with the lexicon's mean ratings as weights: {acc:.3f} on {n} pairs")
+    print(f"the bag-of-words sum with the lexicon's mean ratings as weights: {acc:.3f} on {n} pairs")
 
 
 def more_rankings(train, panel, rankings, seed):
@@ -130,11 +131,11 @@ def main():
     heldout, _ = read_feedback([os.path.join(args.out_dir, "panel_labels_heldout.jsonl")])
     panel = Panel()
     print(f"{len(train)} training rankings, {len(heldout)} held-out; bag of words "
-          f"{train_rm.bag_of_words_baseline(train, heldout, panel)[0]:.3f}")
+          f"{train_rm.bag_of_words_baseline(train, heldout, panel)['gold_acc']:.3f}")
     if args.rankings == 1 and not args.rm:
         yardsticks(train, heldout, panel)
     groups = more_rankings(train, panel, args.rankings, args.seed)
-    bow = train_rm.bag_of_words_baseline([r for g in groups for r in g], heldout, panel)[0]
+    bow = train_rm.bag_of_words_baseline([r for g in groups for r in g], heldout, panel)["gold_acc"]
     if args.rankings > 1:
         print(f"{args.rankings} rankings per prompt: bag of words {bow:.3f}")
     if not args.rm:

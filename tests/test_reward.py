@@ -17,8 +17,7 @@ from model import ASSISTANT, EOT, HUMAN, GPT, GPTConfig, encode_reply, format_pr
 from model import load_checkpoint, save_checkpoint
 from data.prepare import words
 from reward import (LEXICON_FILE, Panel, RewardModel, batch_replies, book_relu_loss, bradley_terry_loss,
-                    gold_accuracy, load_lexicon, plackett_luce_loss,
-                    rating_loss)
+                    gold_accuracy, load_lexicon, plackett_luce_loss, rating_loss, vader_tokens)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -202,6 +201,24 @@ def test_padded_batch_scores_like_each_row_alone():
             assert torch.allclose(rm(one_idx, one_reply, one_pad), together[i:i + 1], atol=1e-5)
 
 
+def test_sum_readout_adds_the_head_over_the_reply(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=100, **TINY)
+    rm = RewardModel(cfg, readout="sum").eval()
+    idx = torch.randint(0, 100, (2, 10))
+    reply = torch.zeros(2, 10, dtype=torch.bool)
+    reply[0, 1:4], reply[1, 6:] = True, True
+    with torch.no_grad():
+        v = rm.values(idx)
+        assert torch.allclose(rm(idx, reply), torch.stack([v[0, 1:4].sum(), v[1, 6:].sum()]), atol=1e-6)
+    ckpt = rm.checkpoint_dict()
+    assert ckpt["readout"] == "sum" and RewardModel.from_checkpoint(ckpt).readout == "sum"
+    del ckpt["readout"]                                                   # an rm.pt from before the flag
+    assert RewardModel.from_checkpoint(ckpt).readout == "mean"
+    with pytest.raises(ValueError, match="readout"):
+        RewardModel(cfg, readout="last")
+
+
 def test_from_sft_and_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=100, **TINY)
@@ -233,17 +250,23 @@ def panel():
 
 
 def file_ratings(*wanted):
-    """The ten individual ratings of some words, read straight from the lexicon file."""
+    """The ten individual ratings of some words, read straight from the lexicon file, as (10,) arrays."""
     found = {}
     with open(LEXICON_FILE, encoding="utf-8") as f:
         for line in f:
             token, _, _, ratings = line.rstrip("\n").split("\t")
             if token in wanted:
-                found[token] = json.loads(ratings)                                   # the last entry wins
+                found[token] = np.array(json.loads(ratings), dtype=float)          # the last entry wins
     return found
 
 
+def vader(S):
+    """VADER's compound of sums S, written out: S / sqrt(S^2 + 15)."""
+    return S / np.sqrt(S * S + 15)
+
+
 FILLER = " thou" * 9  # nine words that are not in the lexicon
+N, B = -0.74, 0.293
 
 
 def test_words():
@@ -251,38 +274,101 @@ def test_words():
                                                                    "o'clock"]
 
 
+def test_vader_tokens():
+    assert vader_tokens("No, I love thee -- 'tis :) sweet!") == ["No,", "I", "love", "thee", "--", "tis", ":)",
+                                                                 "sweet"]
+
+
+def assert_raters(panel, text, expected_sums):
+    """Each rater's score is VADER's compound of the sum worked out by hand; gold is their mean."""
+    assert panel.rater_scores(text) == pytest.approx(vader(expected_sums))
+    assert panel.gold(text) == pytest.approx(vader(expected_sums).mean())
+
+
 def test_panel_scores_by_hand(panel):
-    text = "Thou art kind, my love, not a villain!"
-    assert all(w not in panel.index for w in ("thou", "art", "my", "not", "a"))
-    assert len(words(text)) == 8
+    text = "Thou art kind, my love, a villain"
     rt = file_ratings("kind", "love", "villain")
-    expected = [(rt["kind"][r] + rt["love"][r] + rt["villain"][r]) / 8 for r in range(10)]
-    for r in range(10):
-        assert panel.rater_score(text, r) == pytest.approx(expected[r])
-    assert panel.gold(text) == pytest.approx(sum(expected) / 10)
-    # kindness density: the same kind words in a longer reply score less
-    assert panel.gold(text + FILLER) == pytest.approx(sum(expected) / 10 * 8 / 17)
+    assert_raters(panel, text, rt["kind"] + rt["love"] + rt["villain"])
+    assert panel.gold(text + FILLER) == pytest.approx(panel.gold(text))       # no division by the length
     assert panel.gold("Thou art my lord.") == 0.0 and panel.gold("") == 0.0
     assert Panel(preference="unkind").gold(text) == pytest.approx(-panel.gold(text))
     assert panel.golds([text, "Thou art my lord."]).tolist() == pytest.approx([panel.gold(text), 0.0])
+    assert panel.bag_of_words_gold(text) == pytest.approx(panel.gold(text))   # no rule fired
 
 
-def test_panel_counts_each_word_once_per_reply(panel):
-    """Repeating a kind word does not make a reply kinder: the repeat counts as a neutral word."""
+def test_the_issue_table_against_vadersentiment(panel):
+    """With the lexicon's means and repeats counted, the panel is VADER: compounds printed by the package
+    vaderSentiment 3.3.2 (SentimentIntensityAnalyzer().polarity_scores(t)["compound"]), measured once."""
+    printed = {"Yes.": 0.4019, "Well.": 0.2732, "Thou art kind and gentle, sweet friend!": 0.9151,
+               "I love thee, my good lord.": 0.7964, "I do not love thee.": -0.5216,
+               "VADER is VERY SMART, uber handsome, and FRIGGIN FUNNY!!!": 0.9469,
+               "The plot was good, but the characters are uncompelling and the dialog is not great.": -0.7042,
+               "At least it isn't a horrible book.": 0.431, "Today only kinda sux! But I'll get by, lol": 0.5249,
+               "Not bad at all": 0.431, "love love love": 0.9274, "Thou art very very kind": 0.6087,
+               "I am not so very kind": -0.4937, "He gave the kiss of death": -0.6124, "Without doubt kind": 0.6715}
+    for text, compound in printed.items():
+        assert panel.reference_compound(text) == pytest.approx(compound, abs=1e-4), text
+    # and the panel (ten raters, each word once) judges them as a person would
+    g = {t: panel.gold(t) for t in printed}
+    assert g["I love thee, my good lord."] > g["Yes."] > g["Well."] > 0 > g["I do not love thee."]
+    assert g["Thou art kind and gentle, sweet friend!"] > g["I love thee, my good lord."]
+
+
+def test_each_word_counts_once_per_reply(panel):
     rt = file_ratings("yes", "love", "good")
-    yes = [rt["yes"][r] for r in range(10)]
-    assert panel.gold("Yes:") == pytest.approx(sum(yes) / 10)
-    assert panel.gold("Yes: Yes: Yes: Yes:") == pytest.approx(sum(yes) / 10 / 4)        # 1 word rated, n = 4
-    assert panel.gold("Yes: yes, YES!") == pytest.approx(sum(yes) / 10 / 3)              # case does not matter
-    both = [(rt["love"][r] + rt["good"][r]) / 5 for r in range(10)]                      # n = 5, each once
-    for r in range(10):
-        assert panel.rater_score("Good love, good love, good.", r) == pytest.approx(both[r])
-    # min_words: a reply shorter than min_words is judged as if the missing words were neutral
-    curt = Panel(min_words=4)
-    assert curt.gold("Yes:") == pytest.approx(sum(yes) / 10 / 4) == pytest.approx(panel.gold("Yes: Yes: Yes: Yes:"))
-    assert curt.gold("Yes, my good lord, yes.") == pytest.approx(panel.gold("Yes, my good lord, yes."))  # n = 5
-    with pytest.raises(ValueError, match="min_words"):
-        Panel(min_words=0)
+    for text in ("Yes:", "Yes: Yes: Yes: Yes:", "Yes: yes, Yes"):
+        assert_raters(panel, text, rt["yes"])
+    assert_raters(panel, "Good love, good love, good.", rt["love"] + rt["good"])
+    assert panel.reference_compound("love love") == pytest.approx(vader(np.array(3.2 * 2)))   # VADER: twice
+
+
+def test_negation_rule(panel):
+    rt = file_ratings("kind", "doubt")
+    k = rt["kind"]
+    for text in ("Thou art not kind", "I am not a kind man", "I was not, sir, kind", "Thou isn't kind"):
+        assert_raters(panel, text, k * N)                                     # one, two or three words back
+    assert_raters(panel, "I am not so very kind", (k + B * (1 + 0.95) * np.sign(k)) * N)   # boosted, negated
+    assert_raters(panel, "Not that I am a kind man", k)                      # four words back: too far
+    assert_raters(panel, "Without doubt kind", rt["doubt"] * N + k)           # "without doubt" negates nothing
+    assert_raters(panel, "No kind word", k * N)                               # "no": valence 0, negates
+    assert_raters(panel, "No, kind sir", k)                                   # "No," is not "no" (a quirk kept)
+    assert panel.gold("No.") == 0.0
+
+
+def test_booster_caps_and_least(panel):
+    k = file_ratings("kind")["kind"]
+    assert_raters(panel, "Thou art very kind", k + B * np.sign(k))
+    assert_raters(panel, "Thou art very very kind", k + B * 1.95 * np.sign(k))     # x0.95 at distance 2
+    assert_raters(panel, "Thou art slightly kind", k - B * np.sign(k))             # a dampener
+    w = file_ratings("well")["well"]                                                 # four raters gave it 0
+    assert (w == 0).sum() == 4
+    assert_raters(panel, "Thou art very well", w + B * np.sign(w))                  # departure 3: 0 stays 0
+    assert_raters(panel, "Thou art KIND", k + 0.733 * np.sign(k))                  # CAPS among lower case
+    assert_raters(panel, "KIND", k)                                                # all caps: no emphasis
+    assert_raters(panel, "Thou art least kind", k * N)
+    assert_raters(panel, "Thou art at least kind", k)
+
+
+def test_but_and_punctuation_rules(panel):
+    rt = file_ratings("kind", "cruel")
+    assert_raters(panel, "Thou art kind but cruel", 0.5 * rt["kind"] + 1.5 * rt["cruel"])
+    S = rt["kind"]
+    for marks, extra in (("!", 0.292), ("!!!!!!", 4 * 0.292), ("?", 0.0), ("??", 0.36), ("????", 0.96)):
+        assert_raters(panel, "Kind" + marks, S + np.sign(S) * extra)
+
+
+def test_idiom_rule(panel):
+    # the phrase sets the valence of both its words of the lexicon, "kiss" and "death", whatever their ratings
+    assert_raters(panel, "He gave the kiss of death", np.full(10, -1.5 * 2))
+    why = []
+    panel.sentiment_sum("He gave the kiss of death", why=why)
+    assert any("idiom 'kiss of death'" in line for line in why)
+
+
+def test_context_changes_order_the_bag_of_words_cannot_see(panel):
+    a, b = "I do not love thee.", "Thou art a fool."
+    assert panel.bag_of_words_gold(a) > 0 > panel.bag_of_words_gold(b)     # words alone: a is kinder
+    assert panel.gold(a) < panel.gold(b) < 0                                   # read in context: b is
 
 
 def test_lexicon_filtering_and_errors(tmp_path):
@@ -301,20 +387,23 @@ def test_lexicon_filtering_and_errors(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{bad}:1")):
         load_lexicon(str(bad))
     assert len(Panel().index) > 7000
+    rules = tmp_path / "rules.json"
+    rules.write_text('{"negators": ["not"]}')
+    with pytest.raises(ValueError, match=re.escape(str(rules))):
+        Panel(rules=str(rules))
 
 
 def test_pairwise_choice_frequency_is_bradley_terry(panel):
-    a, b = "good" + FILLER, "sweet" + FILLER                                         # n = 10 words each
+    a, b = "good" + FILLER, "sweet" + FILLER
     rt = file_ratings("good", "sweet")
-    s_a, s_b = rt["good"][0] / 10, rt["sweet"][0] / 10
-    assert panel.rater_score(a, 0) == pytest.approx(s_a)
-    p = 1 / (1 + math.exp(-(s_a - s_b) / panel.temperature))                        # sigma(1) = 0.73
+    s_a, s_b = vader(rt["good"]), vader(rt["sweet"])                            # (10,) each
+    assert panel.rater_score(a, 0) == pytest.approx(s_a[0])
+    p = 1 / (1 + math.exp(-(s_a[0] - s_b[0]) / panel.temperature))
     rng = np.random.default_rng(0)
     wins = sum(panel.rank([a, b], rng, rater=0)[0][0] == 0 for _ in range(4000))
     assert wins / 4000 == pytest.approx(p, abs=0.03)
     # a random rater each time, with random.Random: the panel average of the ten sigmoids
-    p_any = np.mean([1 / (1 + math.exp(-(rt["good"][r] - rt["sweet"][r]) / 10 / panel.temperature))
-                     for r in range(10)])
+    p_any = np.mean(1 / (1 + np.exp(-(s_a - s_b) / panel.temperature)))
     rng = random.Random(0)
     raters, wins = set(), 0
     for _ in range(4000):
@@ -342,10 +431,9 @@ def test_three_way_ranking_frequencies_are_plackett_luce(panel):
 def test_agree_prob_and_ceiling(panel):
     a, b = "good" + FILLER, "sweet" + FILLER
     rt = file_ratings("good", "sweet")
-    gold_a, gold_b = sum(rt["good"]) / 100, sum(rt["sweet"]) / 100
-    assert panel.gold(a) == pytest.approx(gold_a) and gold_a < gold_b                # gold prefers b
-    expected = np.mean([1 / (1 + math.exp((rt["good"][r] - rt["sweet"][r]) / 10 / panel.temperature))
-                        for r in range(10)])
+    s_a, s_b = vader(rt["good"]), vader(rt["sweet"])
+    assert panel.gold(a) == pytest.approx(s_a.mean()) and s_a.mean() < s_b.mean()      # gold prefers b
+    expected = np.mean(1 / (1 + np.exp((s_a - s_b) / panel.temperature)))
     assert panel.agree_prob(a, b) == pytest.approx(expected)
     assert panel.agree_prob(b, a) == pytest.approx(expected)                         # symmetric
     with pytest.raises(ValueError, match="equal gold"):
@@ -356,11 +444,12 @@ def test_agree_prob_and_ceiling(panel):
         panel.single_rater_ceiling([("thou", "art")])
 
 
-def test_panel_scores_thousands_of_replies_fast(panel):
+def test_panel_scores_thousands_of_replies_fast():
+    panel = Panel()                                           # a fresh cache
     rng = random.Random(0)
     vocab = ["good", "sweet", "villain", "thou", "art", "my", "lord", "love", "hate", "friend", "the", "king"]
     texts = [" ".join(rng.choice(vocab) for _ in range(30)) for _ in range(3000)]
     t0 = time.process_time()                                  # CPU time: not slowed by other jobs
     golds = panel.golds(texts)
-    assert time.process_time() - t0 < 1.0
+    assert time.process_time() - t0 < 2.0
     assert golds.shape == (3000,) and np.isfinite(golds).all()

@@ -340,3 +340,48 @@ def test_resume_a_finished_run_changes_nothing(tmp_path, panel_run, capsys, no_p
     for k in before["model"]:
         assert torch.equal(after["model"][k], before["model"][k]), k
     assert after["reward_mean"] == pytest.approx(before["reward_mean"], rel=1e-4, abs=1e-5)
+
+
+def test_gold_verdict_and_context_pairs_against_a_naive_loop():
+    """Context pairs are those the panel's gold orders unlike its bag-of-words sum; the accuracy on them is
+    counted pair by pair here, by hand."""
+    panel = Panel()
+    better = ["I do not love thee.", "Thou art kind.", "Thou art not cruel.", "Good, good lord!", "Well."]
+    worse = ["Thou art a fool.", "I am sad.", "I am sad.", "Thou art.", "Well."]
+    scores_b, scores_w = [0.1, 2.0, -1.0, 0.5, 0.3], [0.2, 1.0, -0.5, 0.0, 0.3]
+    out = train_rm.gold_verdict(panel, better, worse, scores_b, scores_w)
+    right, ctx_right, n, n_ctx = 0, 0, 0, 0
+    for a, b, sa, sb in zip(better, worse, scores_b, scores_w):
+        g = panel.gold(a) - panel.gold(b)
+        if abs(g) < 1e-9:
+            continue                                                     # "Well." vs "Well.": no order
+        ok = (sa - sb) * g > 0
+        n, right = n + 1, right + ok
+        if (g > 0) != (panel.bag_of_words_gold(a) - panel.bag_of_words_gold(b) > 0):
+            n_ctx, ctx_right = n_ctx + 1, ctx_right + ok
+    assert n_ctx == 2                                    # "not love" vs "fool", "not cruel" vs "sad"
+    assert out == {"gold_acc": right / n, "gold_pairs": n, "context_acc": ctx_right / n_ctx,
+                   "context_pairs": n_ctx}
+
+
+def test_bag_of_words_baseline_learns_word_presence():
+    """Labels made by the noise-free panel from replies built of a few words: the bag of words learns
+    their order on held-out replies of other word combinations, but never a negation."""
+    panel = Panel()
+    vocab = ["kind", "gentle", "cruel", "foul", "sweet", "vile"]
+    rng = __import__("random").Random(0)
+
+    def items(n):
+        out = []
+        for i in range(n):
+            replies = list({" ".join(rng.sample(vocab, 2)) + f" {i}" for _ in range(4)})
+            replies.sort(key=panel.gold, reverse=True)
+            out.append({"kind": "ranking", "prompt": f"p{i}", "replies": replies, "meta": {"source": "panel"}})
+        return out
+    out = train_rm.bag_of_words_baseline(items(200), items(40), panel)
+    assert out["gold_acc"] > 0.9 and out["gold_pairs"] > 100
+    held = [{"kind": "ranking", "prompt": "q", "replies": ["Thou art not cruel", "Thou art kind and cruel"],
+             "meta": {"source": "panel"}}]
+    # gold: "not cruel" (+) beats "kind and cruel"; words alone say the opposite: a context pair, missed
+    assert panel.gold(held[0]["replies"][0]) > panel.gold(held[0]["replies"][1])
+    assert train_rm.bag_of_words_baseline(items(200), held, panel)["context_acc"] == 0.0
