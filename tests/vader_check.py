@@ -32,13 +32,14 @@ def vaders_but(panel):
     """The panel with VADER's own "but" code: each valence's position found by list.index (the first equal
     value), the list changed while it is walked."""
     def but_rule(low, valences, why):
-        if "but" in low:
-            b, valences = low.index("but"), [float(v[0]) for v in valences]
-            for v in list(valences):
-                j = valences.index(v)
-                valences[j] = v * 0.5 if j < b else v * 1.5 if j > b else v
-            valences = [np.array([v]) for v in valences]
-        return valences
+        if "but" not in low:
+            return valences
+        b = low.index("but")
+        full = [float(valences[j][0]) if j in valences else 0.0 for j in range(len(low))]   # VADER's list
+        for v in list(full):
+            j = full.index(v)
+            full[j] = v * 0.5 if j < b else v * 1.5 if j > b else v
+        return {j: np.array([v]) for j, v in enumerate(full)}
     panel.but_rule = but_rule
     yield
     del panel.but_rule
