@@ -80,7 +80,7 @@ class RewardModel(nn.Module):
         return self.scalar_head(h)                                            # (B, T)
 
     def forward(self, idx, reply_mask, pad=None):
-        """Raw scores (B,): the head's mean (or sum) over the reply's tokens (reply_mask (B, T) True on them)."""
+        """Raw scores (B,): the head's mean (or sum) over the reply (reply_mask (B, T), True on it)."""
         per_token = self.values(idx, pad)                                     # (B, T)
         total = (per_token * reply_mask).sum(1)                               # (B,)
         return total if self.readout == "sum" else total / reply_mask.sum(1).clamp(min=1)   # (B,)
@@ -356,7 +356,7 @@ class Panel:
         then for each of the three words before it that is not itself in the lexicon: boosters, negation,
         and at distance 3 the idioms; last "least"."""
         if low[i] == "no" and i + 1 < len(low) and low[i + 1] in self.index:
-            v = np.zeros_like(v)                          # "no" before a word negates it; no valence of its own
+            v = np.zeros_like(v)                          # "no" before a word negates it, has no valence
         if "no" in low[max(i - 2, 0):i] or (i > 2 and low[i - 3] == "no" and low[i - 1] in ("or", "nor")):
             v = table[self.index[low[i]]] * NEGATION
             why.append(f"{toks[i]}: after 'no', x{NEGATION}")

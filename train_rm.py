@@ -139,7 +139,8 @@ def main(argv=None):
     end_world()
     gold = (f"gold accuracy {ev['gold_acc']:.3f} vs single rater {ev['rater_ceiling']:.3f} and bag of words "
             f"{ev['bow_gold_acc']:.3f} on {ev['gold_pairs']} pairs; on the {ev['context_pairs']} context "
-            f"pairs {fmt(ev['context_acc'])} vs bag of words {fmt(ev['bow_context_acc'])}" if ev["gold_pairs"] else
+            f"pairs {fmt(ev['context_acc'])} vs bag of words {fmt(ev['bow_context_acc'])}"
+            if ev["gold_pairs"] else
             "gold accuracy: none (the held-out labels are not the panel's: its gold order is not theirs)")
     print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy {label_acc(ev)}, {gold} "
           f"-> {os.path.join(s.out_dir, 'rm.pt')}")
@@ -491,9 +492,10 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
     features say which words it uses (1 for each distinct word, over the words of the training replies: the
     panel's form without its context rules), its score w . f(reply), fitted with the same Bradley-Terry loss
     ([实战框架 §4.3.2]) on every pair of every ranking (each reply beats the ones ranked below it) plus
-    l2 * |w|^2, by full-batch gradient descent with Adam. l2 is chosen on a tenth of the training prompts held back (accuracy against their labels, never
-    gold), then the model is refitted on all of them. Returns its held-out gold accuracy and the number of
-    pairs used, on all pairs and on the context pairs (gold_verdict)."""
+    l2 * |w|^2, by full-batch gradient descent with Adam. l2 is chosen on a tenth of the training prompts
+    held back (accuracy against their labels, never gold), then the model is refitted on all of them.
+    Returns its held-out gold accuracy and the number of pairs used, on all pairs and on the context pairs
+    (gold_verdict)."""
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {w: i for i, w in enumerate(sorted({w for r in ranked for x in r["replies"] for w in words(x)}))}
 
