@@ -51,6 +51,11 @@ What it simplifies:
     draw again, up to REDRAWS times;
   - feedback is always on the last reply; one person, one model, no undo (edit the JSONL file if you must).
 """
+if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
+    import os
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted (Ctrl-C) while starting\n"),
+                                             os._exit(130)))
 import codecs
 import dataclasses
 import json
@@ -610,4 +615,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # imports done: Ctrl-C is main's
     sys.exit(main())

@@ -29,6 +29,7 @@ Left padding. Batched generation puts prompts of different lengths in one tensor
 left; `pad` (B,) says how many pad tokens each row starts with. Pad tokens are never attended to and
 positions count from each row's first real token, so a padded row computes exactly what it would alone.
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass, asdict, fields
@@ -36,6 +37,11 @@ from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    import fcntl                        # file locks (POSIX); none on Windows
+except ImportError:
+    fcntl = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -397,7 +403,8 @@ def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
     the flag (exit status 2)."""
     import argparse
     comments = setting_comments(cls)
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)                 # --block_s is no --block_size
     for f in fields(cls):
         is_bool = f.type is bool
         names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
@@ -422,6 +429,22 @@ def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
     return s
 
 
+def nested_settings(flag, module, args, out_dir, preset):
+    """(settings, problems) of the flags one trainer passes to another it runs first (train_ppo.py's
+    --sft_args "..." for train_sft.py), parsed and checked by that trainer's own parser before any work."""
+    import contextlib
+    import io
+    import shlex
+    err = io.StringIO()
+    try:
+        argv = ["--out_dir", out_dir, "--preset", preset] + shlex.split(args)
+        with contextlib.redirect_stderr(err):
+            return parse_settings(module.Settings, module.PRESETS, argv, check=module.problems), []
+    except (SystemExit, ValueError) as e:                                     # argparse's error line
+        why = err.getvalue().strip().splitlines()[-1:] or [str(e)]
+        return None, [f"{flag}: {why[0].split('error: ', 1)[-1]}"]
+
+
 def common_problems(s):
     """The checks every script needs: numbers that are numbers, --device, --dtype, a writable --out_dir."""
     comments = setting_comments(type(s))
@@ -441,6 +464,8 @@ def common_problems(s):
             check_writable_dir(s.out_dir)
         except OSError as e:
             problems.append(f"--out_dir {e}")
+        problems += [f"--out_dir {s.out_dir}: {name} is a folder, not the checkpoint file the run reads or writes"
+                     for name in ("sft.pt", "rm.pt", "ppo.pt") if os.path.isdir(os.path.join(s.out_dir, name))]
     return problems
 
 
@@ -456,6 +481,52 @@ def check_writable_dir(path):
         os.remove(probe)
     except OSError as e:
         raise OSError(f"{path} is not writable ({e.strerror or e})") from None
+
+
+def lock_out_dir(path):
+    """One run per out_dir at a time: an exclusive lock on PATH/.lock, which names its holder. The kernel
+    releases it when the holder's process ends, however it ends (kill -9 too), so a lock is never stale.
+    Nested runs of one process (train_ppo.py running train_sft.py first) share it; unlock_out_dir() ends one.
+    Where there is no fcntl (Windows), there is no lock."""
+    key = os.path.realpath(path)
+    if key in _out_dir_locks:
+        _out_dir_locks[key][1] += 1
+    elif fcntl is not None:
+        import sys
+        import time
+        f = open(os.path.join(path, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OSError(f"--out_dir {path} is in use by {holder}: two runs in one folder would overwrite "
+                          "each other's checkpoints; wait for it to end, or give another --out_dir") from None
+        f.truncate(0)
+        f.write(f"{os.path.basename(sys.argv[0]) or 'python'} (pid {os.getpid()}, since "
+                f"{time.strftime('%H:%M:%S')})\n")
+        f.flush()
+        _out_dir_locks[key] = [f, 1]
+    _held_out_dirs.append(key)
+
+
+def unlock_out_dir(everything=False):
+    """End the innermost run's hold on its out_dir (everything=True: all of this process's holds)."""
+    while _held_out_dirs:
+        key = _held_out_dirs.pop()
+        entry = _out_dir_locks.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                entry[0].close()                                              # closing the file unlocks it
+                del _out_dir_locks[key]
+        if not everything:
+            return
+
+
+_out_dir_locks = {}    # realpath -> [the open .lock file, how many nested runs hold it]
+_held_out_dirs = []    # the out_dirs of this process's runs, innermost last
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -484,6 +555,8 @@ def start_run(cls, presets, argv, doc, check):
     among the processes of a torchrun run, the device; printed."""
     s = parse_settings(cls, presets, argv, doc=doc, check=check)
     w, device = start_world(s.device)
+    if w.main:
+        lock_out_dir(s.out_dir)                            # released by end_world(), or when the process ends
     print(f"preset: {s.preset} on {device}" + (f" x {w.size} processes" if w.size > 1 else "")
           + "  (override any setting with --name value; --help lists them)")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()))
@@ -494,15 +567,31 @@ def run_script(main):
     """`python train_x.py`: run main(); an expected error (a missing or bad file, bad data, a run that
     diverged) is one `error: ...` line and exit status 1, not a traceback; Ctrl-C is one line and status 130
     (every checkpoint is written atomically, so the last one saved is whole)."""
+    import signal
     import sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)          # imports done: Ctrl-C is main()'s
     try:
         main()
     except (OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except (MemoryError, RuntimeError) as e:                 # torch's CPU and CUDA allocators: RuntimeErrors
+        if out_of_memory(e) is None:
+            raise
+        sys.exit(f"error: {out_of_memory(e)}: make the run smaller (--batch_size, --block_size, the model's "
+                 "--n_layer / --n_embd, --max_new_tokens)")
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C): the checkpoints saved so far are whole; run again with --resume to "
               "continue from the last one", file=sys.stderr)
         sys.exit(130)
+
+
+def out_of_memory(e):
+    """The first line of an out-of-memory error (MemoryError, or torch's allocator on the CPU or a GPU), else
+    None: what a script says in one line instead of a traceback."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return f"out of memory ({text[:160]})"
+    return None
 
 
 def world_size():
@@ -576,8 +665,10 @@ def barrier():
 
 
 def end_world():
-    """Leave the process group (the last of nested start_world calls does)."""
+    """The end of a run: release its out_dir (lock_out_dir) and leave the process group (the last of nested
+    start_world calls does)."""
     global _world_users
+    unlock_out_dir()
     if world_size() > 1:
         import torch.distributed as dist
         _world_users -= 1
@@ -589,25 +680,73 @@ _world_users = 0   # start_world calls not yet ended (train_ppo.py may run train
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: one dict per file; written atomically (to PATH.tmp, then renamed over PATH, so a crash
-# mid-write never leaves a half file, and the next save replaces a temp file a crash left behind) and
-# loaded with weights_only=True (a checkpoint cannot run code).
+# Checkpoints: one dict per file; written atomically (to a temp file of the writer's own, then renamed over
+# PATH, so a crash mid-write never leaves a half file) and loaded with weights_only=True (a checkpoint
+# cannot run code).
+
+def atomic_write(path, write):
+    """Write a file atomically: write(tmp) fills a temp file of this process's own (PATH.<pid>.<random>.tmp,
+    in the same folder), which is then renamed over PATH. Two writers never share a temp file, a reader sees
+    the old file or the new one, never a half one, and a kill -9 mid-write leaves PATH as it was; a temp
+    file left by a process that no longer runs is removed by the next write."""
+    import glob
+    import tempfile
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    for old in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".*.tmp")):
+        pid = old[len(os.path.join(folder, name)) + 1:].split(".")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(old)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())                          # on disk before the rename makes it PATH
+        os.replace(tmp, path)
+    except BaseException:                                 # Ctrl-C too: no temp file stays behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path, text):
+    """Write a text file atomically (atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def file_sha256(path):
+    """The sha256 of a file, in hex: which sft.pt and rm.pt a ppo.pt was trained from."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                               # alive, another user's
+        return True
+    return True
+
 
 def save_checkpoint(obj, path):
-    """Write the dict `obj` to `path` atomically, recording the tokenizer its token ids belong to.
-    A full disk or a folder that cannot be written is an OSError whose message names the path."""
+    """Write the dict `obj` to `path` atomically (atomic_write), recording the tokenizer its token ids belong
+    to. A full disk or a folder that cannot be written is an OSError whose message names the path."""
     import errno
     import shutil
-    tmp = path + ".tmp"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({**obj, "tokenizer": TOKENIZER_NAME}, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:                       # Ctrl-C too: no half-written temp file stays behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):   # torch.save reports a full disk as a RuntimeError
-            raise
+        atomic_write(path, lambda tmp: torch.save({**obj, "tokenizer": TOKENIZER_NAME}, tmp))
+    except (OSError, RuntimeError) as e:                  # torch.save reports a full disk as a RuntimeError
         folder = os.path.dirname(os.path.abspath(path))
         free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
         if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2 ** 20):
@@ -639,14 +778,31 @@ def last_good(path):
     """What a run that diverged says about the checkpoint it leaves behind (only finite ones are written)."""
     if not os.path.exists(path):
         return f"No checkpoint was written ({path} does not exist)."
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    made_by = {"sft.pt": "train_sft.py", "rm.pt": "train_rm.py"}.get(os.path.basename(path), "train_ppo.py")
+    try:
+        ckpt = load_checkpoint(path, made_by=made_by)
+    except ValueError as e:
+        return f"No good checkpoint is left: {e}."
     at = next((f" ({k} {ckpt[k]})" for k in ("step", "iter") if k in ckpt), "")
     return f"The last good checkpoint is {path}{at}, kept as it was."
 
 
-def load_checkpoint(path, made_by, map_location="cpu", kind=None):
+# What each kind of checkpoint holds beyond model_args and model: the fields it needs to be loaded, and the
+# fields --resume needs too. Every field is checked on load (present, of its type), so a file edited by hand
+# or cut short is one line naming the file and the field, never a KeyError later.
+NUMBER = (int, float)
+LOAD_FIELDS = {"sft": {}, "ppo": {},
+               "rm": {"head": dict, "reward_mean": NUMBER, "reward_std": NUMBER}}
+RESUME_FIELDS = {"sft": {"optimizer": dict, "rng": dict, "step": int, "best_val_loss": NUMBER, "config": dict},
+                 "rm": {"optimizer": dict, "step": int, "config": dict, "history": list},
+                 "ppo": {"critic": dict, "optimizer": dict, "kl_coef": NUMBER, "iter": int, "history": list,
+                         "config": dict, "rng": torch.Tensor}}
+
+
+def load_checkpoint(path, made_by, map_location="cpu", kind=None, resume=False):
     """Load a checkpoint dict; `made_by` names the script that writes it, for the error messages; `kind`
-    ("sft", "rm", "ppo"), if given, is the kind of checkpoint expected."""
+    ("sft", "rm", "ppo"), if given, is the kind of checkpoint expected, and its fields are checked
+    (LOAD_FIELDS, and RESUME_FIELDS with resume=True): a bad file is a ValueError naming it and the field."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found: run `python {made_by}` first to create it")
     if os.path.isdir(path):
@@ -656,8 +812,9 @@ def load_checkpoint(path, made_by, map_location="cpu", kind=None):
     except Exception as e:  # a broken file, or one that would need unpickling code: never load those
         raise ValueError(f"{path} is not a checkpoint this project wrote (it cannot be read as plain tensors "
                          f"and numbers: {type(e).__name__}); re-create it with `python {made_by}`") from None
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint this project wrote (no 'model_args'/'model'); "
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_args"), dict) \
+            or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} is not a checkpoint this project wrote (no 'model_args'/'model' dicts); "
                          f"re-create it with `python {made_by}`")
     made_with = ckpt.get("tokenizer", f"gpt2-bpe-{ckpt['model_args'].get('vocab_size', '?')}")
     if made_with != TOKENIZER_NAME:  # its token ids would mean other words
@@ -667,7 +824,44 @@ def load_checkpoint(path, made_by, map_location="cpu", kind=None):
     if kind is not None and ckpt.get("kind") != kind:
         raise ValueError(f"{path} is a {ckpt.get('kind', 'unknown')!s} checkpoint, not the {kind} checkpoint "
                          f"`python {made_by}` writes")
+    problem = checkpoint_problem(ckpt, {**LOAD_FIELDS.get(kind, {}), **(RESUME_FIELDS[kind] if resume else {})})
+    if problem:
+        raise ValueError(f"{path} is damaged or was edited: {problem}; re-create it with `python {made_by}`")
     return ckpt
+
+
+def checkpoint_problem(ckpt, needed):
+    """None, or the first thing wrong with a checkpoint dict: a needed field missing or of the wrong type, a
+    model_args that is no GPT's, weights whose names or shapes are not that GPT's, weights not finite."""
+    for name, kind in needed.items():
+        if name not in ckpt:
+            return f"it has no {name!r}"
+        if not isinstance(ckpt[name], kind) or isinstance(ckpt[name], bool):
+            return f"its {name!r} is a {type(ckpt[name]).__name__}"
+    for name in ("reward_mean", "reward_std", "best_val_loss", "kl_coef"):
+        if name in needed and not math.isfinite(ckpt[name]):
+            return f"its {name!r} is {ckpt[name]}"
+    if "reward_std" in needed and not ckpt["reward_std"] > 0:
+        return f"its 'reward_std' is {ckpt['reward_std']} (a spread of scores is > 0)"
+    try:
+        cfg = config_from_dict(ckpt["model_args"])
+        with torch.device("meta"):                                            # shapes only, no memory
+            expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as e:
+        return f"its {str(e).splitlines()[0]}".replace("its checkpoint config", "its model_args")
+    weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    if set(weights) != set(expected):
+        return f"its 'model' weights are not those of its model_args (e.g. {sorted(set(weights) ^ set(expected))[0]!r})"
+    for group, prefix in (("model", ""), ("critic", "body."), ("head", None)):
+        for k, v in (weights if group == "model" else ckpt.get(group, {})).items():
+            if not isinstance(v, torch.Tensor):
+                return f"its {group} weight {k!r} is a {type(v).__name__}, not a tensor"
+            shape = expected.get(k[len(prefix):]) if prefix is not None and k.startswith(prefix) else None
+            if shape is not None and v.shape != shape:
+                return f"its {group} weight {k!r} has shape {tuple(v.shape)}, not {tuple(shape)}"
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"its {group} weight {k!r} is not finite"
+    return None
 
 
 def pyplot():
@@ -681,17 +875,32 @@ def pyplot():
 def save_figure(fig, path):
     """Save a matplotlib figure to `path` atomically (a temp file, then a rename) and close it."""
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    pyplot().close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        pyplot().close(fig)
 
 
 def config_from_dict(d):
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = set(d) - known
+    """A GPTConfig from a checkpoint's model_args, every field checked: a positive whole number (dropout a
+    number in [0, 1), use_sdpa a bool), n_embd a multiple of n_head and even; ValueError says which not."""
+    known = {f.name: f.type for f in fields(GPTConfig)}
+    unknown = set(d) - set(known)
     if unknown:
         raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
-    return GPTConfig(**d)
+    for k, v in d.items():
+        if known[k] is bool:
+            ok = isinstance(v, bool)
+        elif known[k] is float:                                               # dropout
+            ok = isinstance(v, NUMBER) and not isinstance(v, bool) and 0 <= v < 1
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        if not ok:
+            raise ValueError(f"model_args {k} = {v!r} is not a valid value")
+    cfg = GPTConfig(**d)
+    if cfg.n_embd % cfg.n_head or cfg.n_embd % 2:
+        raise ValueError(f"model_args n_embd {cfg.n_embd} is not an even multiple of n_head {cfg.n_head}")
+    return cfg
 
 
 def gpt_from_checkpoint(ckpt, prefix=""):

@@ -23,6 +23,11 @@ Batched generation, step by step:
 What it simplifies: no beam search, no repetition penalty, no stop strings other than <|endoftext|>; a prompt
 that does not fit is cut from the left (its oldest tokens go) with a warning.
 """
+if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
+    import os
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted (Ctrl-C) while starting\n"),
+                                             os._exit(130)))
 import math
 import os
 import sys
@@ -32,7 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import EOT, format_prompt, get_tokenizer, gpt_from_checkpoint, load_checkpoint, parse_settings
+from model import (EOT, format_prompt, get_tokenizer, gpt_from_checkpoint, load_checkpoint, out_of_memory,
+                   parse_settings)
 
 
 @dataclass
@@ -41,7 +47,7 @@ class Sampling:
     makes a command of every field (/temperature 0.7, or /temp 0.7). To add a knob (e.g. min-p), all in this
     file: a field here with its comment; an argument with its rule in check_sampling and with its step in
     filter_logits; an argument of generate, passed on to filter_logits; and its entry in sampling_args."""
-    temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 = greedy
+    temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 (< 1e-4) = greedy
     top_k: int = 50                          # keep only the k most likely tokens (0 = off)
     top_p: float = 0.95                    # keep the smallest set of tokens with probability >= p (1.0 = off)
     max_new_tokens: int = 64                 # longest reply, in tokens (at most half the context window)
@@ -56,6 +62,9 @@ class Settings(Sampling):
     seed: int = 1337                         # random seed: the same seed gives the same samples
     raw: bool = False                     # use the prompt as plain text, not wrapped in Human/Assistant turns
     device: str = "auto"                     # auto | cpu | cuda: where the model runs
+
+
+GREEDY_BELOW = 1e-4   # a temperature this small samples the argmax anyway (and logits / 1e-40 overflow): greedy
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None):
@@ -160,7 +169,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     if len(prompts) == 0:
         raise ValueError("generate() needs at least one prompt")
     check_sampling(temperature, top_k, top_p)
-    greedy = greedy or temperature == 0
+    greedy = greedy or temperature < GREEDY_BELOW
     prompts = [list(p) if len(p) > 0 else [EOT] for p in prompts]
     room = block_size - max_new_tokens                                        # longest prompt that fits
     if max(len(p) for p in prompts) > room:
@@ -237,8 +246,14 @@ def main(argv=None):
     torch.manual_seed(s.seed)
     generator = torch.Generator(device=device).manual_seed(s.seed)
     prompt = encode_prompt(enc, s.prompt, chat=not s.raw)
-    seq, pad, resp_mask = generate(model, [prompt] * s.num_samples, s.max_new_tokens, **args, greedy=s.greedy,
-                                   generator=generator)
+    try:
+        seq, pad, resp_mask = generate(model, [prompt] * s.num_samples, s.max_new_tokens, **args,
+                                       greedy=s.greedy, generator=generator)
+    except (MemoryError, RuntimeError) as e:
+        if out_of_memory(e) is None:
+            raise
+        print(f"error: {out_of_memory(e)}: fewer --num_samples at once", file=sys.stderr)
+        return 1
     P = seq.size(1) - resp_mask.size(1)
     for i in range(s.num_samples):
         toks = [t for t, m in zip(seq[i, P:].tolist(), resp_mask[i].tolist()) if m]  # reply incl. its EOT
@@ -262,4 +277,5 @@ def summary(replies):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # imports done: Ctrl-C is main's
     sys.exit(main())

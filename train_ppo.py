@@ -28,9 +28,15 @@ What it simplifies: one reply per prompt, a single-turn prompt, one reward at th
 (no per-sentence rewards), no reward whitening, policy and critic stepped by one optimizer (and their gradient
 norm clipped together).
 """
+if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
+    import os
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted (Ctrl-C) while starting\n"),
+                                             os._exit(130)))
 import json
 import os
 import random
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -41,9 +47,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare import load_turns, play_words, real_word_rate, unique_prompts, words
-from model import (EOT, GPT, World, all_sum, clip_and_step, end_world, format_prompt, gather_shards,
-                   get_tokenizer, last_good, load_checkpoint, pyplot, run_script, save_checkpoint,
-                   save_figure, start_run, weights_problem, world_size)
+from model import (EOT, GPT, World, all_sum, clip_and_step, end_world, file_sha256, format_prompt,
+                   gather_shards, get_tokenizer, last_good, load_checkpoint, nested_settings, pyplot, run_script,
+                   save_checkpoint, save_figure, start_run, weights_problem, world_size, write_text)
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
@@ -176,27 +182,31 @@ def problems(s):
     if not (0 < s.gamma <= 1 and 0 <= s.lam <= 1):
         out.append(f"--gamma must be in (0, 1] and --lam in [0, 1], got {s.gamma} and {s.lam}")
     sft_path = os.path.join(s.out_dir, "sft.pt")
+    block = None
     if os.path.isfile(sft_path):                         # the prompt and the reply share the context window
         try:
             block = torch.load(sft_path, map_location="cpu", weights_only=True)["model_args"]["block_size"]
         except Exception:                                # a bad sft.pt gets its own message in setup()
-            block = None
-    else:                                                # sft.pt will be trained first, with this context
+            pass
+    elif not os.path.exists(sft_path):                   # train_sft.py runs first, with --sft_args
         import train_sft
-        flags = s.sft_args.replace("=", " ").replace("--block-size", "--block_size").split()
-        given = [b for a, b in zip(flags, flags[1:]) if a == "--block_size"][-1:]    # argparse: the last one
-        given = given[0] if given else None
-        block = int(given) if given and given.isdigit() else train_sft.PRESETS.get(s.preset, {}).get(
-            "block_size", train_sft.Settings.block_size)
-        sft_path += " (to be trained)"
+        sft, bad = nested_settings("--sft_args", train_sft, s.sft_args, s.out_dir, s.preset)
+        out += bad
+        block, sft_path = (sft.block_size if sft else None), sft_path + " (to be trained)"
+    if not os.path.exists(os.path.join(s.out_dir, "rm.pt")):
+        import train_rm
+        out += nested_settings("--rm_args", train_rm, s.rm_args, s.out_dir, s.preset)[1]
     if block and s.max_new_tokens > block // 2:
         out.append(f"--max_new_tokens {s.max_new_tokens} is more than half of the context window "
                    f"({block} tokens) of {sft_path}: the prompt needs the other half")
     ppo_path = os.path.join(s.out_dir, "ppo.pt")
     if s.resume and not os.path.exists(ppo_path):
         out.append(f"--resume: {ppo_path} does not exist (run without --resume to start one)")
-    out += [f"--compare_with: {d} has no ppo.pt" for d in s.compare_with.split(",")
-            if d and not os.path.exists(os.path.join(d, "ppo.pt"))]
+    for d in filter(None, s.compare_with.split(",")):                      # drawn at the end: read them now
+        try:
+            load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py", kind="ppo")
+        except (OSError, ValueError) as e:
+            out.append(f"--compare_with: {e}")
     return out
 
 
@@ -209,6 +219,7 @@ def main(argv=None):
     t_ppo = time.time()
 
     m, rm_ckpt = setup(s, device, paths, w)
+    started_from = {f"{k}_sha256": file_sha256(paths[k]) for k in ("sft", "rm")}   # recorded in ppo.pt
     kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl \
         else FixedKLController(s.init_kl_coef)
     rater = rm_ckpt.get("config", {})                                   # the panel that labelled rm.pt's data
@@ -222,7 +233,7 @@ def main(argv=None):
     eval_prompts = unique_prompts(load_turns("test"), s.n_eval, s.seed + 1)
     eval_sft = judge(m, panel, m.ref, eval_prompts, seed=s.seed + 2)          # SFT replies, judged once
 
-    start_iter, history = resume(s, m, kl_ctl, paths["ppo"]) if s.resume else (0, [])
+    start_iter, history = resume(s, m, kl_ctl, paths["ppo"], started_from) if s.resume else (0, [])
 
     # ---- the loop ------------------------------------------------------------------------------------------
     order = random.Random(s.seed).sample(range(len(train_prompts)), len(train_prompts))
@@ -250,7 +261,7 @@ def main(argv=None):
                   f" | gold {ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate"
                   f" vs SFT {ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real "
                   f"{ev['real_word_rate']:.2f}", flush=True)
-            save(s, m, kl_ctl, it + 1, history, paths["ppo"])
+            save(s, m, kl_ctl, it + 1, history, paths["ppo"], started_from)
     if start_iter >= s.iters:
         print(f"{paths['ppo']} has already run {start_iter} of {s.iters} iterations; writing the report only")
 
@@ -262,10 +273,17 @@ def main(argv=None):
     return rep
 
 
-def resume(s, m, kl_ctl, path):
+def resume(s, m, kl_ctl, path, started_from):
     """Continue a run from its ppo.pt: policy, critic, optimizer, beta, history, RNG. The learning rates
-    given now are applied to the restored optimizer (and so recorded in the next checkpoint's config)."""
-    ck = load_checkpoint(path, made_by="train_ppo.py", kind="ppo")
+    given now are applied to the restored optimizer (and so recorded in the next checkpoint's config).
+    Refused if sft.pt or rm.pt is not the file the run started from (their sha256 is in ppo.pt)."""
+    ck = load_checkpoint(path, made_by="train_ppo.py", kind="ppo", resume=True)
+    for key, digest in started_from.items():
+        if ck.get(key, digest) != digest:
+            name = key.removesuffix("_sha256") + ".pt"
+            raise ValueError(f"--resume: {path} was trained with another {name} than "
+                             f"{os.path.join(s.out_dir, name)} (sha256 {ck[key][:12]}... then, {digest[:12]}... "
+                             "now): resume with the files it started from, or start afresh without --resume")
     m.policy.load_state_dict(ck["model"])
     m.critic.load_state_dict(ck["critic"])
     m.optimizer.load_state_dict(ck["optimizer"])
@@ -288,11 +306,11 @@ def train_missing(s, paths):
     if not os.path.exists(paths["sft"]):
         print(f"{paths['sft']} is missing: running train_sft.py first", flush=True)
         import train_sft
-        train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset] + s.sft_args.split())
+        train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset] + shlex.split(s.sft_args))
     if not os.path.exists(paths["rm"]):
         print(f"{paths['rm']} is missing: running train_rm.py first", flush=True)
         import train_rm
-        train_rm.main(["--out_dir", s.out_dir, "--preset", s.preset] + s.rm_args.split())
+        train_rm.main(["--out_dir", s.out_dir, "--preset", s.preset] + shlex.split(s.rm_args))
 
 
 def setup(s, device, paths, world=World()):
@@ -471,7 +489,7 @@ def print_row(row, iters):
           f"{row['t_score']:.1f} / update {row['t_update']:.1f})", flush=True)
 
 
-def save(s, m, kl_ctl, it, history, path):
+def save(s, m, kl_ctl, it, history, path, started_from):
     """Process 0 writes ppo.pt (the weights are the same on every process) and the plot."""
     bad = weights_problem(m.actor_critic)
     if bad:
@@ -482,7 +500,7 @@ def save(s, m, kl_ctl, it, history, path):
     save_checkpoint({"model": m.policy.state_dict(), "model_args": asdict(m.policy.config),
                      "critic": m.critic.state_dict(), "optimizer": m.optimizer.state_dict(),
                      "kl_coef": kl_ctl.value, "iter": it, "history": history, "config": asdict(s),
-                     "kind": "ppo", "rng": torch.get_rng_state()}, path)
+                     "kind": "ppo", "rng": torch.get_rng_state(), **started_from}, path)
     plot(history, os.path.join(s.out_dir, "ppo_curves.png"))
 
 
@@ -565,9 +583,7 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
 
 
 def write_report(rep, stem):
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(rep, f, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    write_text(stem + ".json", json.dumps(rep, indent=1))
     lines = [f"# PPO vs SFT on {rep['n']} held-out prompts ({rep['device']}, preset {rep['preset']}, "
              f"{rep['iters']} iterations)", "", "| | SFT | PPO |", "|---|---|---|",
              f"| reward-model score (normalised) | {rep['rm_score_sft']:+.3f} | {rep['rm_score']:+.3f} |",
@@ -582,9 +598,7 @@ def write_report(rep, stem):
              "## Examples", ""]
     for p, a, c in rep["examples"][:12]:
         lines += [f"**Human:** {p}  ", f"**SFT:** {a}  ", f"**PPO:** {c}", ""]
-    with open(stem + ".md.tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(stem + ".md.tmp", stem + ".md")
+    write_text(stem + ".md", "\n".join(lines))
 
 
 def plot(history, path):

@@ -25,10 +25,16 @@ Steps, top to bottom (main() is one short call each):
 What it simplifies: one reward model (no ensembles), one score per reply (the head's mean over the reply's
 tokens), and the panel is VADER's rules over real human word ratings rather than people reading the text.
 """
+if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
+    import os
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted (Ctrl-C) while starting\n"),
+                                             os._exit(130)))
 import hashlib
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass
 
@@ -39,8 +45,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.feedback import read_feedback
 from data.prepare import load_turns, unique_prompts, words
 from model import (all_sum, barrier, clip_and_step, end_world, format_prompt, gather_shards, get_tokenizer,
-                   last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script, save_checkpoint,
-                   save_figure, start_run, weights_problem)
+                   last_good, load_checkpoint, lr_at, nested_settings, param_groups, pyplot, run_script,
+                   save_checkpoint, save_figure, start_run, weights_problem, write_text)
 from reward import (GOLD_EPS, READOUTS, TEMPERATURE, Panel, RewardModel, bradley_terry_loss, gold_accuracy,
                     plackett_luce_loss, rating_loss, reply_scores)
 from sample import decode_replies, encode_prompt, generate, load_model
@@ -108,6 +114,9 @@ def problems(s):
     rm_path = os.path.join(s.out_dir, "rm.pt")
     if s.resume and not os.path.exists(rm_path):
         out.append(f"--resume: {rm_path} does not exist (run without --resume to start one)")
+    if not os.path.exists(os.path.join(s.out_dir, "sft.pt")):                # train_sft.py runs first
+        import train_sft
+        out += nested_settings("--sft_args", train_sft, s.sft_args, s.out_dir, s.preset)[1]
     if s.mix_panel and not s.data:
         out.append("--mix_panel mixes the panel's labels into --data files: give --data too")
     return out
@@ -167,7 +176,7 @@ def load_sft(s, device):
         print(f"{sft_path} is missing: running train_sft.py first (preset {s.preset}"
               + (f", flags {s.sft_args}" if s.sft_args else "") + ")")
         import train_sft
-        train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset] + s.sft_args.split())
+        train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset] + shlex.split(s.sft_args))
     policy, _ = load_model(sft_path, device=device, kind="sft")
     if s.max_new_tokens > policy.config.block_size // 2:
         raise ValueError(f"--max_new_tokens {s.max_new_tokens} is more than half of {sft_path}'s context "
@@ -261,11 +270,7 @@ def hash_unit(text, seed):
 
 
 def write_jsonl(path, records):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # ---- 4. the reward model and its training loop -------------------------------------------------------------
@@ -274,7 +279,7 @@ def new_or_resumed(s, sft_path, device):
     """(reward model, AdamW, first step, history): from the SFT checkpoint, or from rm.pt with --resume."""
     if s.resume:
         rm_path = os.path.join(s.out_dir, "rm.pt")
-        ckpt = load_checkpoint(rm_path, made_by="train_rm.py", kind="rm")
+        ckpt = load_checkpoint(rm_path, made_by="train_rm.py", kind="rm", resume=True)
         rm = RewardModel.from_checkpoint(ckpt).to(device)
         print(f"resuming from {rm_path} at step {ckpt['step']}")
     else:

@@ -20,8 +20,14 @@ More than one process: `torchrun --standalone --nproc_per_node=2 train_sft.py --
 (see README "More than one GPU"): each process takes grad_accum / N of the micro-batches of every step, DDP
 averages the gradients, process 0 logs and writes the checkpoint.
 """
+if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
+    import os
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted (Ctrl-C) while starting\n"),
+                                             os._exit(130)))
 import contextlib
 import csv
+import io
 import math
 import os
 import time
@@ -33,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (EOT, GPT, GPTConfig, all_sum, barrier, clip_and_step, end_world, get_tokenizer,
                    gpt_from_checkpoint, last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script,
-                   save_checkpoint, save_figure, start_run, weights_problem, world_size)
+                   save_checkpoint, save_figure, start_run, weights_problem, world_size, write_text)
 from sample import decode_replies, encode_prompt, generate
 
 
@@ -68,6 +74,7 @@ class Settings:
     log_interval: int = 10         # print a progress line every this many steps
     n_samples: int = 64            # replies sampled at the end (val prompts) for the real-word rate
     resume: bool = False           # continue from out_dir/sft.pt (model, optimizer, step, RNG)
+    overwrite: bool = False        # start afresh although out_dir holds an sft.pt (replaced at the first save)
     # hardware
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "float32"         # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
@@ -84,6 +91,7 @@ PRESETS = {
                 dtype="bfloat16", compile=True),
 }
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "dropout")   # a checkpoint's own: --resume keeps them
+VAL_BATCHES = ("eval_iters", "batch_size", "block_size", "dtype")   # what the val loss is measured on
 
 
 def problems(s):
@@ -116,6 +124,9 @@ def problems(s):
     ckpt = os.path.join(s.out_dir, "sft.pt")
     if s.resume and not os.path.exists(ckpt):
         out.append(f"--resume: {ckpt} does not exist (run without --resume to start one)")
+    elif os.path.exists(ckpt) and not (s.resume or s.overwrite):                   # it never gets worse
+        out.append(f"--out_dir {s.out_dir} already holds sft.pt: --resume continues it, --overwrite "
+                   "replaces it with this fresh run, or give another --out_dir")
     if s.feedback:
         from data.feedback import check_paths
         try:
@@ -142,6 +153,10 @@ def main(argv=None):
                           forward_sync_buffers=False)                    # the only buffer: fixed positions
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     history = [h for h in read_log(log_path) if h["step"] <= start_step] if s.resume else []
+    if best_val is None:          # --resume with other val batches: the best so far re-measured on today's
+        best_val = val_loss(s, eval_model, data["val"], device, autocast, w)
+        print(f"resume: the val batches changed ({', '.join(VAL_BATCHES)}): {ckpt_path} re-measured on "
+              f"today's, val loss {best_val:.4f}; only a better one replaces it")
     if w.size > 1:
         torch.manual_seed(s.seed + 1000 * w.rank)    # dropout: each process its own masks (DDP syncs weights)
 
@@ -280,7 +295,7 @@ def new_or_resumed(s, device, ckpt_path):
         cfg = GPTConfig(**{k: getattr(s, k) for k in SHAPE})
         model = GPT(cfg).to(device)
         return model, make_optimizer(s, model, device), batch_gen, 0, float("inf")
-    ckpt = load_checkpoint(ckpt_path, made_by="train_sft.py", kind="sft")
+    ckpt = load_checkpoint(ckpt_path, made_by="train_sft.py", kind="sft", resume=True)
     model = gpt_from_checkpoint(ckpt).to(device)
     for k in SHAPE:
         if getattr(s, k) != getattr(model.config, k):
@@ -292,13 +307,14 @@ def new_or_resumed(s, device, ckpt_path):
     for group, fresh in zip(optimizer.param_groups, param_groups(model, s.weight_decay)):
         group.update(betas=(s.beta1, s.beta2), weight_decay=fresh["weight_decay"])   # today's flags
     changed = [f"{k} {v} -> {getattr(s, k)}" for k, v in ckpt["config"].items()
-               if k not in SHAPE + ("resume", "preset") and hasattr(s, k) and getattr(s, k) != v]
+               if k not in SHAPE + ("resume", "preset", "overwrite") and hasattr(s, k) and getattr(s, k) != v]
     if changed:
         print("resume: changed since the checkpoint, applied: " + ", ".join(changed))
     torch.set_rng_state(ckpt["rng"]["torch"])
     batch_gen.set_state(ckpt["rng"]["batch"])
     print(f"resuming from {ckpt_path} at step {ckpt['step']} (best val loss {ckpt['best_val_loss']:.4f})")
-    return model, optimizer, batch_gen, ckpt["step"], ckpt["best_val_loss"]
+    same_batches = all(ckpt["config"].get(k) == getattr(s, k) for k in VAL_BATCHES)
+    return model, optimizer, batch_gen, ckpt["step"], ckpt["best_val_loss"] if same_batches else None
 
 
 def make_optimizer(s, model, device):
@@ -368,12 +384,11 @@ def read_log(path):
 
 
 def write_log(path, history):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "train_loss", "val_loss", "lr"])
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+    f = io.StringIO()
+    w = csv.DictWriter(f, fieldnames=["step", "train_loss", "val_loss", "lr"])
+    w.writeheader()
+    w.writerows(history)
+    write_text(path, f.getvalue())
 
 
 def plot(history, path):

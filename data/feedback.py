@@ -17,22 +17,32 @@ reply: then each reply is scored after its own transcript (a comparison of two w
 A correction becomes replies [corrected, original]: a comparison, and sft_examples() gives its SFT pair.
 An empty reply is a reply (the model said nothing: just its <|endoftext|>); an empty prompt is an error.
 
-Nothing is lost: write_feedback() appends one flushed and fsynced line; a partial last line left by a
-crash is moved aside to FILE.partial (kept, and reported) before the new line goes in, and
+Nothing is lost: write_feedback() appends one flushed and fsynced line under an exclusive lock on the file
+(several writers, one file: chat.py sessions, the class server), readers take a shared one; a partial last
+line left by a crash is moved aside to FILE.partial (kept, and reported) before the new line goes in, and
 check_writable() lets chat.py refuse a feedback path it could not write before the human says a word.
 """
 import argparse
+import contextlib
+import gzip
 import json
 import math
 import os
 import sys
 import warnings
+import zlib
+
+try:
+    import fcntl                        # file locks (POSIX); none on Windows
+except ImportError:
+    fcntl = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(HERE) not in sys.path:  # `python data/feedback.py` finds model.py in the repo root
     sys.path.insert(0, os.path.dirname(HERE))
 from model import ASSISTANT, HUMAN, format_prompt  # noqa: E402
 
+GZIP_MAGIC = b"\x1f\x8b"   # the first two bytes of a gzip file
 KINDS = ("comparison", "ranking", "rating", "correction")
 FIELDS = {"comparison": ("prompt", "chosen", "rejected", "tie"), "ranking": ("prompt", "replies"),
           "rating": ("prompt", "reply", "rating", "scale"), "correction": ("prompt", "reply", "corrected")}
@@ -169,6 +179,20 @@ def check_paths(paths):
     return paths
 
 
+@contextlib.contextmanager
+def open_feedback(path):
+    """A feedback file for reading, as bytes: plain, or gzip-compressed (Anthropic ships HH-RLHF as
+    .jsonl.gz), told by its first two bytes; under a shared lock, so no write is seen half done."""
+    with locked(open(path, "rb"), exclusive=False) as f:
+        gzipped = f.read(2) == GZIP_MAGIC
+        f.seek(0)
+        if not gzipped:
+            yield f
+            return
+        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+            yield g
+
+
 def read_feedback(paths, skip_bad=False, errors=None):
     """Read feedback JSONL file(s) -> (records, n_skipped): the normalised records (see above) in file
     order, and the number of bad lines skipped. A bad line raises ValueError("file:line: what is
@@ -178,17 +202,21 @@ def read_feedback(paths, skip_bad=False, errors=None):
     paths = check_paths(paths)
     records, bad = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    rec = _parse_line(raw, lineno)
-                except ValueError as e:
-                    if not skip_bad:
-                        raise ValueError(f"{path}:{lineno}: {e}") from None
-                    bad.append(f"{path}:{lineno}: {e}")
-                    continue
-                if rec is not None:
-                    records.append({**rec, "source": f"{path}:{lineno}"})
+        lineno = 0
+        try:
+            with open_feedback(path) as f:
+                for lineno, raw in enumerate(f, 1):
+                    try:
+                        rec = _parse_line(raw, lineno)
+                    except ValueError as e:
+                        if not skip_bad:
+                            raise ValueError(f"{path}:{lineno}: {e}") from None
+                        bad.append(f"{path}:{lineno}: {e}")
+                        continue
+                    if rec is not None:
+                        records.append({**rec, "source": f"{path}:{lineno}"})
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:                # a .gz file cut short or damaged
+            raise ValueError(f"{path}:{lineno + 1}: the gzip file is damaged or cut short ({e})") from None
     if bad:
         warnings.warn(f"skipped {len(bad)} bad feedback line(s); the first: {bad[0]}")
         if errors is not None:
@@ -209,6 +237,9 @@ def check_writable(path):
                 raise PermissionError(13, "not a writable file")
             with open(path, "ab"):                                           # e.g. a read-only mount, /proc
                 pass
+            with open(path, "rb") as f:
+                if f.read(2) == GZIP_MAGIC:
+                    raise PermissionError(13, "gzip-compressed: feedback is appended to a plain JSONL file")
         except OSError as e:
             raise OSError(f"feedback file {path} is not writable ({e.strerror or e})") from None
         return
@@ -223,14 +254,26 @@ def check_writable(path):
         raise OSError(f"cannot write the feedback file {path}: {e.strerror or e}") from None
 
 
-def heal(path):
-    """Before an append: if the file's last line has no newline (a program stopped while writing it), it is
-    either a complete record (the newline is added) or a fragment, which is moved to PATH.partial (appended
-    there, kept for the human to look at) and cut from the file. Returns a message, or None."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
+def locked(f, exclusive):
+    """Hold a lock on the open file f until it is closed: exclusive for a writer (one at a time), shared for
+    readers (any number, never during a write). Every writer of a feedback file takes it, so a line without
+    its newline seen under the lock is a crash's leftover, never another writer's line in progress.
+    Where there is no fcntl (Windows) there is no lock: one writer at a time is then up to the user."""
+    if fcntl is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    return f
+
+
+def heal(f, path):
+    """Under the writer's lock, before an append to f (open "a+b"): if the file's last line has no newline (a
+    program stopped while writing it), it is either a complete record (the newline is added) or a fragment,
+    which is moved to PATH.partial (appended there, kept for the human to look at) and cut from the file.
+    Returns a message, or None."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
         return None
-    with open(path, "rb") as f:
-        data = f.read()
+    f.seek(0)
+    data = f.read()
     if data.endswith(b"\n"):
         return None
     start = data.rfind(b"\n") + 1
@@ -240,17 +283,15 @@ def heal(path):
         complete = True
     except ValueError:
         complete = False
-    with open(path, "ab") as f:
-        if complete:
-            f.write(b"\n")
-        else:
-            with open(path + ".partial", "ab") as side:                      # kept first, then cut
-                side.write(tail + b"\n")
-                side.flush()
-                os.fsync(side.fileno())
-            f.truncate(start)
-        f.flush()
-        os.fsync(f.fileno())
+    if complete:
+        f.write(b"\n")
+    else:
+        with open(path + ".partial", "ab") as side:                          # kept first, then cut
+            side.write(tail + b"\n")
+            side.flush()
+            os.fsync(side.fileno())
+        f.truncate(start)
+    os.fsync(f.fileno())
     if complete:
         return f"{path}: its last line had no newline; added one"
     return (f"{path}: its last line was cut short ({len(tail)} bytes, a program stopped while writing it); "
@@ -258,14 +299,18 @@ def heal(path):
 
 
 def write_feedback(path, record):
-    """Append one feedback object as a JSON line, flushed and fsynced (a crash loses at most this line).
+    """Append one feedback object as a JSON line, flushed and fsynced (a crash loses at most this line),
+    under an exclusive lock on the file (several writers, one file: none loses or splits another's line).
     The object is checked against the schema first, so a bad record never reaches the file. Returns the
     message of heal() (None if the file was whole)."""
     parse_feedback(record)
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")   # fails here, before any write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    healed = heal(path)
-    with open(path, "ab", buffering=0) as f:
+    with locked(open(path, "a+b", buffering=0), exclusive=True) as f:      # unlocked when closed
+        f.seek(0)
+        if f.read(2) == GZIP_MAGIC:                          # a line appended to it would break the gzip file
+            raise OSError(f"feedback file {path} is gzip-compressed: feedback is appended to a plain JSONL file")
+        healed = heal(f, path)
         size = f.seek(0, os.SEEK_END)
         try:
             rest = memoryview(line)

@@ -28,6 +28,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def release_out_dirs():
+    """A trainer's main() run in this process and stopped by an error keeps its out_dir locked (a script
+    would have exited): release it, so that later tests' processes may use the folder."""
+    yield
+    import model
+    model.unlock_out_dir(everything=True)
+
+
 def run(*args, timeout=300):
     """Run a script of the repo in a fresh interpreter, one thread, from the repo root."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -322,13 +322,6 @@ def test_a_full_disk_is_one_line_and_the_old_checkpoint_stays(tmp_path, monkeypa
     assert torch.load(path, weights_only=True)["v"] == 1 and not (tmp_path / "sft.pt.tmp").exists()
 
 
-def test_a_stale_temp_file_from_a_kill_is_replaced_by_the_next_save(tmp_path):
-    path = tmp_path / "rm.pt"
-    (tmp_path / "rm.pt.tmp").write_bytes(os.urandom(1024))                   # what kill -9 mid-save leaves
-    M.save_checkpoint({"model_args": {}, "model": {}}, str(path))
-    assert sorted(os.listdir(tmp_path)) == ["rm.pt"]
-
-
 # ---- 5. kill -9 while writing ------------------------------------------------------------------------------------
 
 SAVE_LOOP = r'''
@@ -366,9 +359,8 @@ def test_kill_9_during_checkpoint_saves_never_leaves_a_broken_file(tmp_path, pip
             ck = M.load_checkpoint(str(target), made_by="x", kind=kind)       # whole, never half-written
             seen.add(ck["i"])
     assert seen, "the loop never finished a save"
-    M.save_checkpoint({"model_args": {}, "model": {}}, str(tmp_path / "other.pt"))
-    M.save_checkpoint(M.load_checkpoint(str(target), made_by="x"), str(target))   # a stale .tmp is replaced
-    assert not (tmp_path / f"{kind}.pt.tmp").exists()
+    M.save_checkpoint(M.load_checkpoint(str(target), made_by="x"), str(target))   # the killed one's temp file
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]        # is removed by the next save
 
 
 APPEND_LOOP = r'''
@@ -405,7 +397,7 @@ def test_a_fresh_sft_run_that_diverges_keeps_the_good_checkpoint_it_found(tmp_pa
     shutil.copytree(sft_dir, d)
     before = (d / "sft.pt").read_bytes()
     e = run_main_block("train_sft.py", "--out_dir", str(d), *TINY, "--lr", "1e6", "--max_iters", "4",
-                       "--eval_interval", "1", "--warmup_iters", "1")
+                       "--eval_interval", "1", "--warmup_iters", "1", "--overwrite")
     assert isinstance(e.code, str) and "diverged" in e.code and "kept as it was" in e.code, e.code
     assert (d / "sft.pt").read_bytes() == before                    # weights of 1e4 and more are never saved
 
@@ -513,3 +505,270 @@ def test_ctrl_c_is_one_line_and_the_checkpoint_stays_whole(tmp_path, sft_dir):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err and "interrupted (Ctrl-C)" in err, err[-2000:]
     M.load_checkpoint(str(tmp_path / "out" / "sft.pt"), made_by="x", kind="sft")
+
+
+# ---- 6. several writers, hand-edited checkpoints, nested flags -----------------------------------------------
+
+TWO_WRITERS = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from data.feedback import write_feedback
+while time.time() < float(sys.argv[4]):                  # both writers start at the same moment
+    pass
+for i in range(60):                                      # big records, so that the appends overlap in time
+    write_feedback(sys.argv[2], {"kind": "rating", "prompt": "p" * 200_000, "reply": "r", "rating": 3,
+                                 "writer": sys.argv[3], "i": i})
+'''
+
+
+def start_together(tmp_path, code, argsets):
+    script = tmp_path / "writer.py"
+    script.write_text(code)
+    go = str(time.time() + 3)                                       # after both interpreters have started
+    return [subprocess.Popen([sys.executable, str(script), ROOT, *args, go], env=ENV) for args in argsets]
+
+
+def test_two_processes_appending_to_one_feedback_file_lose_nothing(tmp_path):
+    fb = tmp_path / "fb.jsonl"
+    procs = start_together(tmp_path, TWO_WRITERS, [(str(fb), "a"), (str(fb), "b")])
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    recs, n_bad = read_feedback(str(fb))
+    got = sorted((r["meta"]["writer"], r["meta"]["i"]) for r in recs)
+    assert n_bad == 0 and got == sorted((w, i) for w in "ab" for i in range(60))     # every record, once
+    assert not (tmp_path / "fb.jsonl.partial").exists()                  # no line taken for a crash leftover
+
+
+TWO_SAVERS = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from model import load_checkpoint, save_checkpoint
+ckpt = load_checkpoint(sys.argv[2], made_by="x", kind="sft")
+ckpt["pad"] = torch.zeros(1_000_000)
+while time.time() < float(sys.argv[5]):
+    pass
+for i in range(25):
+    ckpt["i"] = (sys.argv[4], i)
+    save_checkpoint(ckpt, sys.argv[3])
+'''
+
+
+def test_two_processes_saving_one_checkpoint_path_never_leave_it_unreadable(tmp_path, sft_dir):
+    target = tmp_path / "sft.pt"
+    shutil.copy(sft_dir / "sft.pt", target)
+    args = [(str(sft_dir / "sft.pt"), str(target), w) for w in "ab"]
+    procs = start_together(tmp_path, TWO_SAVERS, args)
+    seen = set()
+    while any(p.poll() is None for p in procs):                          # a reader loads it all the while
+        ck = M.load_checkpoint(str(target), made_by="x", kind="sft")
+        seen.add(tuple(ck.get("i", ("start", 0))))
+    assert [p.returncode for p in procs] == [0, 0]
+    assert len(seen) > 2                                                 # it read many versions, all whole
+    assert sorted(os.listdir(tmp_path)) == ["sft.pt", "writer.py"]       # no temp file left behind
+
+
+def test_a_stale_temp_file_of_a_dead_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"rm.pt.{dead.pid}.x1.tmp").write_bytes(os.urandom(1024))   # what kill -9 mid-save leaves
+    (tmp_path / "rm.pt.1.x2.tmp").write_bytes(b"pid 1 is alive: its save is in progress")
+    M.save_checkpoint({"model_args": {}, "model": {}}, str(tmp_path / "rm.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["rm.pt", "rm.pt.1.x2.tmp"]
+
+
+HOLD = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import model
+model.lock_out_dir(sys.argv[2])
+print("locked", flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_second_run_in_one_out_dir_is_refused_and_a_killed_holder_frees_it(tmp_path, capsys):
+    d = tmp_path / "out"
+    d.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, ROOT, str(d)], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    e = run_main_block("train_sft.py", "--out_dir", str(d), *TINY, "--max_iters", "2")
+    assert isinstance(e.code, str) and f"--out_dir {d} is in use by" in e.code and f"pid {holder.pid}" in e.code
+    holder.send_signal(signal.SIGKILL)                                   # a kill -9 leaves no stale lock
+    holder.wait()
+    M.lock_out_dir(str(d))
+    M.unlock_out_dir()
+
+
+def test_a_fresh_sft_run_never_replaces_an_existing_checkpoint_without_overwrite(tmp_path, sft_dir, capsys):
+    d = tmp_path / "out"
+    shutil.copytree(sft_dir, d)
+    before = (d / "sft.pt").read_bytes()
+    e = run_main_block("train_sft.py", "--out_dir", str(d), *TINY, "--max_iters", "2")
+    line = error_line(capsys, e.code)
+    assert "already holds sft.pt: --resume continues it, --overwrite replaces it" in line
+    assert (d / "sft.pt").read_bytes() == before
+
+
+def edited(path, change):
+    ck = torch.load(path, weights_only=True)
+    change(ck)
+    torch.save(ck, path)
+
+
+EDITS = {   # a hand edit -> what the one line must name
+    "sft.pt without optimizer": ("sft", lambda c: c.pop("optimizer"), "it has no 'optimizer'"),
+    "sft.pt without rng": ("sft", lambda c: c.pop("rng"), "it has no 'rng'"),
+    "model_args a list": ("sft", lambda c: c.update(model_args=[4, 4]), "no 'model_args'/'model' dicts"),
+    "n_layer a string": ("sft", lambda c: c["model_args"].update(n_layer="1"), "model_args n_layer = '1'"),
+    "a negative n_embd": ("sft", lambda c: c["model_args"].update(n_embd=-32), "model_args n_embd = -32"),
+    "model a tensor": ("sft", lambda c: c.update(model=torch.zeros(3)), "no 'model_args'/'model' dicts"),
+    "NaN weights": ("sft", lambda c: c["model"]["wte.weight"].fill_(float("nan")), "'wte.weight' is not finite"),
+    "a weight of another shape": ("sft", lambda c: c["model"].update({"wte.weight": torch.zeros(2, 2)}),
+                                  "'wte.weight' has shape (2, 2)"),
+    "rm.pt reward_std inf": ("rm", lambda c: c.update(reward_std=float("inf")), "'reward_std' is inf"),
+    "rm.pt reward_mean NaN": ("rm", lambda c: c.update(reward_mean=float("nan")), "'reward_mean' is nan"),
+    "rm.pt head a string": ("rm", lambda c: c.update(head="w"), "its 'head' is a str"),
+    "ppo.pt without critic": ("ppo", lambda c: c.pop("critic"), "it has no 'critic'"),
+    "ppo.pt without kl_coef": ("ppo", lambda c: c.pop("kl_coef"), "it has no 'kl_coef'"),
+    "ppo.pt kl_coef a string": ("ppo", lambda c: c.update(kl_coef="0.1"), "its 'kl_coef' is a str"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_a_hand_edited_checkpoint_is_one_line_naming_the_file_and_the_field(tmp_path, pipeline, case):
+    kind, change, what = EDITS[case]
+    d = tmp_path / "out"
+    shutil.copytree(pipeline[0], d)
+    edited(d / f"{kind}.pt", change)
+    script = {"sft": "train_sft.py", "rm": "train_rm.py", "ppo": "train_ppo.py"}[kind]
+    args = {"sft": TINY, "rm": TINY_RM.split(), "ppo": TINY_PPO}[kind]
+    e = run_main_block(script, "--out_dir", str(d), *args, "--resume")
+    assert isinstance(e.code, str) and e.code.startswith("error: ") and str(d / f"{kind}.pt") in e.code, e.code
+    assert what in e.code and "\n" not in e.code, e.code
+
+
+def test_sample_and_chat_refuse_a_checkpoint_with_nan_weights(tmp_path, pipeline, capsys):
+    import chat
+    path = tmp_path / "sft.pt"
+    shutil.copy(pipeline[0] / "sft.pt", path)
+    edited(path, lambda c: c["model"]["wte.weight"].fill_(float("nan")))
+    assert run_main_block("sample.py", "--ckpt", str(path), "--num_samples", "1").code == 1
+    assert "'wte.weight' is not finite" in capsys.readouterr().err
+    assert chat.main(["--ckpt", str(path)]) == 1
+    assert "'wte.weight' is not finite" in capsys.readouterr().err
+
+
+def test_a_diverging_run_over_a_corrupt_checkpoint_says_none_is_good(tmp_path):
+    (tmp_path / "sft.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    msg = M.last_good(str(tmp_path / "sft.pt"))
+    assert msg.startswith("No good checkpoint is left:") and "weights_only" not in msg
+
+
+def test_ppo_resume_with_another_reward_model_is_refused(tmp_path, pipeline):
+    d = tmp_path / "out"
+    shutil.copytree(pipeline[0], d)
+    edited(d / "rm.pt", lambda c: c.update(reward_mean=c["reward_mean"] + 1.0))        # another rm.pt
+    e = run_main_block("train_ppo.py", "--out_dir", str(d), *TINY_PPO, "--resume", "--iters", "4")
+    assert isinstance(e.code, str) and "was trained with another rm.pt" in e.code, e.code
+
+
+def test_sft_resume_with_other_val_batches_re_measures_the_best(tmp_path, sft_dir, capsys):
+    d = tmp_path / "out"
+    shutil.copytree(sft_dir, d)
+    step = torch.load(d / "sft.pt", weights_only=True)["step"]
+    import train_sft
+    train_sft.main(["--out_dir", str(d), *TINY, "--resume", "--eval_iters", "2", "--max_iters", str(step + 1),
+                    "--eval_interval", "1", "--n_samples", "1"])
+    assert "resume: the val batches changed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--sft_args", "--block_s 32"], "--sft_args: unrecognized arguments: --block_s 32"),
+    (["--sft_args", "--n_layer 0"], "--sft_args: --n_layer must be >= 1"),
+    (["--rm_args", "--k 1"], "--rm_args: --k must be >= 2"),
+    (["--rm_args", "--sft_args '--max_iters x'"], "--rm_args: --sft_args: argument --max-iters/--max_iters: invalid int value: 'x'"),
+])
+def test_nested_flags_are_checked_by_their_own_parser_before_any_work(tmp_path, capsys, args, what):
+    t0 = time.time()
+    e = run_main_block("train_ppo.py", "--out_dir", str(tmp_path / "out"), "--device", "cpu", *args)
+    assert what in error_line(capsys, e.code) and time.time() - t0 < 30
+    assert not (tmp_path / "out" / "sft.pt").exists()
+
+
+def test_prefixes_of_flags_are_refused(tmp_path, capsys):
+    e = run_main_block("train_sft.py", "--out_dir", str(tmp_path), "--block_s", "32")
+    assert "unrecognized arguments: --block_s" in error_line(capsys, e.code)
+
+
+def test_hh_rlhf_jsonl_gz_is_read_as_it_is(tmp_path):
+    import gzip
+    line = json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello, friend.",
+                       "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."})
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(((line + "\n") * 3).encode()))
+    recs, _ = read_feedback(str(tmp_path / "train.jsonl.gz"))
+    assert len(recs) == 3 and recs[0]["replies"] == ["Hello, friend.", "Go away."]
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(((line + "\n") * 3).encode())[:-20])
+    with pytest.raises(ValueError, match="cut.jsonl.gz.*the gzip file is damaged or cut short"):
+        read_feedback(str(tmp_path / "cut.jsonl.gz"))
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_rm.py", "train_ppo.py", "sample.py", "chat.py"])
+def test_ctrl_c_while_the_imports_load_is_one_line_and_status_130(script):
+    p = subprocess.Popen([sys.executable, script, "--device", "cpu"], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)                                                    # torch takes a second or more to load
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C) while starting", err[-2000:]
+
+
+def limited_memory():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (6 * 2 ** 30, 6 * 2 ** 30))          # 6 GiB of address space
+
+
+@pytest.mark.parametrize("args, what", [
+    (["train_sft.py", "--n_embd", "2000000", "--n_head", "1", "--max_iters", "2"], "make the run smaller"),
+    (["sample.py", "--num_samples", "50000000"], "fewer --num_samples at once"),
+])
+def test_out_of_memory_is_one_line_naming_what_to_shrink(tmp_path, pipeline, args, what):
+    args = args + (["--out_dir", str(tmp_path)] if args[0] == "train_sft.py" else ["--ckpt", str(pipeline[0] / "sft.pt")])
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       preexec_fn=limited_memory, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().startswith("error: out of memory") and what in r.stderr
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    from sample import generate
+    torch.manual_seed(0)
+    gpt = M.GPT(M.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    prompts = [[1, 2, 3], [4, 5]]
+    tiny = generate(gpt, prompts, 6, temperature=1e-40)[0]
+    assert torch.equal(tiny, generate(gpt, prompts, 6, greedy=True)[0])
+
+
+def test_a_folder_where_a_checkpoint_goes_and_a_wrong_compare_with_are_refused_first(tmp_path, pipeline, capsys):
+    d = tmp_path / "out"
+    (d / "rm.pt").mkdir(parents=True)
+    e = run_main_block("train_ppo.py", "--out_dir", str(d), "--device", "cpu")
+    assert "rm.pt is a folder, not the checkpoint file" in error_line(capsys, e.code)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(pipeline[0] / "sft.pt", other / "ppo.pt")                      # an sft.pt named ppo.pt
+    e = run_main_block("train_ppo.py", "--out_dir", str(tmp_path / "x"), "--device", "cpu", "--compare_with",
+                       str(other))
+    assert "--compare_with:" in (line := error_line(capsys, e.code)) and "is a sft checkpoint" in line
+
+
+def test_feedback_is_never_appended_to_a_gzip_file(tmp_path):
+    import gzip
+    from data.feedback import check_writable
+    gz = tmp_path / "hh.jsonl.gz"
+    gz.write_bytes(gzip.compress((json.dumps(RATING) + "\n").encode()))
+    before = gz.read_bytes()
+    with pytest.raises(OSError, match="gzip-compressed"):
+        check_writable(str(gz))
+    with pytest.raises(OSError, match="gzip-compressed"):
+        write_feedback(str(gz), RATING)
+    assert gz.read_bytes() == before and len(read_feedback(str(gz))[0]) == 1
