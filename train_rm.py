@@ -22,8 +22,9 @@ Steps, top to bottom (main() is one short call each):
      bag-of-words model's: does the transformer beat counting words?
   6. normalise the reward to mean 0 / std 1 over SFT replies; write out/rm.pt and out/rm_curves.png.
 
-What it simplifies: one reward model (no ensembles), one score per reply (the head's mean over the reply's
-tokens), and the panel is VADER's rules over real human word ratings rather than people reading the text.
+What it simplifies: one reward model (no ensembles), one score per reply (the head's sum over the reply's
+tokens, the panel's shape: kind things add up), and the panel is VADER's rules over real human word ratings
+rather than people reading the text.
 """
 if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
     import os
@@ -76,7 +77,7 @@ class Settings:
     min_lr: float = 3e-5             # final learning rate
     warmup_iters: int = 20           # warmup steps
     weight_decay: float = 0.0        # AdamW decay on weight matrices
-    readout: str = "mean"            # mean | sum: the reward is the head's mean (or sum) over the reply
+    readout: str = "sum"             # sum | mean: the reward is the head's sum (or mean) over the reply
     embedding_lr_mult: float = 10.0  # the token embeddings learn this many times faster (each word's rating)
     grad_clip: float = 1.0           # clip the global gradient norm (0 = off)
     rating_weight: float = 1.0       # weight of the rating regression loss
@@ -88,10 +89,10 @@ class Settings:
 
 
 PRESETS = {
-    "cpu": dict(n_prompts=3600, n_heldout=400, max_new_tokens=40, epochs=1, lr=3e-3, min_lr=3e-4,
+    "cpu": dict(n_prompts=3600, n_heldout=400, max_new_tokens=40, epochs=1, lr=1e-3, min_lr=1e-4,
                 eval_interval=75),
     "gpu": dict(n_prompts=12000, n_heldout=1000, gen_batch=512, epochs=1, batch_size=32, max_new_tokens=64,
-                lr=2e-3, min_lr=2e-4, eval_interval=100, dtype="bfloat16"),
+                lr=1e-3, min_lr=1e-4, eval_interval=100, dtype="bfloat16"),   # lr: the sum readout's (cpu)
 }
 
 

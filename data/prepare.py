@@ -31,6 +31,7 @@ choruses in Pericles) are dropped, and unbracketed stage directions (a few in th
 kept as speech. A turn is one exchange: no longer dialogue history is kept.
 """
 import argparse
+import functools
 import json
 import lzma
 import os
@@ -412,9 +413,12 @@ def words(text):
     return WORD_RE.findall(text.lower())
 
 
+@functools.lru_cache(maxsize=1)
 def play_words():
-    """Every word that occurs in a prompt or reply of any play (all three splits), lowercased: a set."""
-    return {w for split in SPLITS for t in load_turns(split) for w in words(t["prompt"] + " " + t["reply"])}
+    """Every word that occurs in a prompt or reply of any play (all three splits), lowercased: a frozenset
+    (read once per process)."""
+    return frozenset(w for split in SPLITS for t in load_turns(split)
+                     for w in words(t["prompt"] + " " + t["reply"]))
 
 
 def real_word_rate(texts, vocab=None):

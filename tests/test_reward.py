@@ -246,7 +246,20 @@ def test_from_sft_and_checkpoint_roundtrip(tmp_path):
 
 @pytest.fixture(scope="module")
 def panel():
-    return Panel()
+    """VADER's rules alone: departure 5 (words of none of the plays) off, so the hand-worked sums are VADER's."""
+    return Panel(known_words=None)
+
+
+def test_a_word_of_none_of_the_plays_puts_every_rater_off():
+    from reward import UNREADABLE
+    reader, blind = Panel(), Panel(known_words=None)
+    assert "gracily" not in reader.known_words and "good" in reader.known_words
+    for text in ("So what but your gracily than good good.", "Thou art a gracily, trasteing man."):
+        n = sum(w in ("gracily", "trasteing") for w in set(text.lower().replace(",", "").rstrip(".").split()))
+        sums = blind.sentiment_sum(text) + UNREADABLE * n                  # (R,) the same sums, minus 0.5 each
+        assert reader.rater_scores(text) == pytest.approx(vader(sums))
+    assert reader.gold("Thou art kind, gracily lord.") < reader.gold("Thou art kind, gentle lord.")
+    assert reader.reference_compound("gracily") == 0.0                   # VADER itself reads every word
 
 
 def file_ratings(*wanted):

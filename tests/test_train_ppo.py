@@ -91,13 +91,13 @@ def test_the_same_seed_gives_the_same_final_report(pipeline, tmp_path, monkeypat
         report = json.loads((tmp_path / run / "ppo_report.json").read_text())
         reports.append({k: v for k, v in report.items() if not k.startswith("minutes")})   # all but the times
     assert reports[0] == reports[1]
-    assert reports[0]["kl"] > 0                                   # the policy moved: the runs did something
+    assert reports[0]["kl"] != 0                                  # the policy moved: the runs did something
 
 
 def test_score_puts_the_penalty_on_replies_that_never_end(pipeline):
     # score(): replies without <|endoftext|> get no_eos_penalty as their score; rewards sum to score - beta*KL
     d, _ = pipeline
-    s = train_ppo.Settings(out_dir=str(d), no_eos_penalty=-7.0, device="cpu")
+    s = train_ppo.Settings(out_dir=str(d), no_eos_penalty=-7.0, device="cpu", score_clip=float("inf"))
     m, _ = train_ppo.setup(s, "cpu", {"sft": str(d / "sft.pt"), "rm": str(d / "rm.pt")})
     seq = torch.tensor([[11, 12, 13, 40, 41, EOT, EOT], [11, 12, 13, 40, 41, 42, 43]])  # P = 3, R = 4
     resp_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)

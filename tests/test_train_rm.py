@@ -180,7 +180,8 @@ def test_bf16_autocast_trains_like_float32(tmp_path, sft_dir, capsys, no_plot):
         d = out_dir_with_sft(tmp_path, sft_dir, dtype)
         train_rm.main(flags(d, DATA, data=HH, epochs=1, batch_size=16, dtype=dtype))
         ckpts[dtype] = load_rm(d / "rm.pt")[1]
-    m32, m16 = ckpts["float32"]["model"], ckpts["bfloat16"]["model"]
+    m32, m16 = ({**c["model"], **{"head." + k: v for k, v in c["head"].items()}}       # the sum readout's
+                for c in (ckpts["float32"], ckpts["bfloat16"]))                       # head starts at 0
     assert ckpts["bfloat16"]["config"]["dtype"] == "bfloat16" and ckpts["bfloat16"]["final"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in m16.values())
     diff = max((m16[k] - m32[k]).abs().max().item() for k in m32)
