@@ -439,7 +439,10 @@ def nested_settings(flag, module, args, out_dir, preset):
     try:
         argv = ["--out_dir", out_dir, "--preset", preset] + shlex.split(args)
         with contextlib.redirect_stderr(err):
-            return parse_settings(module.Settings, module.PRESETS, argv, check=module.problems), []
+            nested = parse_settings(module.Settings, module.PRESETS, argv, check=module.problems)
+        if nested.out_dir != out_dir:                            # the outer run would not find what it writes
+            return None, [f"{flag}: --out_dir is the outer run's own ({out_dir}); give it there"]
+        return nested, []
     except (SystemExit, ValueError) as e:                                     # argparse's error line
         why = err.getvalue().strip().splitlines()[-1:] or [str(e)]
         return None, [f"{flag}: {why[0].split('error: ', 1)[-1]}"]

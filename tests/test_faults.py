@@ -686,6 +686,7 @@ def test_sft_resume_with_other_val_batches_re_measures_the_best(tmp_path, sft_di
     (["--sft_args", "--block_s 32"], "--sft_args: unrecognized arguments: --block_s 32"),
     (["--sft_args", "--n_layer 0"], "--sft_args: --n_layer must be >= 1"),
     (["--rm_args", "--k 1"], "--rm_args: --k must be >= 2"),
+    (["--sft_args", "--out_dir elsewhere"], "--sft_args: --out_dir is the outer run's own"),
     (["--rm_args", "--sft_args '--max_iters x'"], "--rm_args: --sft_args: argument --max-iters/--max_iters: invalid int value: 'x'"),
 ])
 def test_nested_flags_are_checked_by_their_own_parser_before_any_work(tmp_path, capsys, args, what):
