@@ -467,8 +467,9 @@ def common_problems(s):
             check_writable_dir(s.out_dir)
         except OSError as e:
             problems.append(f"--out_dir {e}")
-        problems += [f"--out_dir {s.out_dir}: {name} is a folder, not the checkpoint file the run reads or writes"
-                     for name in ("sft.pt", "rm.pt", "ppo.pt") if os.path.isdir(os.path.join(s.out_dir, name))]
+        problems += [f"--out_dir {s.out_dir}: {name} is a folder, not the checkpoint file the run reads or "
+                     "writes" for name in ("sft.pt", "rm.pt", "ppo.pt")
+                     if os.path.isdir(os.path.join(s.out_dir, name))]
     return problems
 
 
@@ -796,7 +797,8 @@ def last_good(path):
 NUMBER = (int, float)
 LOAD_FIELDS = {"sft": {}, "ppo": {},
                "rm": {"head": dict, "reward_mean": NUMBER, "reward_std": NUMBER}}
-RESUME_FIELDS = {"sft": {"optimizer": dict, "rng": dict, "step": int, "best_val_loss": NUMBER, "config": dict},
+RESUME_FIELDS = {"sft": {"optimizer": dict, "rng": dict, "step": int, "best_val_loss": NUMBER,
+                         "config": dict},
                  "rm": {"optimizer": dict, "step": int, "config": dict, "history": list},
                  "ppo": {"critic": dict, "optimizer": dict, "kl_coef": NUMBER, "iter": int, "history": list,
                          "config": dict, "rng": torch.Tensor}}
@@ -827,7 +829,8 @@ def load_checkpoint(path, made_by, map_location="cpu", kind=None, resume=False):
     if kind is not None and ckpt.get("kind") != kind:
         raise ValueError(f"{path} is a {ckpt.get('kind', 'unknown')!s} checkpoint, not the {kind} checkpoint "
                          f"`python {made_by}` writes")
-    problem = checkpoint_problem(ckpt, {**LOAD_FIELDS.get(kind, {}), **(RESUME_FIELDS[kind] if resume else {})})
+    needed = {**LOAD_FIELDS.get(kind, {}), **(RESUME_FIELDS[kind] if resume else {})}
+    problem = checkpoint_problem(ckpt, needed)
     if problem:
         raise ValueError(f"{path} is damaged or was edited: {problem}; re-create it with `python {made_by}`")
     return ckpt
@@ -854,7 +857,8 @@ def checkpoint_problem(ckpt, needed):
         return f"its {str(e).splitlines()[0]}".replace("its checkpoint config", "its model_args")
     weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     if set(weights) != set(expected):
-        return f"its 'model' weights are not those of its model_args (e.g. {sorted(set(weights) ^ set(expected))[0]!r})"
+        odd = sorted(set(weights) ^ set(expected))[0]
+        return f"its 'model' weights are not those of its model_args (e.g. {odd!r})"
     for group, prefix in (("model", ""), ("critic", "body."), ("head", None)):
         for k, v in (weights if group == "model" else ckpt.get(group, {})).items():
             if not isinstance(v, torch.Tensor):

@@ -225,7 +225,7 @@ QUESTIONS = 0.18     # 2 or 3 "?" add this each, 4 or more add 0.96 (vaderSentim
 BUT_BEFORE, BUT_AFTER = 0.5, 1.5   # heuristic 4: words before the first "but" count half, after it 1.5x
 ALPHA = 15           # compound = S / sqrt(S^2 + ALPHA): grows with the sum S and saturates at +-1
 TEMPERATURE = 0.28   # a rater's choice noise on the compound scale: one rater agrees with gold 0.78 (README)
-UNREADABLE = -0.5    # a word a rater cannot read (in none of the plays) puts him off, about like "awkward" (-0.6)
+UNREADABLE = -0.5    # a word a rater cannot read (in none of the plays) puts him off, about as "awkward" -0.6
 GOLD_EPS = 1e-9      # gold scores closer than this count as equal (a tie: no right order to agree with)
 
 
@@ -362,8 +362,8 @@ class Panel:
         return self.punctuation_rule(text, total, why) if rules else total
 
     def unreadable_rule(self, text, why):
-        """Departure 5: each distinct word that occurs in none of the plays (the SFT model's non-words, such as
-        "gracily") adds UNREADABLE to every rater's sum: a reader is put off by words he cannot read."""
+        """Departure 5: each distinct word that occurs in none of the plays (the SFT model's non-words, such
+        as "gracily") adds UNREADABLE to every rater's sum: a reader is put off by words he cannot read."""
         if self.known_words is None:
             return 0.0
         unknown = sorted({w for w in words(text) if w not in self.known_words})

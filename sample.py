@@ -47,7 +47,7 @@ class Sampling:
     makes a command of every field (/temperature 0.7, or /temp 0.7). To add a knob (e.g. min-p), all in this
     file: a field here with its comment; an argument with its rule in check_sampling and with its step in
     filter_logits; an argument of generate, passed on to filter_logits; and its entry in sampling_args."""
-    temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 (< 1e-4) = greedy
+    temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 (<1e-4): greedy
     top_k: int = 50                          # keep only the k most likely tokens (0 = off)
     top_p: float = 0.95                    # keep the smallest set of tokens with probability >= p (1.0 = off)
     max_new_tokens: int = 64                 # longest reply, in tokens (at most half the context window)
@@ -64,7 +64,7 @@ class Settings(Sampling):
     device: str = "auto"                     # auto | cpu | cuda: where the model runs
 
 
-GREEDY_BELOW = 1e-4   # a temperature this small samples the argmax anyway (and logits / 1e-40 overflow): greedy
+GREEDY_BELOW = 1e-4   # a temperature this small samples the argmax anyway (logits / 1e-40 overflow): greedy
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None):

@@ -48,8 +48,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare import load_turns, play_words, real_word_rate, unique_prompts, words
 from model import (EOT, GPT, World, all_sum, clip_and_step, end_world, file_sha256, format_prompt,
-                   gather_shards, get_tokenizer, last_good, load_checkpoint, nested_settings, pyplot, run_script,
-                   save_checkpoint, save_figure, start_run, weights_problem, world_size, write_text)
+                   gather_shards, get_tokenizer, last_good, load_checkpoint, nested_settings, pyplot,
+                   run_script, save_checkpoint, save_figure, start_run, weights_problem, world_size,
+                   write_text)
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
@@ -282,7 +283,8 @@ def resume(s, m, kl_ctl, path, started_from):
         if ck.get(key, digest) != digest:
             name = key.removesuffix("_sha256") + ".pt"
             raise ValueError(f"--resume: {path} was trained with another {name} than "
-                             f"{os.path.join(s.out_dir, name)} (sha256 {ck[key][:12]}... then, {digest[:12]}... "
+                             f"{os.path.join(s.out_dir, name)} (sha256 {ck[key][:12]}... then, "
+                             f"{digest[:12]}... "
                              "now): resume with the files it started from, or start afresh without --resume")
     m.policy.load_state_dict(ck["model"])
     m.critic.load_state_dict(ck["critic"])

@@ -118,6 +118,11 @@ def problems(s):
     if not os.path.exists(os.path.join(s.out_dir, "sft.pt")):                # train_sft.py runs first
         import train_sft
         out += nested_settings("--sft_args", train_sft, s.sft_args, s.out_dir, s.preset)[1]
+    written = {os.path.realpath(os.path.join(s.out_dir, f"{name}.jsonl"))      # the panel's labels go there
+               for name in ("panel_labels", "panel_labels_heldout")}
+    if s.mix_panel and not s.resume:
+        out += [f"--data {f} is the file this run writes the panel's labels to: copy it elsewhere first"
+                for f in s.data.split(",") if f and os.path.realpath(f) in written]
     if s.mix_panel and not s.data:
         out.append("--mix_panel mixes the panel's labels into --data files: give --data too")
     return out

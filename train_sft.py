@@ -74,7 +74,7 @@ class Settings:
     log_interval: int = 10         # print a progress line every this many steps
     n_samples: int = 64            # replies sampled at the end (val prompts) for the real-word rate
     resume: bool = False           # continue from out_dir/sft.pt (model, optimizer, step, RNG)
-    overwrite: bool = False        # start afresh although out_dir holds an sft.pt (replaced at the first save)
+    overwrite: bool = False        # start afresh though out_dir holds an sft.pt (replaced at the first save)
     # hardware
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "float32"         # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)

@@ -309,7 +309,8 @@ def write_feedback(path, record):
     with locked(open(path, "a+b", buffering=0), exclusive=True) as f:      # unlocked when closed
         f.seek(0)
         if f.read(2) == GZIP_MAGIC:                          # a line appended to it would break the gzip file
-            raise OSError(f"feedback file {path} is gzip-compressed: feedback is appended to a plain JSONL file")
+            raise OSError(f"feedback file {path} is gzip-compressed: feedback is appended to a plain JSONL "
+                          "file")
         healed = heal(f, path)
         size = f.seek(0, os.SEEK_END)
         try:

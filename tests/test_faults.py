@@ -773,3 +773,12 @@ def test_feedback_is_never_appended_to_a_gzip_file(tmp_path):
     with pytest.raises(OSError, match="gzip-compressed"):
         write_feedback(str(gz), RATING)
     assert gz.read_bytes() == before and len(read_feedback(str(gz))[0]) == 1
+
+
+def test_train_rm_never_overwrites_a_data_file_with_the_panels_labels(tmp_path, capsys):
+    labels = tmp_path / "panel_labels.jsonl"
+    labels.write_text(json.dumps(RATING) + "\n")                          # a user's edited copy, say
+    e = run_main_block("train_rm.py", "--out_dir", str(tmp_path), "--data", str(labels), "--mix_panel",
+                       "--device", "cpu")
+    assert "is the file this run writes the panel's labels to" in error_line(capsys, e.code)
+    assert labels.read_text() == json.dumps(RATING) + "\n"
