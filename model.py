@@ -17,9 +17,13 @@ What is here, top to bottom:
          learning rate, weight-decay groups, one optimizer step   lr_at, param_groups, clip_and_step
          tokenizer (GPT-2's BPE cut to 8,192 ids, offline)        get_tokenizer
          chat format (HH-RLHF transcripts)                        format_prompt, encode_reply
-         settings dataclass -> --flags, checked before any work   parse_settings, start_run
+         settings dataclass -> --flags, checked before any work   parse_settings, nested_settings, start_run
+         one run per out_dir (a lock naming its holder)           lock_out_dir, unlock_out_dir
          torchrun: this process's rank, collectives               World, start_world, all_sum, gather_shards
-         checkpoints: atomic save, checked load                   save_checkpoint, load_checkpoint
+         one line for an expected error, Ctrl-C, out of memory    run_script, out_of_memory
+         files written atomically, each writer its own temp file  atomic_write, write_text, file_sha256
+         checkpoints: one schema per kind, checked on every load  save_checkpoint, load_checkpoint,
+                                                         LOAD_FIELDS, RESUME_FIELDS, checkpoint_problem
          figures (matplotlib, headless)                           pyplot, save_figure
 
 What it simplifies: no rotary or learned positions, no grouped-query attention, no mixture of experts;
@@ -734,6 +738,7 @@ def file_sha256(path):
 
 
 def pid_alive(pid):
+    """Whether a process with this pid runs (a temp file's writer, atomic_write)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -890,7 +895,7 @@ def save_figure(fig, path):
 
 def config_from_dict(d):
     """A GPTConfig from a checkpoint's model_args, every field checked: a positive whole number (dropout a
-    number in [0, 1), use_sdpa a bool), n_embd a multiple of n_head and even; ValueError says which not."""
+    number in [0, 1), bias a bool), n_embd even and a multiple of n_head; ValueError says which not."""
     known = {f.name: f.type for f in fields(GPTConfig)}
     unknown = set(d) - set(known)
     if unknown:
@@ -906,7 +911,7 @@ def config_from_dict(d):
             raise ValueError(f"model_args {k} = {v!r} is not a valid value")
     cfg = GPTConfig(**d)
     if cfg.n_embd % cfg.n_head or cfg.n_embd % 2:
-        raise ValueError(f"model_args n_embd {cfg.n_embd} is not an even multiple of n_head {cfg.n_head}")
+        raise ValueError(f"model_args n_embd {cfg.n_embd} is not even and a multiple of n_head {cfg.n_head}")
     return cfg
 
 

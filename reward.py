@@ -3,8 +3,8 @@ Reward: the reward model, the ranking losses that train it, and the simulated ra
 human raters.
 
     from reward import RewardModel, bradley_terry_loss, Panel, reply_scores
-    rm = RewardModel.from_sft(load_checkpoint("out/sft.pt", made_by="train_sft.py"))
-    r = reply_scores(rm, enc, prompts, replies)              # (B,) raw: the head's mean over each reply
+    rm = RewardModel.from_sft(load_checkpoint("out/sft.pt", made_by="train_sft.py"), readout="sum")
+    r = reply_scores(rm, enc, prompts, replies)              # (B,) raw: the head's sum over each reply
     loss = bradley_terry_loss(r_chosen, r_rejected)          # [实战框架 §4.3.2]
     panel = Panel(); panel.gold("Thou art kind and gentle.") # the noise-free "human" score
 
@@ -20,11 +20,12 @@ What is here, top to bottom:
          the simulated rater panel (VADER's rules, each of 10 raters his own ratings) Panel
   (the feedback files, the four kinds and HH-RLHF as they are, are read by data/feedback.py)
 
-What it simplifies: the reward is one number per reply (a mean over its tokens), no ensemble, no margin or
-length terms in the losses. The "humans" are ten raters who read a reply with VADER's rules (negation, "but",
-boosters, emphasis) and their own word ratings: context in a window of three words, no grammar, relevance or
-sarcasm. A correction is not a loss of its own: the
-reader turns it into a comparison (edited > original) plus an SFT example.
+What it simplifies: the reward is one number per reply (the head's sum over its tokens, train_rm.py's
+default; or their mean; the class defaults to the mean, as rm.pt files without a "readout" were made), no
+ensemble, no margin or length terms in the losses. The "humans" are ten raters who read a reply with VADER's
+rules (negation, "but", boosters, emphasis), their own word ratings and a dislike of made-up words: context in
+a window of three words, no grammar, relevance, repetition or sarcasm. A correction is not a loss of its own:
+the reader turns it into a comparison (edited > original) plus an SFT example.
 """
 import argparse
 import json
@@ -49,9 +50,12 @@ from model import GPT, HERE, encode_reply, gpt_from_checkpoint
 # or averaged (readout "mean": the sum / |y|, |y| the reply's tokens, its <|endoftext|> included). Why not
 # the common readout at the last token alone (InstructGPT): a reply's kindness is spread over its words, and
 # every word gets its own gradient (measured with an earlier panel: 0.737 against 0.685). Why a sum: the panel
-# adds kind things up, so a sum has its shape; measured (README "Reward model"), it ranks held-out pairs
-# better (0.762 against 0.740), and PPO on a mean learns one-kind-word replies ("I love."), since a mean pays
-# a short reply with one kind word more than a long one with several. Every h_t has attended to the prompt.
+# adds kind things up, so a sum has its shape. Measured (README "Reward model") it ranked held-out pairs a
+# little better on one label set (0.724 against 0.693 with VADER's rules alone, 0.762 against 0.740 with
+# made-up words at -1.0) and worse on another (0.635 against 0.710): within the swing between label draws.
+# What decides is PPO: on a mean it learns one-kind-word replies ("I love."), since a mean pays a short reply
+# with one kind word more than a long one with several; on a sum it keeps sentences. Every h_t has attended
+# to the prompt.
 
 
 READOUTS = ("mean", "sum")
@@ -224,7 +228,7 @@ BANG = 0.292         # heuristic 1: each "!" (at most 4) adds this to the size o
 QUESTIONS = 0.18     # 2 or 3 "?" add this each, 4 or more add 0.96 (vaderSentiment's _amplify_qm)
 BUT_BEFORE, BUT_AFTER = 0.5, 1.5   # heuristic 4: words before the first "but" count half, after it 1.5x
 ALPHA = 15           # compound = S / sqrt(S^2 + ALPHA): grows with the sum S and saturates at +-1
-TEMPERATURE = 0.28   # a rater's choice noise on the compound scale: one rater agrees with gold 0.78 (README)
+TEMPERATURE = 0.28   # a rater's choice noise on the compound scale: one rater agrees with gold ~0.77 (README)
 UNREADABLE = -0.5    # a word a rater cannot read (in none of the plays) puts him off, about as "awkward" -0.6
 GOLD_EPS = 1e-9      # gold scores closer than this count as equal (a tie: no right order to agree with)
 
@@ -308,8 +312,9 @@ class Panel:
       4. the lexicon's words only: no emoticons or emoji (the Bard uses none).
       5. a word that occurs in none of the plays (the SFT model's made-up words, "gracily") adds UNREADABLE
          to every rater's sum (unreadable_rule): a reader is put off by words he cannot read. Measured: with
-         a sum-readout reward model PPO's real-word rate fell to 0.88 without this rule; its size was chosen
-         by PPO runs at -1.0, -0.75 and -0.5 (README "2. The panel").
+         a sum-readout reward model PPO's real-word rate was 0.88 without it (0.989 on a mean-readout one,
+         SFT 0.847); its size was chosen by PPO runs at -1.0, -0.75 and -0.5 (README "2. The panel"). An
+         unkind rater (preference="unkind") is put off by them too.
     Kept from VADER on purpose: its tokens ("No." keeps its full stop and is no word, so a curt "No." is
     neutral, not unkind; but punctuation also ends a word's reach: in "No, I love thee" the "No," does not
     negate "love", which a reader agrees with) and its negation quirks (a word of the lexicon inside the
@@ -369,7 +374,7 @@ class Panel:
         unknown = sorted({w for w in words(text) if w not in self.known_words})
         if unknown:
             why.append(f"{', '.join(unknown)}: not a word of the plays, {UNREADABLE:+.1f} each")
-        return UNREADABLE * len(unknown)
+        return self.sign * UNREADABLE * len(unknown)             # unkind raters are put off too
 
     def word_valence(self, v, i, toks, low, mixed_caps, table, why):
         """VADER's rules for the lexicon word at position i, in its order (sentiment_valence): "no", CAPS,
@@ -477,7 +482,8 @@ class Panel:
 
     def bag_of_words_gold(self, text):
         """gold with VADER's context rules off: the mean compound of each rater's plain sum of the ratings of
-        the reply's words (each once). Pairs that it orders unlike gold are the "context pairs"."""
+        the reply's words (each once; departure 5, a word's own rating, stays). Pairs that it orders unlike
+        gold are the "context pairs"."""
         return float((self.sign * compound(self.sentiment_sum(text, rules=False))).mean())
 
     def reference_compound(self, text):

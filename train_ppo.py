@@ -338,10 +338,11 @@ def setup(s, device, paths, world=World()):
 
 def critic_from_reward_model(critic):
     """The critic starts as the reward model, body and head: its features already tell kind words from unkind
-    ones, in the units of the rewards (the normalisation is folded into the head). With the mean readout the
-    score is the mean of this head over the reply, so V(s_t) starts as "how kind the text so far reads"; with
-    the sum readout (the default) each position holds its own token's share of the score. Neither is yet the
-    value of the state (the critic learns that from the returns); whether it beats a fresh head is exercise C6
+    ones. The head becomes (head - reward_mean) / reward_std at every position. With the mean readout the
+    score is the mean of that over the reply, so V(s_t) starts as "how kind the text so far reads", in the
+    units of the rewards; with the sum readout (train_rm's default) each position holds roughly its token's
+    share of the score (their sum is off by (|y| - 1) * reward_mean / reward_std). Neither is yet the value of
+    the state: the critic learns that from the returns; whether this start beats a fresh head is exercise C6
     of the README's "Change one thing", which changes this function."""
     with torch.no_grad():
         critic.head.weight /= critic.reward_std

@@ -155,8 +155,8 @@ def main(argv=None):
     history = [h for h in read_log(log_path) if h["step"] <= start_step] if s.resume else []
     if best_val is None:          # --resume with other val batches: the best so far re-measured on today's
         best_val = val_loss(s, eval_model, data["val"], device, autocast, w)
-        print(f"resume: the val batches changed ({', '.join(VAL_BATCHES)}): {ckpt_path} re-measured on "
-              f"today's, val loss {best_val:.4f}; only a better one replaces it")
+        print(f"resume: the val batches changed (one of {', '.join(VAL_BATCHES)}): {ckpt_path} re-measured "
+              f"on today's, val loss {best_val:.4f}; only a better one replaces it")
     if w.size > 1:
         torch.manual_seed(s.seed + 1000 * w.rank)    # dropout: each process its own masks (DDP syncs weights)
 

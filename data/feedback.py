@@ -18,7 +18,7 @@ A correction becomes replies [corrected, original]: a comparison, and sft_exampl
 An empty reply is a reply (the model said nothing: just its <|endoftext|>); an empty prompt is an error.
 
 Nothing is lost: write_feedback() appends one flushed and fsynced line under an exclusive lock on the file
-(several writers, one file: chat.py sessions, the class server), readers take a shared one; a partial last
+(several writers, one file: two chat.py sessions, say), readers take a shared one; a partial last
 line left by a crash is moved aside to FILE.partial (kept, and reported) before the new line goes in, and
 check_writable() lets chat.py refuse a feedback path it could not write before the human says a word.
 """

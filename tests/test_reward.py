@@ -260,6 +260,8 @@ def test_a_word_of_none_of_the_plays_puts_every_rater_off():
         assert reader.rater_scores(text) == pytest.approx(vader(sums))
     assert reader.gold("Thou art kind, gracily lord.") < reader.gold("Thou art kind, gentle lord.")
     assert reader.reference_compound("gracily") == 0.0                   # VADER itself reads every word
+    unkind = Panel(preference="unkind")                                  # cruelty in made-up words: no better
+    assert unkind.gold("Thou art a gracily trasteing man.") < unkind.gold("Thou art a man.")
 
 
 def file_ratings(*wanted):
