@@ -458,6 +458,8 @@ def common_problems(s):
     problems = [f"--{f.name} must be a finite number, got {getattr(s, f.name)}" for f in fields(s)
                 if f.type is float and not math.isfinite(getattr(s, f.name))
                 and not (getattr(s, f.name) == math.inf and "inf = off" in comments.get(f.name, ""))]
+    if getattr(s, "seed", 0) < 0:                          # numpy's generators take none below 0
+        problems.append(f"--seed must be >= 0, got {s.seed}")
     device = getattr(s, "device", "auto")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         problems.append(f"--device must be auto, cpu or cuda, not {device!r}")

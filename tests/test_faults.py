@@ -151,6 +151,7 @@ def test_chat_refuses_an_unwritable_feedback_path_before_the_chat(tmp_path, pipe
 
 @pytest.mark.parametrize("script, args, flag", [
     ("train_ppo.py", ["--lr", "-1"], "--lr must be > 0"),
+    ("train_rm.py", ["--seed", "-1"], "--seed must be >= 0"),
     ("train_ppo.py", ["--critic_lr", "0"], "--critic_lr must be > 0"),
     ("train_sft.py", ["--grad_accum", "0"], "--grad_accum must be >= 1"),
     ("train_sft.py", ["--max_iters", "0"], "--max_iters must be >= 1"),
