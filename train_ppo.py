@@ -258,10 +258,7 @@ def main(argv=None):
         if (it + 1) % s.eval_interval == 0 or it + 1 == s.iters:
             ev = compare(judge(m, panel, m.policy, eval_prompts, seed=s.seed + 3), eval_sft, panel)
             history.append({"iter": it + 1, **{"eval_" + k: v for k, v in ev.items()}})
-            print(f"eval   {it + 1:3d} | held-out: rm {ev['rm_score']:+.3f} (SFT {ev['rm_score_sft']:+.3f})"
-                  f" | gold {ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate"
-                  f" vs SFT {ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real "
-                  f"{ev['real_word_rate']:.2f}", flush=True)
+            print_eval(it + 1, ev)
             save(s, m, kl_ctl, it + 1, history, paths["ppo"], started_from)
     if start_iter >= s.iters:
         print(f"{paths['ppo']} has already run {start_iter} of {s.iters} iterations; writing the report only")
@@ -272,6 +269,13 @@ def main(argv=None):
           f"{os.path.join(s.out_dir, 'overoptimisation.png')}")
     end_world()
     return rep
+
+
+def print_eval(it, ev):
+    print(f"eval   {it:3d} | held-out: rm {ev['rm_score']:+.3f} (SFT {ev['rm_score_sft']:+.3f}) | gold "
+          f"{ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate vs SFT "
+          f"{ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real {ev['real_word_rate']:.2f}",
+          flush=True)
 
 
 def resume(s, m, kl_ctl, path, started_from):

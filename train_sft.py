@@ -142,21 +142,13 @@ def main(argv=None):
     ckpt_path, log_path = os.path.join(s.out_dir, "sft.pt"), os.path.join(s.out_dir, "sft_log.csv")
     data = load_data(s)                                                       # token streams + reply masks
     model, optimizer, batch_gen, start_step, best_val = new_or_resumed(s, device, ckpt_path)
-    for split, (tokens, _) in data.items():
-        if len(tokens) <= model.config.block_size + 1:
-            raise ValueError(f"--block_size {model.config.block_size} is longer than the {split} text "
-                             f"({len(tokens):,} tokens): a training window must fit in it")
+    check_fits(model, data)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, config {asdict(model.config)}")
-    eval_model = train_model = torch.compile(model) if s.compile else model
-    if w.size > 1:                 # gradients averaged over the processes in every backward pass
-        train_model = DDP(eval_model, device_ids=[w.local_rank] if device.startswith("cuda") else None,
-                          forward_sync_buffers=False)                    # the only buffer: fixed positions
+    eval_model, train_model = for_training(s, w, model, device)              # compiled, DDP-wrapped
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     history = [h for h in read_log(log_path) if h["step"] <= start_step] if s.resume else []
     if best_val is None:          # --resume with other val batches: the best so far re-measured on today's
-        best_val = val_loss(s, eval_model, data["val"], device, autocast, w)
-        print(f"resume: the val batches changed (one of {', '.join(VAL_BATCHES)}): {ckpt_path} re-measured "
-              f"on today's, val loss {best_val:.4f}; only a better one replaces it")
+        best_val = remeasured(s, w, eval_model, data["val"], device, autocast, ckpt_path)
     if w.size > 1:
         torch.manual_seed(s.seed + 1000 * w.rank)    # dropout: each process its own masks (DDP syncs weights)
 
@@ -169,18 +161,7 @@ def main(argv=None):
         lr = lr_at(step, s.lr, s.min_lr, s.warmup_iters, s.max_iters)   # warmup, then cosine decay
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for k in range(s.grad_accum):   # every process draws every window: the global batch of one process
-            starts = draw_windows(s, data["train"], batch_gen)
-            if k not in my_micro_steps:
-                continue
-            x, y, m = get_batch(s, data["train"], starts, device)                 # (B, T) each
-            last = k == my_micro_steps[-1]          # DDP averages the gradients once, after the last backward
-            with autocast, (train_model.no_sync() if w.size > 1 and not last else contextlib.nullcontext()):
-                loss = train_model(x, y, m) / len(my_micro_steps)
-                loss.backward()
-            step_loss += loss.detach()
-        loss_sum += all_sum(step_loss).item() / w.size                        # the global batch's mean loss
+        loss_sum += train_step(s, w, train_model, data["train"], batch_gen, device, autocast, my_micro_steps)
         n_sum += 1
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss is {loss_sum} at step {step + 1}; lower --lr or check "
@@ -201,20 +182,11 @@ def main(argv=None):
             if w.main:
                 write_log(log_path, history)
                 plot(history, os.path.join(s.out_dir, "sft_loss.png"))
-            bad = weights_problem(model)                   # never saved: a run that diverged stops here
-            if bad or not math.isfinite(vl):
-                why = f", the weights {bad}" if bad else ""
-                raise FloatingPointError(f"val loss is {vl:.4g} at step {done}{why}: the run diverged "
-                                         f"(lower --lr). {last_good(ckpt_path)}")
+            refuse_diverged(model, vl, done, ckpt_path)      # never saved: a run that diverged stops here
             saved = vl < best_val   # the checkpoint never gets worse: only a new best val loss replaces it
             if saved:
                 best_val = vl
-                rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
-                if w.main:
-                    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
-                                     "optimizer": optimizer.state_dict(), "step": done, "rng": rng,
-                                     "best_val_loss": best_val, "config": asdict(s), "kind": "sft"},
-                                    ckpt_path)
+                save(s, w, model, optimizer, batch_gen, done, best_val, ckpt_path)
             print(f"step {done:5d} | val loss {vl:.4f} | val perplexity {math.exp(min(vl, 50)):.1f} | best "
                   f"{best_val:.4f} | {('saved ' if saved else 'not better: kept ') + ckpt_path} | "
                   f"{(time.time() - t0) / 60:.1f} min", flush=True)
@@ -223,6 +195,65 @@ def main(argv=None):
     rep = report(s, model, device, autocast, best_val, t0, ckpt_path) if w.main else None
     end_world()
     return rep
+
+
+def train_step(s, w, train_model, train_data, batch_gen, device, autocast, my_micro_steps):
+    """Forward and backward over one step's grad_accum micro-batches (this process's share of them);
+    returns the global batch's mean loss. Every process draws every window, so together they see the global
+    batch one process would; DDP averages the gradients once, after the last backward."""
+    step_loss = torch.zeros((), device=device)
+    for k in range(s.grad_accum):
+        starts = draw_windows(s, train_data, batch_gen)
+        if k not in my_micro_steps:
+            continue
+        x, y, m = get_batch(s, train_data, starts, device)                        # (B, T) each
+        last = k == my_micro_steps[-1]
+        with autocast, (train_model.no_sync() if w.size > 1 and not last else contextlib.nullcontext()):
+            loss = train_model(x, y, m) / len(my_micro_steps)
+            loss.backward()
+        step_loss += loss.detach()
+    return all_sum(step_loss).item() / w.size
+
+
+def save(s, w, model, optimizer, batch_gen, done, best_val, ckpt_path):
+    """Process 0 writes sft.pt: the model, the optimizer and both RNG states (--resume continues exactly)."""
+    rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
+    if w.main:
+        save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
+                         "optimizer": optimizer.state_dict(), "step": done, "rng": rng,
+                         "best_val_loss": best_val, "config": asdict(s), "kind": "sft"}, ckpt_path)
+
+
+def for_training(s, w, model, device):
+    """(the model evaluation runs, the model training runs): compiled with --compile; under torchrun the
+    second is DDP-wrapped, so gradients are averaged over the processes in every backward pass."""
+    eval_model = train_model = torch.compile(model) if s.compile else model
+    if w.size > 1:
+        train_model = DDP(eval_model, device_ids=[w.local_rank] if device.startswith("cuda") else None,
+                          forward_sync_buffers=False)                    # the only buffer: fixed positions
+    return eval_model, train_model
+
+
+def remeasured(s, w, eval_model, val_data, device, autocast, ckpt_path):
+    best_val = val_loss(s, eval_model, val_data, device, autocast, w)
+    print(f"resume: the val batches changed (one of {', '.join(VAL_BATCHES)}): {ckpt_path} re-measured "
+          f"on today's, val loss {best_val:.4f}; only a better one replaces it")
+    return best_val
+
+
+def refuse_diverged(model, vl, done, ckpt_path):
+    bad = weights_problem(model)
+    if bad or not math.isfinite(vl):
+        why = f", the weights {bad}" if bad else ""
+        raise FloatingPointError(f"val loss is {vl:.4g} at step {done}{why}: the run diverged "
+                                 f"(lower --lr). {last_good(ckpt_path)}")
+
+
+def check_fits(model, data):
+    for split, (tokens, _) in data.items():
+        if len(tokens) <= model.config.block_size + 1:
+            raise ValueError(f"--block_size {model.config.block_size} is longer than the {split} text "
+                             f"({len(tokens):,} tokens): a training window must fit in it")
 
 
 # ---- data: token stream + reply mask, cut into random windows --------------------------------------------
