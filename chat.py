@@ -492,13 +492,7 @@ def offer(chat, k, ranking):
         return
     turns = chat.fit(chat.turns[:-1])                                      # the transcript up to your message
     prompt_ids = chat.prompt_ids(turns)
-    cands = []  # k distinct replies (a ranking cannot repeat a reply): redraw up to REDRAWS times
-    for _ in range(REDRAWS + 1):
-        for r in sample_replies(chat.model, chat.enc, prompt_ids, k, chat.s, chat.generator):
-            if r not in cands and len(cands) < k:
-                cands.append(r)
-        if len(cands) == k:
-            break
+    cands = distinct_replies(chat, prompt_ids, k)
     n = len(cands)
     if n < 2:
         term.info(f"the replies were all the same, {REDRAWS + 1} times: nothing to {what}; try a higher "
@@ -543,6 +537,19 @@ def offer(chat, k, ranking):
     chat.turns, chat.reply_info = turns + [cands[order[0]]], {**chat.settings(), "interrupted": False}
     if scores is not None:
         term.info(rm_verdict(scores, order, tie))
+
+
+def distinct_replies(chat, prompt_ids, k):
+    """Up to k distinct replies (a ranking cannot repeat a reply), drawn k at a time, at most REDRAWS + 1
+    times."""
+    cands = []
+    for _ in range(REDRAWS + 1):
+        for r in sample_replies(chat.model, chat.enc, prompt_ids, k, chat.s, chat.generator):
+            if r not in cands and len(cands) < k:
+                cands.append(r)
+        if len(cands) == k:
+            break
+    return cands
 
 
 def rate(chat, rating):

@@ -170,22 +170,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         raise ValueError("generate() needs at least one prompt")
     check_sampling(temperature, top_k, top_p)
     greedy = greedy or temperature < GREEDY_BELOW
-    prompts = [list(p) if len(p) > 0 else [EOT] for p in prompts]
-    room = block_size - max_new_tokens                                        # longest prompt that fits
-    if max(len(p) for p in prompts) > room:
-        warnings.warn(f"prompt longer than {room} tokens (block_size {block_size} - max_new_tokens "
-                      f"{max_new_tokens}): truncated from the left, its first tokens are dropped",
-                      stacklevel=2)
-        prompts = [p[-room:] for p in prompts]
-
-    B, P = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, P), EOT, dtype=torch.long)                           # (B, P) left padding with EOT
-    for i, p in enumerate(prompts):
-        idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    if idx.min() < 0 or idx.max() >= model.config.vocab_size:
-        raise ValueError(f"prompt token ids must be in [0, {model.config.vocab_size})")
-    idx = idx.to(device)
-    pad = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)  # (B,)
+    idx, pad = left_padded(prompts, block_size - max_new_tokens, model.config.vocab_size, device)
+    B, P = idx.shape                                                          # (B, P), (B,)
 
     was_training = model.training
     model.eval()                                                              # no dropout while sampling
@@ -218,6 +204,24 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     seq = torch.cat([idx, torch.stack(tokens, dim=1)], dim=1)                 # (B, P + R)
     resp_mask = torch.stack(masks, dim=1)                                     # (B, R)
     return seq, pad, resp_mask
+
+
+def left_padded(prompts, room, vocab_size, device):
+    """The prompts (token lists) in one batch: idx (B, P) left-padded with EOT, pad (B,) the pad counts. An
+    empty prompt becomes [EOT]; a prompt longer than `room` tokens loses its first ones (with a warning)."""
+    prompts = [list(p) if len(p) > 0 else [EOT] for p in prompts]
+    if max(len(p) for p in prompts) > room:
+        warnings.warn(f"prompt longer than {room} tokens (block_size - max_new_tokens): truncated from the "
+                      "left, its first tokens are dropped", stacklevel=3)
+        prompts = [p[-room:] for p in prompts]
+    B, P = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, P), EOT, dtype=torch.long)                           # (B, P) left padding with EOT
+    for i, p in enumerate(prompts):
+        idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    if idx.min() < 0 or idx.max() >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    pad = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)  # (B,)
+    return idx.to(device), pad
 
 
 def decode_replies(enc, seq, resp_mask):
