@@ -8,7 +8,7 @@ Talk to the Bard, and be the human in RLHF ([实战框架 §5.4.2] 人机交互;
     python chat.py --help                            # every setting below is a --flag
 
 A multi-turn chat in the terminal. Every message is added to a transcript in the chat format the models
-were trained on (model.format_prompt, Anthropic HH-RLHF: "\\n\\nHuman: ...\\n\\nAssistant: ..."), and the
+were trained on (data.prepare.format_prompt, Anthropic HH-RLHF: "\\n\\nHuman: ...\\n\\nAssistant: ..."), and the
 reply is streamed token by token. You can also be the human of RLHF: the four kinds of human feedback of
 [流程与实践 §3.2] 人类反馈收集 are one command each, and every piece of feedback is appended at once (flushed
 and fsynced) to out/feedback.jsonl in the schema of data/README.md, which train_rm.py reads with --data. A
@@ -70,7 +70,8 @@ from datetime import datetime, timezone
 import torch
 
 from data.feedback import check_writable, write_feedback
-from model import EOT, format_prompt, get_tokenizer, load_checkpoint, parse_settings, setting_comments
+from data.prepare import EOT, format_prompt, get_tokenizer
+from data.plumbing import load_checkpoint, parse_settings, setting_comments
 from reward import RewardModel, reply_scores
 from sample import Sampling, decode_replies, generate, load_model, sampling_args
 

@@ -49,7 +49,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from model import all_sum
+from data.plumbing import all_sum
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -40,8 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.prepare import play_words, words
-from model import GPT, HERE, encode_reply, gpt_from_checkpoint
+from data.prepare import encode_reply, play_words, words
+from model import GPT, gpt_from_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------
 # [实战框架 §5.2] 奖励模型训练: the reward model is the SFT transformer with its vocabulary head swapped for one
@@ -141,7 +143,7 @@ def batch_replies(enc, prompts_tokens, replies_tokens, block_size):
     rows, n_reply = [], []
     for p, r in zip(prompts_tokens, replies_tokens, strict=True):
         if not r or r[-1] != eot:
-            raise ValueError("each reply's tokens must end with EOT (use model.encode_reply)")
+            raise ValueError("each reply's tokens must end with EOT (use data.prepare.encode_reply)")
         keep = block_size - len(r)                                            # prompt tokens that fit
         rows.append((list(p[-keep:]) if keep > 0 else []) + list(r[-block_size:]))
         n_reply.append(min(len(r), block_size))

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import (EOT, format_prompt, get_tokenizer, gpt_from_checkpoint, load_checkpoint, out_of_memory,
-                   parse_settings)
+from model import gpt_from_checkpoint
+from data.prepare import EOT, format_prompt, get_tokenizer
+from data.plumbing import load_checkpoint, out_of_memory, parse_settings
 
 
 @dataclass
@@ -226,7 +227,7 @@ def left_padded(prompts, room, vocab_size, device):
 
 def decode_replies(enc, seq, resp_mask):
     """The reply text of each row: its generated tokens up to (not including) the first EOT, stripped of
-    the leading space that every reply starts with (see model.encode_reply)."""
+    the leading space that every reply starts with (see data.prepare.encode_reply)."""
     R = resp_mask.size(1)
     resp = seq[:, seq.size(1) - R:]                                           # (B, R) generated tokens
     return [enc.decode([t for t, m in zip(row.tolist(), keep.tolist()) if m and t != EOT]).strip()

@@ -46,11 +46,12 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.prepare import load_turns, play_words, real_word_rate, unique_prompts, words
-from model import (EOT, GPT, World, all_sum, clip_and_step, end_world, file_sha256, format_prompt,
-                   gather_shards, get_tokenizer, last_good, load_checkpoint, nested_settings, pyplot,
-                   run_script, save_checkpoint, save_figure, start_run, weights_problem, world_size,
-                   write_text)
+from data.prepare import (EOT, format_prompt, get_tokenizer, load_turns, play_words, real_word_rate,
+                          unique_prompts, words)
+from model import GPT, clip_and_step
+from data.plumbing import (World, all_sum, end_world, file_sha256, gather_shards, last_good, load_checkpoint,
+                           nested_settings, pyplot, run_script, save_checkpoint, save_figure, start_run,
+                           weights_problem, world_size, write_text)
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
@@ -111,7 +112,7 @@ PRESETS = {
 class Models:
     """What the three steps of an iteration work with (built once by setup())."""
     s: Settings                      # the settings of the run
-    enc: object                      # the tokenizer (model.get_tokenizer())
+    enc: object                      # the tokenizer (data.prepare.get_tokenizer())
     device: str                      # "cpu" or "cuda"
     autocast: object                 # torch.autocast context: bf16 with --dtype bfloat16, else a no-op
     policy: GPT                      # trained; starts as the SFT model

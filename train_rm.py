@@ -44,10 +44,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.feedback import read_feedback
-from data.prepare import load_turns, unique_prompts, words
-from model import (all_sum, barrier, clip_and_step, end_world, format_prompt, gather_shards, get_tokenizer,
-                   last_good, load_checkpoint, lr_at, nested_settings, param_groups, pyplot, run_script,
-                   save_checkpoint, save_figure, start_run, weights_problem, write_text)
+from data.prepare import format_prompt, get_tokenizer, load_turns, unique_prompts, words
+from model import clip_and_step, lr_at, param_groups
+from data.plumbing import (all_sum, barrier, end_world, gather_shards, last_good, load_checkpoint,
+                           nested_settings, pyplot, run_script, save_checkpoint, save_figure, start_run,
+                           weights_problem, write_text)
 from reward import (GOLD_EPS, READOUTS, TEMPERATURE, Panel, RewardModel, bradley_terry_loss, gold_accuracy,
                     plackett_luce_loss, rating_loss, reply_scores)
 from sample import decode_replies, encode_prompt, generate, load_model

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT, GPT, GPTConfig, all_sum, barrier, clip_and_step, end_world, get_tokenizer,
-                   gpt_from_checkpoint, last_good, load_checkpoint, lr_at, param_groups, pyplot, run_script,
-                   save_checkpoint, save_figure, start_run, weights_problem, world_size, write_text)
+from model import GPT, GPTConfig, clip_and_step, gpt_from_checkpoint, lr_at, param_groups
+from data.prepare import EOT, get_tokenizer
+from data.plumbing import (all_sum, barrier, end_world, last_good, load_checkpoint, pyplot, run_script,
+                           save_checkpoint, save_figure, start_run, weights_problem, world_size, write_text)
 from sample import decode_replies, encode_prompt, generate
 
 

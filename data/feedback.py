@@ -40,7 +40,7 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(HERE) not in sys.path:  # `python data/feedback.py` finds model.py in the repo root
     sys.path.insert(0, os.path.dirname(HERE))
-from model import ASSISTANT, HUMAN, format_prompt  # noqa: E402
+from data.prepare import ASSISTANT, HUMAN, format_prompt  # noqa: E402
 
 GZIP_MAGIC = b"\x1f\x8b"   # the first two bytes of a gzip file
 KINDS = ("comparison", "ranking", "rating", "correction")

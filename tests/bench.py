@@ -55,7 +55,8 @@ import torch.nn.functional as F  # noqa: E402
 import ppo  # noqa: E402
 import train_ppo  # noqa: E402
 import train_sft  # noqa: E402
-from model import EOT, GPT, GPTConfig, param_groups  # noqa: E402
+from model import GPT, GPTConfig, param_groups  # noqa: E402
+from data.prepare import EOT  # noqa: E402
 from reward import RewardModel  # noqa: E402
 from sample import generate  # noqa: E402
 

@@ -33,8 +33,8 @@ def release_out_dirs():
     """A trainer's main() run in this process and stopped by an error keeps its out_dir locked (a script
     would have exited): release it, so that later tests' processes may use the folder."""
     yield
-    import model
-    model.unlock_out_dir(everything=True)
+    import data.plumbing as P
+    P.unlock_out_dir(everything=True)
 
 
 def run(*args, timeout=300):

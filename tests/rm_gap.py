@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_rm  # noqa: E402
 from data.feedback import read_feedback  # noqa: E402
 from data.prepare import words  # noqa: E402
-from model import clip_and_step, encode_reply, get_tokenizer, load_checkpoint, lr_at  # noqa: E402
+from model import clip_and_step, lr_at  # noqa: E402
+from data.prepare import encode_reply, get_tokenizer  # noqa: E402
+from data.plumbing import load_checkpoint  # noqa: E402
 from reward import Panel, RewardModel, gold_accuracy, plackett_luce_loss, reply_scores  # noqa: E402
 
 

@@ -19,7 +19,9 @@ import torch
 import chat
 from chat import (Chat, ReplyStream, printable, Settings, clean_reply, knob_named, parse_choice, parse_order,
                   stream_reply, trim_history, truncate_message)
-from model import EOT, GPT, GPTConfig, format_prompt, get_tokenizer, save_checkpoint
+from model import GPT, GPTConfig
+from data.prepare import EOT, format_prompt, get_tokenizer
+from data.plumbing import save_checkpoint
 from data.feedback import read_feedback
 from reward import RewardModel
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import data.prepare as prep
-from model import EOT, format_prompt, get_tokenizer
+from data.prepare import EOT, format_prompt, get_tokenizer
 
 # A hand-written excerpt in the Gutenberg layout: front matter, ACT and Scene lines, stage directions
 # (own line, inline, two lines long), a multi-line speech, one-line speeches "He." and "Say." right

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, sft_dir  # noqa: F401
-from model import load_checkpoint
+from data.plumbing import load_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 HH = os.path.join(ROOT, "tests", "fixtures", "hh_rlhf_small.jsonl")
@@ -163,7 +163,7 @@ import os, sys, torch
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
 import train_ppo
-from model import EOT, get_tokenizer
+from data.prepare import EOT, get_tokenizer
 from reward import Panel
 dist.init_process_group("gloo")
 rank, size = dist.get_rank(), dist.get_world_size()

@@ -17,7 +17,9 @@ import reward
 import sample
 import train_ppo
 import train_rm
-from model import GPT, GPTConfig, format_prompt, get_tokenizer, save_checkpoint
+from model import GPT, GPTConfig
+from data.prepare import format_prompt, get_tokenizer
+from data.plumbing import save_checkpoint
 from reward import RewardModel, reply_scores
 
 CFG = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128)

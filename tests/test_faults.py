@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import data.plumbing as P
 import model as M
 from conftest import ROOT, TINY, TINY_PPO, TINY_RM, pipeline, run_main_block, sft_dir  # noqa: F401
 from data.feedback import read_feedback, write_feedback
@@ -217,7 +218,7 @@ def test_resume_takes_the_models_shape_from_the_checkpoint_and_records_what_ran(
     out = capsys.readouterr().out
     assert "resume: block_size = 128 from the checkpoint (not 16)" in out
     assert "resume: changed since the checkpoint, applied: " in out and "lr 0.01 -> 0.003" in out
-    ck = M.load_checkpoint(str(d / "sft.pt"), made_by="train_sft.py")
+    ck = P.load_checkpoint(str(d / "sft.pt"), made_by="train_sft.py")
     if ck["step"] > 8:                                                         # a better val loss was saved
         assert ck["config"]["block_size"] == ck["model_args"]["block_size"] == 128 and ck["config"]["lr"] == 3e-3
 
@@ -277,7 +278,7 @@ def test_a_malicious_checkpoint_is_refused_without_unsafe_advice(tmp_path):
     path = tmp_path / "sft.pt"
     torch.save({"model_args": {}, "model": {}, "x": Evil()}, path)
     with pytest.raises(ValueError) as e:
-        M.load_checkpoint(str(path), made_by="train_sft.py")
+        P.load_checkpoint(str(path), made_by="train_sft.py")
     msg = str(e.value)
     assert "not a checkpoint this project wrote" in msg and "weights_only" not in msg
     assert not os.path.exists("/tmp/rlhf_pwned")
@@ -309,15 +310,15 @@ def test_train_rm_reads_bad_data_before_training_anything(tmp_path, capsys):
 def test_a_full_disk_is_one_line_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
     import errno
     path = tmp_path / "sft.pt"
-    M.save_checkpoint({"model_args": {}, "model": {}, "v": 1}, str(path))
+    P.save_checkpoint({"model_args": {}, "model": {}, "v": 1}, str(path))
 
     def full(obj, f):                                 # what torch.save raises when the disk fills mid-write
         open(f, "wb").write(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc:659] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(M.torch, "save", full)
+    monkeypatch.setattr(P.torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: type("usage", (), {"free": 4096})())   # 4 KiB left
     with pytest.raises(OSError) as e:
-        M.save_checkpoint({"model_args": {}, "model": {}, "v": 2}, str(path))
+        P.save_checkpoint({"model_args": {}, "model": {}, "v": 2}, str(path))
     assert e.value.errno == errno.ENOSPC and "no space left on the device" in str(e.value) and str(path) in str(e.value)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["v"] == 1 and not (tmp_path / "sft.pt.tmp").exists()
@@ -329,7 +330,7 @@ SAVE_LOOP = r'''
 import sys
 sys.path.insert(0, sys.argv[1])
 import torch
-from model import load_checkpoint, save_checkpoint
+from data.plumbing import load_checkpoint, save_checkpoint
 ckpt = load_checkpoint(sys.argv[2], made_by="x", kind=sys.argv[4])
 ckpt["pad"] = torch.zeros(3_000_000)                      # 12 MB: the kill lands mid-write often
 i = 0
@@ -357,10 +358,10 @@ def test_kill_9_during_checkpoint_saves_never_leaves_a_broken_file(tmp_path, pip
         p.send_signal(signal.SIGKILL)
         p.wait()
         if target.exists():
-            ck = M.load_checkpoint(str(target), made_by="x", kind=kind)       # whole, never half-written
+            ck = P.load_checkpoint(str(target), made_by="x", kind=kind)       # whole, never half-written
             seen.add(ck["i"])
     assert seen, "the loop never finished a save"
-    M.save_checkpoint(M.load_checkpoint(str(target), made_by="x"), str(target))   # the killed one's temp file
+    P.save_checkpoint(P.load_checkpoint(str(target), made_by="x"), str(target))   # the killed one's temp file
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]        # is removed by the next save
 
 
@@ -480,7 +481,7 @@ def test_chat_saves_feedback_after_input_that_is_not_utf8(tmp_path, pipeline):
 
 def test_inf_is_accepted_where_the_help_says_inf_is_off(tmp_path):
     import train_ppo
-    s = M.parse_settings(train_ppo.Settings, train_ppo.PRESETS, ["--out_dir", str(tmp_path), "--device", "cpu",
+    s = P.parse_settings(train_ppo.Settings, train_ppo.PRESETS, ["--out_dir", str(tmp_path), "--device", "cpu",
                          "--clip_eps", "inf", "--vf_clip", "inf", "--score_clip", "inf"], check=train_ppo.problems)
     assert s.clip_eps == s.vf_clip == s.score_clip == float("inf")
 
@@ -505,7 +506,7 @@ def test_ctrl_c_is_one_line_and_the_checkpoint_stays_whole(tmp_path, sft_dir):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err and "interrupted (Ctrl-C)" in err, err[-2000:]
-    M.load_checkpoint(str(tmp_path / "out" / "sft.pt"), made_by="x", kind="sft")
+    P.load_checkpoint(str(tmp_path / "out" / "sft.pt"), made_by="x", kind="sft")
 
 
 # ---- 6. several writers, hand-edited checkpoints, nested flags -----------------------------------------------
@@ -543,7 +544,7 @@ TWO_SAVERS = r'''
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-from model import load_checkpoint, save_checkpoint
+from data.plumbing import load_checkpoint, save_checkpoint
 ckpt = load_checkpoint(sys.argv[2], made_by="x", kind="sft")
 ckpt["pad"] = torch.zeros(1_000_000)
 while time.time() < float(sys.argv[5]):
@@ -561,7 +562,7 @@ def test_two_processes_saving_one_checkpoint_path_never_leave_it_unreadable(tmp_
     procs = start_together(tmp_path, TWO_SAVERS, args)
     seen = set()
     while any(p.poll() is None for p in procs):                          # a reader loads it all the while
-        ck = M.load_checkpoint(str(target), made_by="x", kind="sft")
+        ck = P.load_checkpoint(str(target), made_by="x", kind="sft")
         seen.add(tuple(ck.get("i", ("start", 0))))
     assert [p.returncode for p in procs] == [0, 0]
     assert len(seen) > 2                                                 # it read many versions, all whole
@@ -573,15 +574,15 @@ def test_a_stale_temp_file_of_a_dead_writer_is_removed_and_a_live_ones_kept(tmp_
     dead.wait()
     (tmp_path / f"rm.pt.{dead.pid}.x1.tmp").write_bytes(os.urandom(1024))   # what kill -9 mid-save leaves
     (tmp_path / "rm.pt.1.x2.tmp").write_bytes(b"pid 1 is alive: its save is in progress")
-    M.save_checkpoint({"model_args": {}, "model": {}}, str(tmp_path / "rm.pt"))
+    P.save_checkpoint({"model_args": {}, "model": {}}, str(tmp_path / "rm.pt"))
     assert sorted(os.listdir(tmp_path)) == ["rm.pt", "rm.pt.1.x2.tmp"]
 
 
 HOLD = r'''
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import model
-model.lock_out_dir(sys.argv[2])
+import data.plumbing as P
+P.lock_out_dir(sys.argv[2])
 print("locked", flush=True)
 time.sleep(600)
 '''
@@ -596,8 +597,8 @@ def test_a_second_run_in_one_out_dir_is_refused_and_a_killed_holder_frees_it(tmp
     assert isinstance(e.code, str) and f"--out_dir {d} is in use by" in e.code and f"pid {holder.pid}" in e.code
     holder.send_signal(signal.SIGKILL)                                   # a kill -9 leaves no stale lock
     holder.wait()
-    M.lock_out_dir(str(d))
-    M.unlock_out_dir()
+    P.lock_out_dir(str(d))
+    P.unlock_out_dir()
 
 
 def test_a_fresh_sft_run_never_replaces_an_existing_checkpoint_without_overwrite(tmp_path, sft_dir, capsys):
@@ -661,7 +662,7 @@ def test_sample_and_chat_refuse_a_checkpoint_with_nan_weights(tmp_path, pipeline
 
 def test_a_diverging_run_over_a_corrupt_checkpoint_says_none_is_good(tmp_path):
     (tmp_path / "sft.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    msg = M.last_good(str(tmp_path / "sft.pt"))
+    msg = P.last_good(str(tmp_path / "sft.pt"))
     assert msg.startswith("No good checkpoint is left:") and "weights_only" not in msg
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from data.feedback import read_feedback, sft_examples, write_feedback
-from model import ASSISTANT, HUMAN, format_prompt
+from data.prepare import ASSISTANT, HUMAN, format_prompt
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data.plumbing as P
+import data.prepare as D
 import model as M
 from model import GPT, GPTConfig
 
@@ -116,7 +118,7 @@ def test_kv_cache_token_by_token_equals_full_forward(sdpa):
 def test_left_padding_gives_same_logits_as_unpadded_row():
     m = tiny()
     short, long = torch.randint(0, 97, (5,)), torch.randint(0, 97, (9,))
-    batch = torch.stack([torch.cat([torch.full((4,), M.EOT % 97), short]), long])  # (2, 9), row 0 has 4 pads
+    batch = torch.stack([torch.cat([torch.full((4,), D.EOT % 97), short]), long])  # (2, 9), row 0 has 4 pads
     pad = torch.tensor([4, 0])
     out = m(batch, pad=pad)
     assert torch.allclose(out[0, 4:], m(short[None])[0], atol=1e-5)
@@ -186,12 +188,12 @@ def test_hidden_states_shape():
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_is_gpt2_bpe_cut_to_vocab_size():
-    enc, full = M.get_tokenizer(), M.get_tokenizer(50257)
+    enc, full = D.get_tokenizer(), D.get_tokenizer(50257)
     assert full.encode("Hello world") == [15496, 995]                         # GPT-2's own ids
     assert full.encode("<|endoftext|>", allowed_special="all") == [50256]
-    assert enc.n_vocab == M.VOCAB_SIZE == 8192 == GPTConfig().vocab_size
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [M.EOT] == [8191]  # the last id
-    assert enc.eot_token == M.EOT
+    assert enc.n_vocab == D.VOCAB_SIZE == 8192 == GPTConfig().vocab_size
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [D.EOT] == [8191]  # the last id
+    assert enc.eot_token == D.EOT
     # common words keep GPT-2's ids (their ranks are below the cut); rarer ones are spelled in smaller pieces
     assert enc.encode("Hello world") == [39, 695, 78, 995]                   # "Hello" (15496) is spelled H-ell-o
     assert enc.encode(" the king") == full.encode(" the king") == [262, 5822]
@@ -200,12 +202,12 @@ def test_tokenizer_is_gpt2_bpe_cut_to_vocab_size():
     assert len(enc.encode_ordinary(rare)) > 1 and max(enc.encode_ordinary(rare)) < 8191
     assert enc.decode(enc.encode_ordinary(rare)) == rare
     with pytest.raises(ValueError, match="vocab_size"):
-        M.get_tokenizer(100)
+        D.get_tokenizer(100)
 
 
 def test_tokenizer_round_trips_any_text():
     """A cut BPE is still a complete byte-level BPE: every string comes back exactly."""
-    enc = M.get_tokenizer()
+    enc = D.get_tokenizer()
     rng = random.Random(0)
     texts = ["Thou art kind, my love, not a villain!", "日本語のテキスト 🎭 émigré naïve Ωμέγα", "\x00\x07\t\r\n  \n\n",
              "".join(chr(rng.randrange(0x20, 0x2FFF)) for _ in range(2000)),      # arbitrary Unicode
@@ -216,26 +218,26 @@ def test_tokenizer_round_trips_any_text():
     texts += [t["prompt"] + "\n" + t["reply"] for t in load_turns("test")]  # the held-out plays, every turn
     for text in texts:
         ids = enc.encode_ordinary(text)
-        assert max(ids) < M.EOT and enc.decode(ids) == text
+        assert max(ids) < D.EOT and enc.decode(ids) == text
 
 
 def test_tokenizer_hash_mismatch(tmp_path):
     bad = tmp_path / "gpt2.tiktoken"
-    shutil.copy(M.TOKENIZER_FILE, bad)
+    shutil.copy(D.TOKENIZER_FILE, bad)
     data = bytearray(bad.read_bytes())
     data[100] ^= 1
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
-        M.get_tokenizer(path=str(bad))
+        D.get_tokenizer(path=str(bad))
     with pytest.raises(FileNotFoundError):
-        M.get_tokenizer(path=str(tmp_path / "nothing.tiktoken"))
+        D.get_tokenizer(path=str(tmp_path / "nothing.tiktoken"))
 
 
 def test_chat_format():
-    assert M.format_prompt("Hi") == "\n\nHuman: Hi\n\nAssistant:"
-    assert M.format_prompt(["a", "b", "c "]) == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
-    enc = M.get_tokenizer()
-    assert M.encode_reply(enc, "Hello world") == [5783, 78, 995, M.EOT]      # " Hell" "o" " world"
+    assert D.format_prompt("Hi") == "\n\nHuman: Hi\n\nAssistant:"
+    assert D.format_prompt(["a", "b", "c "]) == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    enc = D.get_tokenizer()
+    assert D.encode_reply(enc, "Hello world") == [5783, 78, 995, D.EOT]      # " Hell" "o" " world"
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -248,59 +250,59 @@ def ckpt_of(m):
 def test_save_checkpoint_atomic_and_roundtrip(tmp_path, monkeypatch):
     m = tiny()
     path = tmp_path / "sub" / "sft.pt"
-    M.save_checkpoint(ckpt_of(m), str(path))
+    P.save_checkpoint(ckpt_of(m), str(path))
     assert os.listdir(path.parent) == ["sft.pt"]                              # no temp file left behind
-    m2 = M.gpt_from_checkpoint(M.load_checkpoint(str(path), made_by="train_sft.py")).eval()
+    m2 = M.gpt_from_checkpoint(P.load_checkpoint(str(path), made_by="train_sft.py")).eval()
     idx = torch.randint(0, 97, (1, 6))
     assert torch.equal(m(idx), m2(idx))
 
     other = tiny(seed=1)
-    M.save_checkpoint(ckpt_of(other), str(path))                              # overwrite works
+    P.save_checkpoint(ckpt_of(other), str(path))                              # overwrite works
     assert os.listdir(path.parent) == ["sft.pt"]
-    m3 = M.gpt_from_checkpoint(M.load_checkpoint(str(path), made_by="train_sft.py")).eval()
+    m3 = M.gpt_from_checkpoint(P.load_checkpoint(str(path), made_by="train_sft.py")).eval()
     assert torch.equal(other(idx), m3(idx))
 
     def crash(obj, f):                                                        # die half way through writing
         open(f, "wb").write(b"half a checkpoint")
         raise KeyboardInterrupt
-    monkeypatch.setattr(M.torch, "save", crash)
+    monkeypatch.setattr(P.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        M.save_checkpoint(ckpt_of(m), str(path))
+        P.save_checkpoint(ckpt_of(m), str(path))
     monkeypatch.undo()
     assert os.listdir(path.parent) == ["sft.pt"]
-    m4 = M.gpt_from_checkpoint(M.load_checkpoint(str(path), made_by="train_sft.py")).eval()
+    m4 = M.gpt_from_checkpoint(P.load_checkpoint(str(path), made_by="train_sft.py")).eval()
     assert torch.equal(other(idx), m4(idx))                                   # the old file is intact
 
 
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_rm.py"):
-        M.load_checkpoint(str(tmp_path / "rm.pt"), made_by="train_rm.py")
+        P.load_checkpoint(str(tmp_path / "rm.pt"), made_by="train_rm.py")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(256))
     with pytest.raises(ValueError, match="train_sft.py"):
-        M.load_checkpoint(str(junk), made_by="train_sft.py")
+        P.load_checkpoint(str(junk), made_by="train_sft.py")
     lst = tmp_path / "list.pt"
     torch.save([1, 2, 3], lst)
     with pytest.raises(ValueError, match="not a checkpoint"):
-        M.load_checkpoint(str(lst), made_by="train_sft.py")
+        P.load_checkpoint(str(lst), made_by="train_sft.py")
     no_model = tmp_path / "no_model.pt"
     torch.save({"model_args": {}}, no_model)
     with pytest.raises(ValueError, match="not a checkpoint"):
-        M.load_checkpoint(str(no_model), made_by="train_sft.py")
+        P.load_checkpoint(str(no_model), made_by="train_sft.py")
 
 
 def test_checkpoint_records_its_tokenizer_and_another_vocabulary_is_refused(tmp_path):
     m = tiny()
-    M.save_checkpoint(ckpt_of(m), str(tmp_path / "sft.pt"))
-    assert M.load_checkpoint(str(tmp_path / "sft.pt"), made_by="train_sft.py")["tokenizer"] == M.TOKENIZER_NAME
+    P.save_checkpoint(ckpt_of(m), str(tmp_path / "sft.pt"))
+    assert P.load_checkpoint(str(tmp_path / "sft.pt"), made_by="train_sft.py")["tokenizer"] == D.TOKENIZER_NAME
     # a checkpoint of the full GPT-2 vocabulary, as this project wrote them before (no "tokenizer" key)
     old = {"model_args": {**ckpt_of(m)["model_args"], "vocab_size": 50257}, "model": {}, "kind": "sft"}
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(ValueError, match=r"another vocabulary \(gpt2-bpe-50257\).*gpt2-bpe-8192.*train_sft.py"):
-        M.load_checkpoint(str(tmp_path / "old.pt"), made_by="train_sft.py")
+        P.load_checkpoint(str(tmp_path / "old.pt"), made_by="train_sft.py")
     torch.save({**ckpt_of(m), "tokenizer": "gpt2-bpe-4096"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="another vocabulary"):
-        M.load_checkpoint(str(tmp_path / "other.pt"), made_by="train_sft.py")
+        P.load_checkpoint(str(tmp_path / "other.pt"), made_by="train_sft.py")
 
 
 def test_gpt_from_checkpoint_mismatch_and_prefix(tmp_path):

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import ASSISTANT, EOT, HUMAN, GPT, GPTConfig, encode_reply, format_prompt, get_tokenizer
-from model import load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+from data.prepare import ASSISTANT, EOT, HUMAN, encode_reply, format_prompt, get_tokenizer
+from data.plumbing import load_checkpoint, save_checkpoint
 from data.prepare import words
 from reward import (LEXICON_FILE, Panel, RewardModel, batch_replies, book_relu_loss, bradley_terry_loss,
                     gold_accuracy, load_lexicon, plackett_luce_loss, rating_loss, vader_tokens)

@@ -8,7 +8,9 @@ from dataclasses import asdict, fields
 import pytest
 import torch
 
-from model import EOT, GPT, GPTConfig, get_tokenizer, parse_settings, save_checkpoint
+from model import GPT, GPTConfig
+from data.prepare import EOT, get_tokenizer
+from data.plumbing import parse_settings, save_checkpoint
 from sample import Settings, decode_replies, encode_prompt, filter_logits, generate, load_model, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,9 @@ import torch
 
 import ppo
 import train_ppo
-from model import EOT, GPT, GPTConfig, get_tokenizer, load_checkpoint
+from model import GPT, GPTConfig
+from data.prepare import EOT, get_tokenizer
+from data.plumbing import load_checkpoint
 from reward import RewardModel
 
 from conftest import ROOT, TINY_PPO, pipeline  # noqa: F401  (pipeline: the tiny sft -> rm -> ppo run, once)

@@ -23,7 +23,8 @@ from conftest import ROOT, SHARED, TINY, run, run_main_block, shared_sft, sft_di
 import torch
 
 import train_rm
-from model import get_tokenizer, load_checkpoint
+from data.prepare import get_tokenizer
+from data.plumbing import load_checkpoint
 from data.feedback import read_feedback
 from reward import Panel, RewardModel, batch_replies
 

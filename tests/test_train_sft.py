@@ -21,7 +21,7 @@ from conftest import ROOT, SHARED, TINY, run, run_main_block, shared_sft, sft_di
 import torch
 
 import train_sft
-from model import load_checkpoint
+from data.plumbing import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny model every test uses; --device cpu also picks the cpu preset, so a GPU machine runs the same.
