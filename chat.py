@@ -8,7 +8,7 @@ Talk to the Bard, and be the human in RLHF ([实战框架 §5.4.2] 人机交互;
     python chat.py --help                            # every setting below is a --flag
 
 A multi-turn chat in the terminal. Every message is added to a transcript in the chat format the models
-were trained on (data.prepare.format_prompt, Anthropic HH-RLHF: "\\n\\nHuman: ...\\n\\nAssistant: ..."), and the
+were trained on (data.prepare.format_prompt, HH-RLHF: "\\n\\nHuman: ...\\n\\nAssistant: ..."), and the
 reply is streamed token by token. You can also be the human of RLHF: the four kinds of human feedback of
 [流程与实践 §3.2] 人类反馈收集 are one command each, and every piece of feedback is appended at once (flushed
 and fsynced) to out/feedback.jsonl in the schema of data/README.md, which train_rm.py reads with --data. A
@@ -71,18 +71,20 @@ import torch
 
 from data.feedback import check_writable, write_feedback
 from data.prepare import EOT, format_prompt, get_tokenizer
-from data.plumbing import load_checkpoint, parse_settings, setting_comments
+from data.plumbing import flag, load_checkpoint, parse_settings
 from reward import RewardModel, reply_scores
 from sample import Sampling, decode_replies, generate, load_model, sampling_args
 
 
 @dataclass
 class Settings(Sampling):
-    ckpt: str = ""                   # checkpoint to talk to; empty = out/ppo.pt if it exists, else out/sft.pt
-    rm: str = ""         # reward model scoring /compare and /rank; empty = out/rm.pt if it exists; none = off
-    feedback: str = "out/feedback.jsonl"     # your feedback is appended here, a JSON line each (for train_rm)
-    seed: int = 1337                        # random seed: the same seed and the same input give the same chat
-    device: str = "auto"                     # auto | cpu | cuda: where the models run
+    ckpt: str = flag("", "", "checkpoint to talk to; empty = out/ppo.pt if it exists, else out/sft.pt")
+    rm: str = flag("", "",
+                   "reward model scoring /compare and /rank; empty = out/rm.pt if it exists; none = off")
+    feedback: str = flag("out/feedback.jsonl", "",
+                         "your feedback is appended here, a JSON line each (for train_rm)")
+    seed: int = flag(1337, ">= 0", "random seed: the same seed and the same input give the same chat")
+    device: str = flag("auto", "", "auto | cpu | cuda | cuda:N: where the models run")
 
 
 KNOBS = [f.name for f in dataclasses.fields(Sampling)]   # each sampling knob is a command: /temperature 0.7
@@ -94,7 +96,7 @@ HELP = "\n".join(["commands:"] + [f"  {cmd:<20}{what}" for cmd, what in [
     ("/rank K", "K replies (2..9); type their order best first, e.g. 3 1 2 (a ranking)"),
     ("/rate N", "rate the last reply from 1 (bad) to 5 (good) (a rating)"),
     ("/fix", "then type a corrected reply; it replaces the last reply (a correction)"),
-    *[(f"/{k} X", setting_comments(Sampling)[k]) for k in KNOBS],
+    *[(f"/{f.name} X", f.metadata["help"]) for f in dataclasses.fields(Sampling)],
     ("/reset", "forget the conversation"), ("/help", "this list"),
     ("/exit", "leave (Ctrl-D or Ctrl-C at the prompt too)")]]
     + ["the sampling commands also work by any unambiguous beginning (/temp 0.7, /topk 40, /max 20);",

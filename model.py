@@ -13,8 +13,8 @@ What is here, top to bottom:
   [实战框架 §4.1.1] self-attention 机制     CausalSelfAttention (readable math path + fused SDPA path)
          KV cache for incremental decoding KVCache
          the transformer                   Block, GPT
-         training: learning rate, weight-decay groups, one optimizer step   lr_at, param_groups, clip_and_step
-         loading: a GPT from a checkpoint's model_args and weights         config_from_dict, gpt_from_checkpoint
+         training: learning rate, weight-decay groups, an optimizer step  lr_at, param_groups, clip_and_step
+         loading: a GPT from a checkpoint's model_args and weights   config_from_dict, gpt_from_checkpoint
 The tokenizer and the chat format live where the data is made (data/prepare.py); the plumbing every script
 shares (flags, torchrun, checkpoint files, one-line errors) in data/plumbing.py, which a reader can skip.
 

@@ -49,8 +49,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from data.plumbing import all_sum
-
 
 # ----------------------------------------------------------------------------------------------------
 # log pi(a_t | s_t): the log-probability of each sampled token, the quantity every PPO formula is built on.
@@ -61,7 +59,7 @@ from data.plumbing import all_sum
 # first update and the KL penalty would be wrong. So policy, old policy and reference all use the SAME
 # temperature as sampling. (Top-k / top-p change the distribution too: sample PPO rollouts without them.)
 
-def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=False, chunk_size=1024,
+def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=False, chunk_size=None,
                       resp_mask=None):
     """log pi(response token j | prompt, tokens < j) for every response position: (B, R) [, entropy (B, R)].
 
@@ -70,19 +68,29 @@ def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=F
     the old policy and the frozen reference. Turn dropout off (model.eval() or dropout=0), or the policy
     would disagree with itself and the ratio would not be 1 before the first update.
     With resp_mask (B, R), only the valid reply tokens go through the vocabulary projection (the positions
-    after <|endoftext|> are skipped, often more than half of them) and the rest are returned as 0."""
+    after <|endoftext|> are skipped, often more than half of them) and the rest are returned as 0.
+    chunk_size None: the plain form (logprobs_plain) unless its (N, V) logits would pass CHUNKED_ABOVE
+    bytes, then the chunked one (logprobs_from_hidden, 1,024 rows at a time); a number: always chunked."""
     P = seq.size(1) - resp_len
     if resp_len < 1 or P < 1:
         raise ValueError(f"need at least one prompt and one response token: seq {tuple(seq.shape)}, "
                          f"resp_len {resp_len}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
     hidden = model.hidden_states(seq, pad)                                    # (B, P+R, d)
     h = hidden[:, P - 1:-1]                                               # (B, R, d) states before the tokens
     tokens = seq[:, P:]                                                       # (B, R)
+    W = model.lm_head.weight                                                  # (V, d) tied to the embedding
+    n_rows = int(resp_mask.sum()) if resp_mask is not None else tokens.numel()
+    if chunk_size is None and n_rows * W.size(0) * 4 > CHUNKED_ABOVE:         # bytes of (N, V) float32 logits
+        chunk_size = 1024
+    if chunk_size is None:
+        logprobs = functools.partial(logprobs_plain, with_entropy=with_entropy)
+    else:
+        logprobs = functools.partial(logprobs_from_hidden, chunk_size=chunk_size, with_entropy=with_entropy)
     if resp_mask is None:
-        return logprobs_from_hidden(h, model.lm_head.weight, tokens, temperature, chunk_size,
-                                    with_entropy)                             # (B, R) [, (B, R)]
-    out = logprobs_from_hidden(h[resp_mask], model.lm_head.weight, tokens[resp_mask], temperature, chunk_size,
-                               with_entropy)                                  # (N_valid,) [, (N_valid,)]
+        return logprobs(h, W, tokens, temperature)                            # (B, R) [, (B, R)]
+    out = logprobs(h[resp_mask], W, tokens[resp_mask], temperature)           # (N_valid,) [, (N_valid,)]
     out = out if with_entropy else (out,)
     full = []
     for x in out:                                                             # scatter back into (B, R)
@@ -90,6 +98,22 @@ def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=F
         y[resp_mask] = x
         full.append(y)
     return tuple(full) if with_entropy else full[0]
+
+
+CHUNKED_ABOVE = 2 ** 30   # bytes: larger (N, V) logits go through logprobs_from_hidden (the cpu and gpu
+                          # presets' are 50 MB and 0.5 GB: plain; tests/bench.py measures both forms)
+
+
+def logprobs_plain(hidden, weight, tokens, temperature=1.0, with_entropy=False):
+    """log softmax(hidden @ weight^T / temperature)[tokens], all (N, V) logits at once: hidden (..., d),
+    weight (V, d), tokens (...) -> (...) float32 [, the entropy (...) of the tempered distribution]."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):   # float32 under bf16 autocast too
+        logits = hidden.float() @ weight.float().t() / temperature           # (..., V)
+    logp_all = F.log_softmax(logits, dim=-1)                                  # (..., V)
+    logp = logp_all.gather(-1, tokens[..., None]).squeeze(-1)                 # (...) the sampled tokens'
+    if not with_entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)                         # (...), (...) H = -sum p log p
 
 
 def response_values(critic, seq, pad, resp_len):
@@ -185,13 +209,17 @@ def apply_no_eos_penalty(scores, ended, penalty=None):
 # lam = 0: A_t = delta_t, the one-step TD advantage of actor-critic ([强化对齐 §4.3.2]).
 # lam = 1: A_t = (sum of the rewards from t, discounted) - V(s_t), REINFORCE with a baseline ([强化对齐 §4.2.3]).
 
-def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
-    """rewards, values (B, R), resp_mask (B, R) bool prefix -> advantages, returns (B, R), 0 where masked."""
+def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95, matrix=False):
+    """rewards, values (B, R), resp_mask (B, R) bool prefix -> advantages, returns (B, R), 0 where masked.
+    The discounted sum is the loop backwards over t (discounted_cumsum_loop, the plain form); with
+    matrix=True, or compiled (fused(gae)), one matrix product (discounted_cumsum: a loop would be unrolled
+    R times)."""
     rewards = torch.where(resp_mask, rewards.detach(), 0.0)                  # (B, R) rollout data, no grad
     values = torch.where(resp_mask, values.detach(), 0.0)                    # (B, R) V = 0 after the reply
     next_values = F.pad(values[:, 1:], (0, 1))                               # (B, R) V(s_{t+1}), 0 at the end
     deltas = rewards + gamma * next_values - values                           # (B, R) delta_t, 0 where masked
-    advantages = discounted_cumsum(deltas, gamma * lam)         # (B, R) A_t = sum_l (gamma lam)^l delta_{t+l}
+    cumsum = discounted_cumsum if matrix or torch.compiler.is_compiling() else discounted_cumsum_loop
+    advantages = cumsum(deltas, gamma * lam)                    # (B, R) A_t = sum_l (gamma lam)^l delta_{t+l}
     advantages = torch.where(resp_mask, advantages, 0.0)                      # (B, R)
     returns = torch.where(resp_mask, advantages + values, 0.0)                # (B, R)
     return advantages, returns
@@ -200,36 +228,34 @@ def gae(rewards, values, resp_mask, gamma=1.0, lam=0.95):
 # ----------------------------------------------------------------------------------------------------
 # Masked statistics: every average runs over the valid tokens only (masked entries are set to 0 first).
 
-def masked_mean(x, mask, dim=None, all_processes=False):
-    """Mean of x over the entries where mask is True (over `dim`, or all). all_processes: over the whole
-    batch of a torchrun run, not only this process's share of it (each process holds its share of the rollout
-    batch, so the whole batch's mean is the sum of the processes' sums over the sum of their counts: the
-    collective model.all_sum; the minibatch losses stay per process, DDP averages their gradients)."""
+def masked_mean(x, mask, dim=None, total=None):
+    """Mean of x over the entries where mask is True (over `dim`, or all). total: how a sum is totalled over
+    the whole batch when each process of a torchrun run holds its share of it (train_ppo.py passes
+    data.plumbing.all_sum: the whole batch's mean is the sum of the processes' sums over the sum of their
+    counts); None: this tensor is the whole batch."""
     x = torch.where(mask, x, 0.0)
     if dim is None:
-        total, count = x.sum(), mask.sum()
-        if all_processes:
-            total, count = all_sum(total), all_sum(count)
-        return total / count.clamp(min=1)                                     # ()
+        total = total or (lambda t: t)
+        return total(x.sum()) / total(mask.sum()).clamp(min=1)                # ()
     return x.sum(dim) / mask.sum(dim).clamp(min=1)                            # x's shape without `dim`
 
 
-def masked_var(x, mask, unbiased=True, all_processes=False):
+def masked_var(x, mask, unbiased=True, total=None):
     """Variance over all valid entries (with Bessel's correction n / (n - 1) if unbiased)."""
-    centred = torch.where(mask, x - masked_mean(x, mask, all_processes=all_processes), 0.0)
-    var = masked_mean(centred ** 2, mask, all_processes=all_processes)        # ()
+    centred = torch.where(mask, x - masked_mean(x, mask, total=total), 0.0)
+    var = masked_mean(centred ** 2, mask, total=total)                        # ()
     if unbiased:
-        n = all_sum(mask.sum()) if all_processes else mask.sum()
+        n = total(mask.sum()) if total else mask.sum()
         var = var * n / (n - 1).clamp(min=1)
     return var
 
 
-def whiten(x, mask, shift_mean=True, eps=1e-8):
+def whiten(x, mask, shift_mean=True, eps=1e-8, total=None):
     """(x - mean) / std over the valid tokens; 0 where masked. Applied to advantages (over the whole
-    rollout batch) so the policy-gradient step has the same scale whatever the reward scale.
-    shift_mean=False only rescales (keeps the mean), e.g. for rewards."""
-    mean = masked_mean(x, mask, all_processes=True)                           # () over the whole batch
-    var = masked_var(x, mask, all_processes=True)                             # ()
+    rollout batch, `total` as in masked_mean) so the policy-gradient step has the same scale whatever the
+    reward scale. shift_mean=False only rescales (keeps the mean), e.g. for rewards."""
+    mean = masked_mean(x, mask, total=total)                                  # () over the whole batch
+    var = masked_var(x, mask, total=total)                                    # ()
     out = (x - mean) * torch.rsqrt(var + eps)                                 # same shape as x
     if not shift_mean:
         out = out + mean
@@ -296,11 +322,11 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, re
     return loss, stats
 
 
-def explained_variance(values, returns, mask):
-    """1 - Var[R - V] / Var[R] over valid tokens: 1 = the critic predicts the returns perfectly, 0 = no
-    better than a constant, < 0 = worse. nan when the returns do not vary."""
-    var_returns = masked_var(returns, mask, all_processes=True)               # () over the whole batch
-    ev = 1.0 - masked_var(returns - values, mask, all_processes=True) / var_returns  # ()
+def explained_variance(values, returns, mask, total=None):
+    """1 - Var[R - V] / Var[R] over valid tokens (`total` as in masked_mean): 1 = the critic predicts the
+    returns perfectly, 0 = no better than a constant, < 0 = worse. nan when the returns do not vary."""
+    var_returns = masked_var(returns, mask, total=total)                      # () over the whole batch
+    ev = 1.0 - masked_var(returns - values, mask, total=total) / var_returns  # ()
     return torch.where(var_returns > 0, ev, float("nan"))
 
 
@@ -320,12 +346,6 @@ def explained_variance(values, returns, mask):
 #   d log pi(a) / dz = onehot(a) - pi        (raise the sampled token, lower every token by its probability)
 #   d H / dz         = -pi * (log pi + H)    (H = -sum pi log pi, the entropy)
 #   dL/dh = (dL/dz) W / temperature,   dL/dW = (dL/dz)^T h / temperature
-
-def logprobs_plain(hidden, weight, tokens, temperature=1.0):
-    """The plain form: log softmax(hidden @ weight^T / temperature)[tokens], all (N, V) logits at once."""
-    logits = hidden.float() @ weight.float().t() / temperature               # (..., V)
-    return F.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # (...)
-
 
 def _chunk_log_softmax(h, weight, temperature):
     """h (n, d) -> log pi (n, V), in float32 even under autocast (bf16 logits make the ratios noisy)."""

@@ -39,30 +39,32 @@ import torch.nn.functional as F
 
 from model import gpt_from_checkpoint
 from data.prepare import EOT, format_prompt, get_tokenizer
-from data.plumbing import load_checkpoint, out_of_memory, parse_settings
+from data.plumbing import flag, load_checkpoint, out_of_memory, parse_settings
 
 
 @dataclass
 class Sampling:
     """The decoding knobs ([实战框架 §5.4.1] 采样生成), for sample.py's flags and chat.py's commands alike: chat.py
     makes a command of every field (/temperature 0.7, or /temp 0.7). To add a knob (e.g. min-p), all in this
-    file: a field here with its comment; an argument with its rule in check_sampling and with its step in
-    filter_logits; an argument of generate, passed on to filter_logits; and its entry in sampling_args."""
-    temperature: float = 0.8                 # divides the logits: < 1 sharper, > 1 flatter, 0 (<1e-4): greedy
-    top_k: int = 50                          # keep only the k most likely tokens (0 = off)
-    top_p: float = 0.95                    # keep the smallest set of tokens with probability >= p (1.0 = off)
-    max_new_tokens: int = 64                 # longest reply, in tokens (at most half the context window)
+    file: a field here (flag(): default, allowed values, help); an argument with its rule in check_sampling
+    and with its step in filter_logits; an argument of generate, passed on to filter_logits; and its entry
+    in sampling_args."""
+    temperature: float = flag(0.8, ">= 0", "divides the logits: < 1 sharper, > 1 flatter, 0 (<1e-4): greedy")
+    top_k: int = flag(50, ">= 0", "keep only the k most likely tokens (0 = off)")
+    top_p: float = flag(0.95, "(0, 1]", "keep the smallest set of tokens with probability >= p (1.0 = off)")
+    max_new_tokens: int = flag(64, ">= 1", "longest reply, in tokens (at most half the context window)")
 
 
 @dataclass
 class Settings(Sampling):
-    ckpt: str = "out/sft.pt"              # checkpoint to sample from: sft.pt, ppo.pt, or rm.pt (its GPT body)
-    prompt: str = "Good morrow, sir. How dost thou?"  # what the human says (or plain text with --raw)
-    num_samples: int = 3                     # how many replies to draw for the prompt
-    greedy: bool = False                     # always take the most likely token (ignores the knobs above)
-    seed: int = 1337                         # random seed: the same seed gives the same samples
-    raw: bool = False                     # use the prompt as plain text, not wrapped in Human/Assistant turns
-    device: str = "auto"                     # auto | cpu | cuda: where the model runs
+    ckpt: str = flag("out/sft.pt", "", "checkpoint to sample from: sft.pt, ppo.pt, or rm.pt (its GPT body)")
+    prompt: str = flag("Good morrow, sir. How dost thou?", "",
+                       "what the human says (or plain text with --raw)")
+    num_samples: int = flag(3, ">= 1", "how many replies to draw for the prompt")
+    greedy: bool = flag(False, "", "always take the most likely token (ignores the knobs above)")
+    seed: int = flag(1337, ">= 0", "random seed: the same seed gives the same samples")
+    raw: bool = flag(False, "", "use the prompt as plain text, not wrapped in Human/Assistant turns")
+    device: str = flag("auto", "", "auto | cpu | cuda | cuda:N: where the model runs")
 
 
 GREEDY_BELOW = 1e-4   # a temperature this small samples the argmax anyway (logits / 1e-40 overflow): greedy

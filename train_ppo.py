@@ -49,9 +49,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.prepare import (EOT, format_prompt, get_tokenizer, load_turns, play_words, real_word_rate,
                           unique_prompts, words)
 from model import GPT, clip_and_step
-from data.plumbing import (World, all_sum, end_world, file_sha256, gather_shards, last_good, load_checkpoint,
-                           nested_settings, pyplot, run_script, save_checkpoint, save_figure, start_run,
-                           weights_problem, world_size, write_text)
+from data.plumbing import (World, all_sum, end_world, file_sha256, flag, gather_shards, last_good,
+                           load_checkpoint, nested_settings, pyplot, run_script, save_checkpoint, save_figure,
+                           start_run, weights_problem, world_size, write_text)
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
@@ -61,44 +61,52 @@ from sample import decode_replies, generate, load_model
 
 @dataclass
 class Settings:
-    preset: str = "auto"           # auto | cpu | gpu: device-sized defaults (table below); explicit flags win
-    out_dir: str = "out"             # reads sft.pt and rm.pt (trains them first if missing), writes ppo.pt
-    seed: int = 1337                 # seeds prompt order and sampling
-    sft_args: str = ""            # extra flags for train_sft.py when sft.pt is missing, e.g. "--max_iters 50"
-    rm_args: str = ""                # extra flags for train_rm.py when rm.pt is missing
+    preset: str = flag("auto", "auto | cpu | gpu", "device-sized defaults (table below); explicit flags win")
+    out_dir: str = flag("out", "", "reads sft.pt and rm.pt (trains them first if missing), writes ppo.pt")
+    seed: int = flag(1337, ">= 0", "seeds prompt order and sampling")
+    sft_args: str = flag("", "",
+                         "extra flags for train_sft.py when sft.pt is missing, e.g. \"--max_iters 50\"")
+    rm_args: str = flag("", "", "extra flags for train_rm.py when rm.pt is missing")
     # rollouts
-    iters: int = 80                  # PPO iterations (one rollout batch + its update each)
-    batch_size: int = 64             # prompts (episodes) per rollout
-    max_new_tokens: int = 48         # reply length budget
+    iters: int = flag(80, ">= 1", "PPO iterations (one rollout batch + its update each)")
+    batch_size: int = flag(64, ">= 1", "prompts (episodes) per rollout")
+    max_new_tokens: int = flag(48, ">= 1", "reply length budget")
     # reward: RM score at the last token, minus beta * KL(policy || frozen SFT reference) on every token
-    init_kl_coef: float = 0.1        # beta at the start
-    adaptive_kl: bool = True         # adapt beta towards kl_target (Ziegler et al. 2019); false: beta fixed
-    kl_target: float = 8.0           # target KL per reply, in nats, for the adaptive controller
-    kl_horizon: int = 100            # episodes over which the controller closes the gap (smaller = faster)
-    no_eos_penalty: float = -2.0     # score of a reply that never emits <|endoftext|> (normalised RM units)
-    score_clip: float = 3.0          # the RM score is clipped to +-this (normalised units; inf = off)
+    init_kl_coef: float = flag(0.1, ">= 0", "beta at the start")
+    adaptive_kl: bool = flag(True, "",
+                             "adapt beta towards kl_target (Ziegler et al. 2019); false: beta fixed")
+    kl_target: float = flag(8.0, "> 0", "target KL per reply, in nats, for the adaptive controller")
+    kl_horizon: int = flag(100, ">= 1",
+                           "episodes over which the controller closes the gap (smaller = faster)")
+    no_eos_penalty: float = flag(-2.0, "",
+                                 "score of a reply that never emits <|endoftext|> (normalised RM units)")
+    score_clip: float = flag(3.0, "(0, inf]",
+                             "the RM score is clipped to +-this (normalised units; inf = off)")
     # PPO update
-    ppo_epochs: int = 4              # passes over each rollout batch
-    minibatch_size: int = 16         # episodes per gradient step
-    lr: float = 1e-4                 # policy learning rate (Adam)
-    critic_lr: float = 1e-4          # critic learning rate
-    clip_eps: float = 0.2            # [实战框架 §4.2.2] ratio clip: ratio kept in [1 - eps, 1 + eps] (inf = off)
-    vf_clip: float = 0.2             # value clip around the rollout's values (inf = off)
-    vf_coef: float = 0.5             # weight of the value loss
-    ent_coef: float = 0.0            # entropy bonus weight
-    gamma: float = 1.0               # discount; 1 = the episode is one short reply
-    lam: float = 0.95                # [实战框架 §4.2.3] GAE lambda: bias (0) vs variance (1) of the advantage
-    whiten_advantages: bool = True   # normalise advantages to mean 0, std 1 over the batch's valid tokens
-    grad_clip: float = 1.0           # clip the global gradient norm (0 = off)
+    ppo_epochs: int = flag(4, ">= 1", "passes over each rollout batch")
+    minibatch_size: int = flag(16, ">= 1", "episodes per gradient step")
+    lr: float = flag(1e-4, "> 0", "policy learning rate (Adam)")
+    critic_lr: float = flag(1e-4, "> 0", "critic learning rate")
+    clip_eps: float = flag(0.2, "(0, inf]",
+                           "[实战框架 §4.2.2] ratio clip: ratio kept in [1 - eps, 1 + eps] (inf = off)")
+    vf_clip: float = flag(0.2, "(0, inf]", "value clip around the rollout's values (inf = off)")
+    vf_coef: float = flag(0.5, ">= 0", "weight of the value loss")
+    ent_coef: float = flag(0.0, ">= 0", "entropy bonus weight")
+    gamma: float = flag(1.0, "(0, 1]", "discount; 1 = the episode is one short reply")
+    lam: float = flag(0.95, "[0, 1]", "[实战框架 §4.2.3] GAE lambda: bias (0) vs variance (1) of the advantage")
+    whiten_advantages: bool = flag(True, "",
+                                   "normalise advantages to mean 0, std 1 over the batch's valid tokens")
+    grad_clip: float = flag(1.0, ">= 0", "clip the global gradient norm (0 = off)")
     # evaluation
-    eval_interval: int = 10          # held-out evaluation, checkpoint and plots every this many iterations
-    n_eval: int = 128                # held-out prompts in the periodic evaluation
-    n_report: int = 256              # held-out prompts in the final report
-    compare_with: str = ""           # other runs' out_dirs, comma-separated, drawn in overoptimisation.png
-    resume: bool = False             # continue from out_dir/ppo.pt
-    device: str = "auto"             # auto | cpu | cuda
-    dtype: str = "float32"           # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
-    compile: bool = False            # torch.compile the forward passes, GAE and the loss (gpu preset)
+    eval_interval: int = flag(10, ">= 1",
+                              "held-out evaluation, checkpoint and plots every this many iterations")
+    n_eval: int = flag(128, ">= 1", "held-out prompts in the periodic evaluation")
+    n_report: int = flag(256, ">= 1", "held-out prompts in the final report")
+    compare_with: str = flag("", "", "other runs' out_dirs, comma-separated, drawn in overoptimisation.png")
+    resume: bool = flag(False, "", "continue from out_dir/ppo.pt")
+    device: str = flag("auto", "", "auto | cpu | cuda | cuda:N")
+    dtype: str = flag("float32", "float32 | bfloat16", "autocast dtype (fast on CUDA; slow on a CPU)")
+    compile: bool = flag(False, "", "torch.compile the forward passes, GAE and the loss (gpu preset)")
 
 
 PRESETS = {
@@ -124,6 +132,7 @@ class Models:
     ppo_loss: Callable               # ppo.ppo_loss, compiled with --compile
     actor_critic: nn.Module     # ActorCritic(policy, critic): what update() runs (DDP-wrapped under torchrun)
     world: World                     # this process's rank among the processes of the run (torchrun)
+    started_from: dict = None        # the sha256 of sft.pt and rm.pt (setup()): ppo.pt records them
 
 
 class ActorCritic(nn.Module):
@@ -168,21 +177,14 @@ class Experience:
 
 
 def problems(s):
-    """Every setting checked before any work starts; each problem names its flag."""
-    at_least_1 = ("iters", "batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon",
-                  "eval_interval", "n_eval", "n_report")
-    out = [f"--{k} must be >= 1, got {getattr(s, k)}" for k in at_least_1 if getattr(s, k) < 1]
-    out += [f"--{k} must be > 0, got {getattr(s, k)}" for k in ("lr", "critic_lr", "kl_target", "clip_eps",
-            "vf_clip", "score_clip") if not getattr(s, k) > 0]
-    out += [f"--{k} must be >= 0, got {getattr(s, k)}" for k in ("init_kl_coef", "vf_coef", "ent_coef",
-            "grad_clip") if not getattr(s, k) >= 0]
+    """The rules that tie settings together (each field's own range is declared in Settings), checked
+    before any work starts; each problem names its flag."""
+    out = []
     if s.minibatch_size > s.batch_size:
         out.append(f"--minibatch_size {s.minibatch_size} is larger than --batch_size {s.batch_size}")
     if s.batch_size % world_size() or s.minibatch_size % world_size():
         out.append(f"--batch_size {s.batch_size} and --minibatch_size {s.minibatch_size} must be multiples "
                    f"of the {world_size()} processes: each process rolls out and trains on its share of both")
-    if not (0 < s.gamma <= 1 and 0 <= s.lam <= 1):
-        out.append(f"--gamma must be in (0, 1] and --lam in [0, 1], got {s.gamma} and {s.lam}")
     sft_path = os.path.join(s.out_dir, "sft.pt")
     block = None
     if os.path.isfile(sft_path):                         # the prompt and the reply share the context window
@@ -220,22 +222,14 @@ def main(argv=None):
     torch.manual_seed(s.seed + w.rank)                                  # each process samples its own replies
     t_ppo = time.time()
 
-    m, rm_ckpt = setup(s, device, paths, w)
-    started_from = {f"{k}_sha256": file_sha256(paths[k]) for k in ("sft", "rm")}   # recorded in ppo.pt
-    kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl \
-        else FixedKLController(s.init_kl_coef)
-    rater = rm_ckpt.get("config", {})                                   # the panel that labelled rm.pt's data
-    panel = Panel(preference=rater.get("preference", "kind"),
-                  temperature=rater.get("rater_temperature", TEMPERATURE))
-    print(f"models: policy/reference {m.policy.num_params() / 1e6:.2f}M params, reward model and critic "
-          f"{m.rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
+    m, panel, kl_ctl = setup(s, device, paths, w)     # the four models; the judge; beta (the KL coefficient)
 
   # ---- prompts: training plays for rollouts, held-out plays for evaluation ---------------------------------
     train_prompts = unique_prompts(load_turns("train"), None, s.seed)
     eval_prompts = unique_prompts(load_turns("test"), s.n_eval, s.seed + 1)
     eval_sft = judge(m, panel, m.ref, eval_prompts, seed=s.seed + 2)          # SFT replies, judged once
 
-    start_iter, history = resume(s, m, kl_ctl, paths["ppo"], started_from) if s.resume else (0, [])
+    start_iter, history = resume(s, m, kl_ctl, paths["ppo"]) if s.resume else (0, [])
 
     # ---- the loop ------------------------------------------------------------------------------------------
     order = random.Random(s.seed).sample(range(len(train_prompts)), len(train_prompts))
@@ -260,7 +254,7 @@ def main(argv=None):
             ev = compare(judge(m, panel, m.policy, eval_prompts, seed=s.seed + 3), eval_sft, panel)
             history.append({"iter": it + 1, **{"eval_" + k: v for k, v in ev.items()}})
             print_eval(it + 1, ev)
-            save(s, m, kl_ctl, it + 1, history, paths["ppo"], started_from)
+            save(s, m, kl_ctl, it + 1, history, paths["ppo"])
     if start_iter >= s.iters:
         print(f"{paths['ppo']} has already run {start_iter} of {s.iters} iterations; writing the report only")
 
@@ -279,12 +273,12 @@ def print_eval(it, ev):
           flush=True)
 
 
-def resume(s, m, kl_ctl, path, started_from):
+def resume(s, m, kl_ctl, path):
     """Continue a run from its ppo.pt: policy, critic, optimizer, beta, history, RNG. The learning rates
     given now are applied to the restored optimizer (and so recorded in the next checkpoint's config).
     Refused if sft.pt or rm.pt is not the file the run started from (their sha256 is in ppo.pt)."""
     ck = load_checkpoint(path, made_by="train_ppo.py", kind="ppo", resume=True)
-    for key, digest in started_from.items():
+    for key, digest in m.started_from.items():
         if ck.get(key, digest) != digest:
             name = key.removesuffix("_sha256") + ".pt"
             raise ValueError(f"--resume: {path} was trained with another {name} than "
@@ -321,7 +315,8 @@ def train_missing(s, paths):
 
 
 def setup(s, device, paths, world=World()):
-    """The four models from sft.pt and rm.pt, set up for PPO: (Models, the rm.pt dict)."""
+    """The four models from sft.pt and rm.pt, set up for PPO (Models); the panel that labelled rm.pt's data
+    (the gold judge of every report); the controller of beta, the KL coefficient."""
     policy, _ = load_model(paths["sft"], device=device, kind="sft")
     ref, _ = load_model(paths["sft"], device=device, kind="sft")
     rm_ckpt = load_checkpoint(paths["rm"], made_by="train_rm.py", kind="rm")
@@ -338,7 +333,16 @@ def setup(s, device, paths, world=World()):
                          "retrain it (python train_rm.py)")
     rm = RewardModel.from_checkpoint(rm_ckpt).to(device)
     critic = critic_from_reward_model(RewardModel.from_checkpoint(rm_ckpt).to(device))
-    return build_models(s, device, policy, ref, rm, critic, world), rm_ckpt
+    m = build_models(s, device, policy, ref, rm, critic, world)
+    m.started_from = {f"{k}_sha256": file_sha256(paths[k]) for k in ("sft", "rm")}   # recorded in ppo.pt
+    rater = rm_ckpt.get("config", {})
+    panel = Panel(preference=rater.get("preference", "kind"),
+                  temperature=rater.get("rater_temperature", TEMPERATURE))
+    kl_ctl = AdaptiveKLController(s.init_kl_coef, s.kl_target, s.kl_horizon) if s.adaptive_kl \
+        else FixedKLController(s.init_kl_coef)
+    print(f"models: policy/reference {policy.num_params() / 1e6:.2f}M params, reward model and critic "
+          f"{rm.body.num_params() / 1e6:.2f}M + head; panel preference: {panel.preference}")
+    return m, panel, kl_ctl
 
 
 def critic_from_reward_model(critic):
@@ -430,7 +434,7 @@ def score(m, roll, beta, advantages=True):
                           beta)
     advantages, returns = m.gae(rewards, values, resp_mask, s.gamma, s.lam)   # (B, R) each
     if s.whiten_advantages:
-        advantages = whiten(advantages, resp_mask)                            # (B, R) over all processes
+        advantages = whiten(advantages, resp_mask, total=all_sum)             # (B, R) over all processes
     return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, advantages,
                       returns, beta)
 
@@ -463,7 +467,7 @@ def update(m, exp):
     means = torch.tensor([v / n for v in sums.values()], dtype=torch.float64, device=m.device)
     means = all_sum(means) / w.size
     out = dict(zip(sums, means.tolist()))                                     # the mean over the processes
-    out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask).item()
+    out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask, all_sum).item()
     return out
 
 
@@ -497,7 +501,7 @@ def print_row(row, iters):
           f"{row['t_score']:.1f} / update {row['t_update']:.1f})", flush=True)
 
 
-def save(s, m, kl_ctl, it, history, path, started_from):
+def save(s, m, kl_ctl, it, history, path):
     """Process 0 writes ppo.pt (the weights are the same on every process) and the plot."""
     bad = weights_problem(m.actor_critic)
     if bad:
@@ -508,7 +512,7 @@ def save(s, m, kl_ctl, it, history, path, started_from):
     save_checkpoint({"model": m.policy.state_dict(), "model_args": asdict(m.policy.config),
                      "critic": m.critic.state_dict(), "optimizer": m.optimizer.state_dict(),
                      "kl_coef": kl_ctl.value, "iter": it, "history": history, "config": asdict(s),
-                     "kind": "ppo", "rng": torch.get_rng_state(), **started_from}, path)
+                     "kind": "ppo", "rng": torch.get_rng_state(), **m.started_from}, path)
     plot(history, os.path.join(s.out_dir, "ppo_curves.png"))
 
 

@@ -46,47 +46,51 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.feedback import read_feedback
 from data.prepare import format_prompt, get_tokenizer, load_turns, unique_prompts, words
 from model import clip_and_step, lr_at, param_groups
-from data.plumbing import (all_sum, barrier, end_world, gather_shards, last_good, load_checkpoint,
+from data.plumbing import (all_sum, barrier, end_world, flag, gather_shards, last_good, load_checkpoint,
                            nested_settings, pyplot, run_script, save_checkpoint, save_figure, start_run,
                            weights_problem, write_text)
-from reward import (GOLD_EPS, READOUTS, TEMPERATURE, Panel, RewardModel, bradley_terry_loss, gold_accuracy,
+from reward import (GOLD_EPS, TEMPERATURE, Panel, RewardModel, bradley_terry_loss, gold_accuracy,
                     plackett_luce_loss, rating_loss, reply_scores)
 from sample import decode_replies, encode_prompt, generate, load_model
 
 
 @dataclass
 class Settings:
-    preset: str = "auto"           # auto | cpu | gpu: device-sized defaults (table below); explicit flags win
-    out_dir: str = "out"             # reads sft.pt, writes rm.pt, panel_labels.jsonl, rm_curves.png
-    seed: int = 1337                 # seeds sampling, the panel and training
+    preset: str = flag("auto", "auto | cpu | gpu", "device-sized defaults (table below); explicit flags win")
+    out_dir: str = flag("out", "", "reads sft.pt, writes rm.pt, panel_labels.jsonl, rm_curves.png")
+    seed: int = flag(1337, ">= 0", "seeds sampling, the panel and training")
     # feedback
-    data: str = ""                # comma-separated feedback JSONL files; empty = the panel labels SFT samples
-    mix_panel: bool = False          # with --data: also add the panel's labels
-    skip_bad: bool = False           # skip (and count) malformed lines in --data files instead of stopping
-    n_prompts: int = 1000            # training prompts (train plays) the panel labels
-    n_heldout: int = 200             # held-out prompts (test plays) for evaluation
-    k: int = 4                       # replies per prompt; the panel ranks them (K=2: a comparison)
-    preference: str = "kind"         # kind: the more positive reply wins | unkind: the exercise that flips it
-    rater_temperature: float = TEMPERATURE   # a rater's choice noise: P(a > b) = sigmoid((s_a - s_b) / T)
-    max_new_tokens: int = 48         # reply length budget when sampling from the SFT model
-    temperature: float = 1.0         # sampling temperature for the SFT replies
-    gen_batch: int = 128             # replies generated at once
+    data: str = flag("", "", "comma-separated feedback JSONL files; empty = the panel labels SFT samples")
+    mix_panel: bool = flag(False, "", "with --data: also add the panel's labels")
+    skip_bad: bool = flag(False, "", "skip (and count) malformed lines in --data files instead of stopping")
+    n_prompts: int = flag(1000, ">= 1", "training prompts (train plays) the panel labels")
+    n_heldout: int = flag(200, ">= 1", "held-out prompts (test plays) for evaluation")
+    k: int = flag(4, ">= 2", "replies per prompt; the panel ranks them (K=2: a comparison)")
+    preference: str = flag("kind", "kind | unkind",
+                           "kind: the more positive reply wins | unkind: the exercise that flips it")
+    rater_temperature: float = flag(TEMPERATURE, "> 0",
+                                    "a rater's choice noise: P(a > b) = sigmoid((s_a - s_b) / T)")
+    max_new_tokens: int = flag(48, ">= 1", "reply length budget when sampling from the SFT model")
+    temperature: float = flag(1.0, "> 0", "sampling temperature for the SFT replies")
+    gen_batch: int = flag(128, ">= 1", "replies generated at once")
     # training
-    epochs: int = 2                  # passes over the training feedback
-    batch_size: int = 16             # feedback items (rankings / ratings) per step
-    lr: float = 3e-4                 # peak learning rate (linear warmup, cosine decay to min_lr)
-    min_lr: float = 3e-5             # final learning rate
-    warmup_iters: int = 20           # warmup steps
-    weight_decay: float = 0.0        # AdamW decay on weight matrices
-    readout: str = "sum"             # sum | mean: the reward is the head's sum (or mean) over the reply
-    embedding_lr_mult: float = 10.0  # the token embeddings learn this many times faster (each word's rating)
-    grad_clip: float = 1.0           # clip the global gradient norm (0 = off)
-    rating_weight: float = 1.0       # weight of the rating regression loss
-    eval_interval: int = 50          # held-out evaluation + checkpoint every this many steps
-    resume: bool = False             # continue from out_dir/rm.pt (uses out_dir/panel_labels.jsonl or --data)
-    sft_args: str = ""               # extra flags passed to train_sft.py when sft.pt is missing
-    device: str = "auto"             # auto | cpu | cuda
-    dtype: str = "float32"           # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
+    epochs: int = flag(2, ">= 1", "passes over the training feedback")
+    batch_size: int = flag(16, ">= 1", "feedback items (rankings / ratings) per step")
+    lr: float = flag(3e-4, "> 0", "peak learning rate (linear warmup, cosine decay to min_lr)")
+    min_lr: float = flag(3e-5, ">= 0", "final learning rate")
+    warmup_iters: int = flag(20, ">= 0", "warmup steps")
+    weight_decay: float = flag(0.0, ">= 0", "AdamW decay on weight matrices")
+    readout: str = flag("sum", "sum | mean",
+                        "sum | mean: the reward is the head's sum (or mean) over the reply")
+    embedding_lr_mult: float = flag(10.0, "> 0",
+                                    "the token embeddings learn this many times faster (each word's rating)")
+    grad_clip: float = flag(1.0, ">= 0", "clip the global gradient norm (0 = off)")
+    rating_weight: float = flag(1.0, ">= 0", "weight of the rating regression loss")
+    eval_interval: int = flag(50, ">= 1", "held-out evaluation + checkpoint every this many steps")
+    resume: bool = flag(False, "", "continue from out_dir/rm.pt (uses out_dir/panel_labels.jsonl or --data)")
+    sft_args: str = flag("", "", "extra flags passed to train_sft.py when sft.pt is missing")
+    device: str = flag("auto", "", "auto | cpu | cuda | cuda:N")
+    dtype: str = flag("float32", "float32 | bfloat16", "autocast dtype (fast on CUDA; slow on a CPU)")
 
 
 PRESETS = {
@@ -98,21 +102,11 @@ PRESETS = {
 
 
 def problems(s):
-    """Every setting checked before any work starts; each problem names its flag."""
-    out = [f"--{k} must be >= 1, got {getattr(s, k)}" for k in ("n_prompts", "n_heldout", "max_new_tokens",
-           "gen_batch", "epochs", "batch_size", "eval_interval") if getattr(s, k) < 1]
-    out += [f"--{k} must be >= 0, got {getattr(s, k)}" for k in ("warmup_iters", "weight_decay", "grad_clip",
-            "rating_weight", "min_lr") if getattr(s, k) < 0]
-    out += [f"--{k} must be > 0, got {getattr(s, k)}" for k in ("lr", "rater_temperature", "temperature",
-            "embedding_lr_mult") if not getattr(s, k) > 0]
-    if s.k < 2:
-        out.append(f"--k must be >= 2 (the panel ranks K replies to each prompt), got {s.k}")
+    """The rules that tie settings together (each field's own range is declared in Settings), checked
+    before any work starts; each problem names its flag."""
+    out = []
     if s.min_lr > s.lr:
         out.append(f"--min_lr must be at most --lr, got {s.min_lr} > {s.lr}")
-    if s.readout not in READOUTS:
-        out.append(f"--readout must be one of {', '.join(READOUTS)}, not {s.readout!r}")
-    if s.preference not in ("kind", "unkind"):
-        out.append(f"--preference must be kind or unkind, not {s.preference!r}")
     rm_path = os.path.join(s.out_dir, "rm.pt")
     if s.resume and not os.path.exists(rm_path):
         out.append(f"--resume: {rm_path} does not exist (run without --resume to start one)")

@@ -6,7 +6,7 @@ train_rm.py, train_ppo.py, sample.py and chat.py read.
     python train_sft.py                     # preset chosen by device (cpu: ~4.5 min on 2 cores)
     python train_sft.py --preset gpu --max_iters 2000 --lr 6e-4
     python train_sft.py --resume            # continue out/sft.pt from its step (the best val loss so far)
-    python train_sft.py --help              # every setting, with its comment
+    python train_sft.py --help              # every setting: its default, allowed values and help
 
 The loop, top to bottom: settings -> data -> model -> optimizer -> for each step: learning rate,
 gradient-accumulated forward/backward, clip, step, log; every eval_interval: val loss, checkpoint, plot.
@@ -17,8 +17,8 @@ from it at random (a window may start mid-turn, and attention can see the previo
 nanoGPT); the loss is on reply tokens only unless --train_on all.
 
 More than one process: `torchrun --standalone --nproc_per_node=2 train_sft.py --grad_accum 2 --batch_size 4`
-(see README "More than one GPU"): each process takes grad_accum / N of the micro-batches of every step, DDP
-averages the gradients, process 0 logs and writes the checkpoint.
+(see README "More than one GPU"): each process takes grad_accum / N of the micro-batches of every step
+(grad_accum is rounded up to a multiple of N), DDP averages the gradients, process 0 logs and saves.
 """
 if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
     import os
@@ -31,7 +31,7 @@ import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -39,47 +39,51 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig, clip_and_step, gpt_from_checkpoint, lr_at, param_groups
 from data.prepare import EOT, get_tokenizer
-from data.plumbing import (all_sum, barrier, end_world, last_good, load_checkpoint, pyplot, run_script,
-                           save_checkpoint, save_figure, start_run, weights_problem, world_size, write_text)
+from data.plumbing import (all_sum, barrier, end_world, flag, last_good, load_checkpoint, pyplot, run_script,
+                           save_checkpoint, save_figure, start_run, weights_problem, write_text)
 from sample import decode_replies, encode_prompt, generate
 
 
 @dataclass
 class Settings:
-    preset: str = "auto"           # auto | cpu | gpu: device-sized defaults (table below); explicit flags win
-    out_dir: str = "out"           # where sft.pt, the log and the plot go
-    seed: int = 1337               # seeds model init and batch sampling
+    preset: str = flag("auto", "auto | cpu | gpu", "device-sized defaults (table below); explicit flags win")
+    out_dir: str = flag("out", "", "where sft.pt, the log and the plot go")
+    seed: int = flag(1337, ">= 0", "seeds model init and batch sampling")
     # model (stored in the checkpoint as GPTConfig)
-    n_layer: int = 4               # transformer blocks
-    n_head: int = 4                # attention heads
-    n_embd: int = 128              # model width
-    block_size: int = 256          # context window in tokens
-    dropout: float = 0.0           # dropout probability while training
+    n_layer: int = flag(4, ">= 1", "transformer blocks")
+    n_head: int = flag(4, ">= 1", "attention heads")
+    n_embd: int = flag(128, ">= 1", "model width")
+    block_size: int = flag(256, ">= 8", "context window in tokens")
+    dropout: float = flag(0.0, "[0, 1)", "dropout probability while training")
     # optimisation
-    batch_size: int = 16           # sequences per micro-batch
-    grad_accum: int = 1         # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-    max_iters: int = 600           # optimizer steps in total
-    lr: float = 2e-3               # peak learning rate (after warmup)
-    min_lr: float = 2e-4           # final learning rate of the cosine decay
-    warmup_iters: int = 30         # linear warmup steps
-    weight_decay: float = 0.1      # AdamW decay on weight matrices (not gains, biases, embeddings)
-    beta1: float = 0.9             # AdamW beta1
-    beta2: float = 0.95            # AdamW beta2
-    grad_clip: float = 1.0         # clip the global gradient norm to this (0 = off)
-    train_on: str = "reply"        # reply: loss on reply tokens only (prompt masked) | all: every token
-    feedback: str = ""             # feedback JSONL files, comma-separated: corrections join the training data
-    feedback_copies: int = 20    # copies of each correction in the training stream (a few among ~1.5M tokens)
+    batch_size: int = flag(16, ">= 1", "sequences per micro-batch")
+    grad_accum: int = flag(1, ">= 1",
+                           "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
+    max_iters: int = flag(600, ">= 1", "optimizer steps in total")
+    lr: float = flag(2e-3, "> 0", "peak learning rate (after warmup)")
+    min_lr: float = flag(2e-4, ">= 0", "final learning rate of the cosine decay")
+    warmup_iters: int = flag(30, ">= 0", "linear warmup steps")
+    weight_decay: float = flag(0.1, ">= 0", "AdamW decay on weight matrices (not gains, biases, embeddings)")
+    beta1: float = flag(0.9, "[0, 1)", "AdamW beta1")
+    beta2: float = flag(0.95, "[0, 1)", "AdamW beta2")
+    grad_clip: float = flag(1.0, ">= 0", "clip the global gradient norm to this (0 = off)")
+    train_on: str = flag("reply", "reply | all",
+                         "reply: loss on reply tokens only (prompt masked); all: on every token")
+    feedback: str = flag("", "", "feedback JSONL files, comma-separated: corrections join the training data")
+    feedback_copies: int = flag(20, ">= 1",
+                                "copies of each correction in the training stream (a few among ~1.5M tokens)")
     # evaluation, logging, checkpointing
-    eval_interval: int = 100       # evaluate val loss and save the checkpoint every this many steps
-    eval_iters: int = 20           # val batches per evaluation (the same batches every time)
-    log_interval: int = 10         # print a progress line every this many steps
-    n_samples: int = 64            # replies sampled at the end (val prompts) for the real-word rate
-    resume: bool = False           # continue from out_dir/sft.pt (model, optimizer, step, RNG)
-    overwrite: bool = False        # start afresh though out_dir holds an sft.pt (replaced at the first save)
+    eval_interval: int = flag(100, ">= 1", "evaluate val loss and save the checkpoint every this many steps")
+    eval_iters: int = flag(20, ">= 1", "val batches per evaluation (the same batches every time)")
+    log_interval: int = flag(10, ">= 1", "print a progress line every this many steps")
+    n_samples: int = flag(64, ">= 1", "replies sampled at the end (val prompts) for the real-word rate")
+    resume: bool = flag(False, "", "continue from out_dir/sft.pt (model, optimizer, step, RNG)")
+    overwrite: bool = flag(False, "",
+                           "start afresh though out_dir holds an sft.pt (replaced at the first save)")
     # hardware
-    device: str = "auto"           # auto | cpu | cuda
-    dtype: str = "float32"         # float32 | bfloat16 autocast (fast on CUDA; works on a CPU, slowly)
-    compile: bool = False          # torch.compile the model: fused kernels (on in the gpu preset)
+    device: str = flag("auto", "", "auto | cpu | cuda | cuda:N")
+    dtype: str = flag("float32", "float32 | bfloat16", "autocast dtype (fast on CUDA; slow on a CPU)")
+    compile: bool = flag(False, "", "torch.compile the model: fused kernels (on in the gpu preset)")
 
 
 # Presets, chosen by device and printed at start. cpu: ~4.5 min on 2 cores (README: measured). gpu: on
@@ -96,32 +100,16 @@ VAL_BATCHES = ("eval_iters", "batch_size", "block_size", "dtype")   # what the v
 
 
 def problems(s):
-    """Every setting checked before any work starts; each problem names its flag."""
-    at_least_1 = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
-                  "eval_interval", "eval_iters", "log_interval", "n_samples", "feedback_copies")
-    out = [f"--{k} must be >= 1, got {getattr(s, k)}" for k in at_least_1 if getattr(s, k) < 1]
-    if 1 <= s.block_size < 8:
-        out.append(f"--block_size must be >= 8 (a prompt and a reply share it), got {s.block_size}")
-    out += [f"--{k} must be >= 0, got {getattr(s, k)}" for k in ("warmup_iters", "weight_decay", "grad_clip",
-            "min_lr") if getattr(s, k) < 0]
+    """The rules that tie settings together (each field's own range is declared in Settings), checked
+    before any work starts; each problem names its flag."""
+    out = []
     if s.n_head >= 1 and s.n_embd % s.n_head:
         out.append(f"--n_embd {s.n_embd} must be a multiple of --n_head {s.n_head} (each head gets "
                    "n_embd / n_head dimensions)")
     if s.n_embd % 2:
         out.append(f"--n_embd {s.n_embd} must be even (the positions' sin and cos come in pairs)")
-    if not 0 <= s.dropout < 1:
-        out.append(f"--dropout must be in [0, 1), got {s.dropout}")
-    if not s.lr > 0 or s.min_lr > s.lr:
-        out.append(f"--lr must be > 0 and --min_lr at most --lr, got {s.lr} and {s.min_lr}")
-    if not (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1):
-        out.append(f"--beta1 and --beta2 must be in [0, 1), got {s.beta1} and {s.beta2}")
-    if s.train_on not in ("reply", "all"):
-        out.append(f"--train_on must be reply or all, not {s.train_on!r}")
-    if s.grad_accum % world_size():
-        out.append(f"--grad_accum {s.grad_accum} must be a multiple of the {world_size()} processes: each "
-                   f"process takes grad_accum / {world_size()} of the micro-batches of a step (the global "
-                   f"batch, batch_size x grad_accum sequences, stays the same), e.g. --grad_accum "
-                   f"{world_size()}")
+    if s.min_lr > s.lr:
+        out.append(f"--min_lr must be at most --lr, got {s.min_lr} > {s.lr}")
     ckpt = os.path.join(s.out_dir, "sft.pt")
     if s.resume and not os.path.exists(ckpt):
         out.append(f"--resume: {ckpt} does not exist (run without --resume to start one)")
@@ -138,7 +126,11 @@ def problems(s):
 
 
 def main(argv=None):
-    s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)     # w: this process (torchrun)
+    s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)    # w: this process (torchrun)
+    if s.grad_accum % w.size:                      # torchrun: each process takes grad_accum / N micro-batches
+        s = replace(s, grad_accum=-(-s.grad_accum // w.size) * w.size)
+        print(f"grad_accum rounded up to {s.grad_accum}, a multiple of the {w.size} processes: each step is "
+              f"{s.grad_accum} x {s.batch_size} sequences")
     torch.manual_seed(s.seed)
     ckpt_path, log_path = os.path.join(s.out_dir, "sft.pt"), os.path.join(s.out_dir, "sft_log.csv")
     data = load_data(s)                                                       # token streams + reply masks

@@ -18,7 +18,7 @@ It lives under data/ because the design card fixes the top-level files.
 import contextlib
 import math
 import os
-from dataclasses import dataclass, asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -32,7 +32,37 @@ from model import GPT, config_from_dict
 
 
 # ----------------------------------------------------------------------------------------------------
-# Settings: every script keeps its settings in a dataclass at the top and reads flags with this.
+# Settings: every script keeps its settings in a dataclass at the top, one flag() per field:
+#     iters: int = flag(80, ">= 1", "PPO iterations (one rollout batch + its update each)")
+# the default, the values it may take, and its --help. parse_settings() makes a --flag of every field.
+
+def flag(default, allowed, help):
+    """A settings field: its default, the values it may take and its --help line. `allowed` is "" (any
+    value; a float must be finite), a bound ">= 1" or "> 0" (finite), an interval "[0, 1)" or "(0, inf]"
+    (inf written inside it is allowed: "inf = off"), or choices "reply | all"."""
+    return field(default=default, metadata={"allowed": allowed, "help": help})
+
+
+def outside(value, allowed):
+    """Why `value` is not among the `allowed` values of a flag (see flag()), or None if it is."""
+    if "|" in allowed:
+        choices = [c.strip() for c in allowed.split("|")]
+        return None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
+    if isinstance(value, str) or isinstance(value, bool):
+        return None
+    if allowed.startswith((">", "[", "(")):
+        if allowed[0] == ">":
+            op, lo = allowed.split()
+            if not math.isfinite(value):
+                return f"must be a finite number {allowed}, got {value}"
+            return None if (value >= float(lo) if op == ">=" else value > float(lo)) else \
+                f"must be {allowed}, got {value}"
+        lo, hi = (float(x) for x in allowed[1:-1].split(","))
+        ok = (value >= lo if allowed[0] == "[" else value > lo) and (value <= hi if allowed[-1] == "]" else
+                                                                      value < hi)
+        return None if ok else f"must be in {allowed}, got {value}"
+    return None if math.isfinite(value) else f"must be a finite number, got {value}"
+
 
 def yes_or_no(text):
     """A bool flag's value: true/false, yes/no, on/off, 1/0; anything else is an error, not a silent False."""
@@ -44,36 +74,25 @@ def yes_or_no(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def setting_comments(cls):
-    """{field name: the comment after it in the source} for a settings dataclass and the ones it extends."""
-    import inspect
-    import re
-    comments = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        comments.update(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(klass), re.M))
-    return comments
-
-
 def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
     """Command-line flags from a settings dataclass: every field becomes `--name value` (also
-    `--name-with-dashes`) whose help is the field's comment; `--flag` alone sets a bool. If `presets` is
-    given (name -> dict of field values) the chosen preset ("auto" = gpu if CUDA is available, else cpu)
-    fills in the fields the command line did not set. Then the settings are checked before any work
-    starts: the device, the dtype, the output folder (it must be writable: a small file is tried), and
-    check(s), the script's own rules, a list of problems. Any problem is one argparse error line naming
-    the flag (exit status 2)."""
+    `--name-with-dashes`) with its flag() help; `--flag` alone sets a bool. If `presets` is given (name ->
+    dict of field values) the chosen preset ("auto" = gpu if CUDA is available, else cpu) fills in the
+    fields the command line did not set. Then the settings are checked before any work starts: every field
+    against its allowed values, the device, the output folder (it must be writable: a small file is
+    tried), and check(s), the script's own rules that tie fields together, a list of problems. Any problem
+    is one argparse error line naming the flag (exit status 2)."""
     import argparse
-    comments = setting_comments(cls)
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)                 # --block_s is no --block_size
     for f in fields(cls):
         is_bool = f.type is bool
-        names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
         by_preset = "".join(f"; {name} preset: {p[f.name]}" for name, p in (presets or {}).items()
                             if f.name in p)
-        parser.add_argument(*sorted(names), dest=f.name, default=argparse.SUPPRESS,
-                            help=f"{comments.get(f.name, '')} (default: {f.default}{by_preset})",
-                            type=yes_or_no if is_bool else f.type,
+        allowed = f"; allowed: {f.metadata['allowed']}" if f.metadata.get("allowed") else ""
+        parser.add_argument(*sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}), dest=f.name,
+                            default=argparse.SUPPRESS, type=yes_or_no if is_bool else f.type,
+                            help=f"{f.metadata.get('help', '')} (default: {f.default}{allowed}{by_preset})",
                             nargs="?" if is_bool else None, const=True if is_bool else None)  # --resume: true
     given = vars(parser.parse_args(argv))
     s = cls(**given)
@@ -110,21 +129,16 @@ def nested_settings(flag, module, args, out_dir, preset):
 
 
 def common_problems(s):
-    """The checks every script needs: numbers that are numbers, --device, --dtype, a writable --out_dir."""
-    comments = setting_comments(type(s))
-    problems = [f"--{f.name} must be a finite number, got {getattr(s, f.name)}" for f in fields(s)
-                if f.type is float and not math.isfinite(getattr(s, f.name))
-                and not (getattr(s, f.name) == math.inf and "inf = off" in comments.get(f.name, ""))]
-    if getattr(s, "seed", 0) < 0:                          # numpy's generators take none below 0
-        problems.append(f"--seed must be >= 0, got {s.seed}")
+    """The checks every script needs: each field against its allowed values (flag()), --device, a writable
+    --out_dir."""
+    problems = [f"--{f.name} {why}" for f in fields(s)
+                if (why := outside(getattr(s, f.name), f.metadata.get("allowed", "")))]
     device = getattr(s, "device", "auto")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         problems.append(f"--device must be auto, cpu or cuda, not {device!r}")
     elif device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
                         "False); use --device cpu")
-    if getattr(s, "dtype", "float32") not in ("float32", "bfloat16"):           # the scripts' autocast dtypes
-        problems.append(f"--dtype must be float32 or bfloat16, not {s.dtype!r}")
     if hasattr(s, "out_dir"):
         try:
             check_writable_dir(s.out_dir)

@@ -198,8 +198,11 @@ def test_bad_rm_bad_settings_and_help(ckpts, tmp_path, capsys):
     assert "train_rm.py" in capsys.readouterr().err                          # an explicit --rm must exist
     assert chat.main(["--ckpt", str(ckpts / "sft.pt"), "--rm", "none", "--max_new_tokens", "100"]) == 1
     assert "max_new_tokens must be a whole number from 1 to 64" in capsys.readouterr().err
-    assert chat.main(["--ckpt", str(ckpts / "rm.pt"), "--rm", "none", "--top_p", "0"]) == 1  # rm.pt's body loads
-    assert "top_p must be a number in (0, 1]" in capsys.readouterr().err
+    assert chat.main(["--ckpt", str(ckpts / "rm.pt"), "--rm", "none", "--max_new_tokens", "99"]) == 1  # rm.pt's body
+    assert "max_new_tokens must be a whole number from 1 to 64" in capsys.readouterr().err             # loads
+    with pytest.raises(SystemExit) as e:                                     # a knob's range: refused before loading
+        chat.main(["--ckpt", str(ckpts / "rm.pt"), "--rm", "none", "--top_p", "0"])
+    assert e.value.code == 2 and "--top_p must be in (0, 1], got 0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         chat.main(["--help"])
     assert e.value.code == 0

@@ -122,14 +122,15 @@ import os, sys, torch
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
 from ppo import whiten, explained_variance, masked_mean
+from data.plumbing import all_sum
 dist.init_process_group("gloo")
 rank, size = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 x, v = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
 mask = torch.arange(5)[None, :] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]
 rows = slice(rank * 3, rank * 3 + 3)                      # each process holds half of the episodes
-mine = whiten(x[rows], mask[rows]), explained_variance(v[rows], x[rows], mask[rows])
-mean = masked_mean(x[rows], mask[rows], all_processes=True)
+mine = whiten(x[rows], mask[rows], total=all_sum), explained_variance(v[rows], x[rows], mask[rows], total=all_sum)
+mean = masked_mean(x[rows], mask[rows], total=all_sum)
 parts = [None] * size
 dist.all_gather_object(parts, (mine[0], mine[1], mean))
 if rank == 0:
@@ -206,9 +207,14 @@ def test_logged_means_and_the_kl_for_beta_are_those_of_the_whole_batch(tmp_path)
 
 # ---- bad setups --------------------------------------------------------------------------------------------------
 
+def test_default_grad_accum_under_torchrun_is_rounded_up_and_trains(tmp_path):
+    r = run("train_sft.py", "--out_dir", str(tmp_path / "sft"), *TINY, "--max_iters", "2", "--grad_accum", "1", nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "grad_accum rounded up to 2, a multiple of the 2 processes" in r.stdout
+    assert load_checkpoint(str(tmp_path / "sft" / "sft.pt"), made_by="x")["config"]["grad_accum"] == 2
+
+
 def test_world_size_that_does_not_divide_the_batch_is_refused(tmp_path):
-    r = run("train_sft.py", "--out_dir", str(tmp_path), *TINY, "--grad_accum", "1", nproc=2)
-    assert r.returncode != 0 and "--grad_accum 1 must be a multiple of the 2 processes" in r.stderr
     r = run("train_ppo.py", "--out_dir", str(tmp_path), "--batch_size", "5", "--device", "cpu", nproc=2)
     assert r.returncode != 0 and "--batch_size 5 and --minibatch_size 16 must be multiples of the 2" in r.stderr
     assert not (tmp_path / "sft.pt").exists() and "[rank0]: Traceback" not in r.stderr   # (torchrun's own

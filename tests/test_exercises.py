@@ -163,10 +163,10 @@ def test_6_the_critic_starts_as_critic_from_reward_model_makes_it(monkeypatch, t
     paths = {"sft": str(tmp_path / "sft.pt"), "rm": str(tmp_path / "rm.pt")}
     s = train_ppo.Settings(device="cpu", max_new_tokens=8)
     idx = torch.randint(0, 100, (2, 9))
-    m, _ = train_ppo.setup(s, "cpu", paths)
+    m, _, _ = train_ppo.setup(s, "cpu", paths)
     assert m.critic.values(idx).abs().sum() > 0
     edit(monkeypatch, train_ppo.critic_from_reward_model, zero_critic)
-    m, _ = train_ppo.setup(s, "cpu", paths)
+    m, _, _ = train_ppo.setup(s, "cpu", paths)
     assert (m.critic.values(idx) == 0).all()
 
 

@@ -5,6 +5,7 @@ get worse, every bad setting refused before any work with one `error:` line nami
 kill -9 during every kind of write. Tiny models; the scripts run in this process where a fresh interpreter
 is not what is being tested (run_main_block: the script's own `if __name__ == "__main__":` block)."""
 import json
+import math
 import os
 import random
 import shutil
@@ -174,8 +175,12 @@ def test_chat_refuses_an_unwritable_feedback_path_before_the_chat(tmp_path, pipe
     ("train_sft.py", ["--n_head", "1", "--n_embd", "129"], "--n_embd 129 must be even"),
     ("train_ppo.py", ["--gamma", "0"], "--gamma must be in (0, 1]"),
     ("train_ppo.py", ["--minibatch_size", "64", "--batch_size", "32"], "larger than --batch_size"),
-    ("train_sft.py", ["--lr", "inf"], "--lr must be a finite number, got inf"),
-    ("train_sft.py", ["--weight_decay", "nan"], "--weight_decay must be a finite number, got nan"),
+    ("train_sft.py", ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    ("train_sft.py", ["--weight_decay", "nan"], "--weight_decay must be a finite number >= 0, got nan"),
+    ("train_sft.py", ["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    ("train_sft.py", ["--train_on", "prompt"], "--train_on must be one of reply, all, not 'prompt'"),
+    ("train_rm.py", ["--readout", "max"], "--readout must be one of sum, mean, not 'max'"),
+    ("train_ppo.py", ["--lam", "nan"], "--lam must be in [0, 1], got nan"),
     ("train_rm.py", ["--rating_weight", "nan"], "--rating_weight must be a finite number"),
     ("train_ppo.py", ["--no_eos_penalty", "nan"], "--no_eos_penalty must be a finite number"),
     ("train_sft.py", ["--block_size", "4"], "--block_size must be >= 8"),
@@ -198,15 +203,23 @@ def test_device_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys, script):
 
 
 @pytest.mark.parametrize("args, what", [
-    (["--top_p", "0"], "top_p must be a number in (0, 1]"), (["--top_p", "1.5"], "top_p must be a number in (0, 1]"),
-    (["--temperature", "-1"], "temperature must be a number >= 0"), (["--top_k", "-1"], "top_k must be a whole"),
-    (["--num_samples", "0"], "num_samples must be >= 1"), (["--max_new_tokens", "100"], "max_new_tokens must be"),
+    (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"), (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"), (["--top_k", "-1"], "--top_k must be >= 0"),
+    (["--num_samples", "0"], "--num_samples must be >= 1"),
 ])
-def test_sample_py_refuses_bad_knobs(pipeline, capsys, args, what):
+def test_sample_py_refuses_bad_knobs_before_loading(capsys, args, what):
     import sample
-    assert sample.main(["--ckpt", str(pipeline[0] / "sft.pt"), "--device", "cpu", *args]) == 1
+    with pytest.raises(SystemExit) as e:                                   # no checkpoint is read: exit 2
+        sample.main(["--ckpt", "nowhere.pt", "--device", "cpu", *args])
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and what in err and len(err.strip().splitlines()) == 1
+    assert e.value.code == 2 and what in err and "error: " in err
+
+
+def test_sample_py_refuses_a_reply_longer_than_half_the_checkpoints_context(pipeline, capsys):
+    import sample
+    assert sample.main(["--ckpt", str(pipeline[0] / "sft.pt"), "--device", "cpu", "--max_new_tokens", "100"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "max_new_tokens must be" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_takes_the_models_shape_from_the_checkpoint_and_records_what_ran(tmp_path, sft_dir, capsys):
@@ -784,3 +797,45 @@ def test_train_rm_never_overwrites_a_data_file_with_the_panels_labels(tmp_path, 
                        "--device", "cpu")
     assert "is the file this run writes the panel's labels to" in error_line(capsys, e.code)
     assert labels.read_text() == json.dumps(RATING) + "\n"
+
+
+# ---- settings declared once: each field's allowed values beside it -------------------------------------------
+
+@pytest.mark.parametrize("value, allowed, why", [
+    (1, ">= 1", None), (0, ">= 1", "must be >= 1, got 0"), (1e-9, "> 0", None), (0.0, "> 0", "must be > 0, got 0.0"),
+    (math.inf, "> 0", "must be a finite number > 0, got inf"), (math.inf, "(0, inf]", None),
+    (math.inf, "(0, inf)", "must be in (0, inf), got inf"), (1.0, "[0, 1)", "must be in [0, 1), got 1.0"),
+    (0.0, "[0, 1)", None), (0.0, "(0, 1]", "must be in (0, 1], got 0.0"), (math.nan, "[0, 1]", "must be in [0, 1], got nan"),
+    (math.nan, "", "must be a finite number, got nan"), (-2.0, "", None), ("all", "reply | all", None),
+    ("some", "reply | all", "must be one of reply, all, not 'some'"), ("x", "", None), (True, "", None),
+])
+def test_outside_reads_the_allowed_values_as_written(value, allowed, why):
+    assert P.outside(value, allowed) == why
+
+
+SCRIPTS = ("train_sft", "train_rm", "train_ppo", "sample", "chat")
+UNBOUNDED = {"no_eos_penalty"}        # a score: any finite number is a value a user may want
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_number_flag_declares_its_range_and_every_field_its_help(name):
+    import dataclasses
+    import importlib
+    settings = importlib.import_module(name).Settings
+    for f in dataclasses.fields(settings):
+        assert f.metadata.get("help"), f"{name}.Settings.{f.name} has no help"
+        if f.type in (int, float) and f.name not in UNBOUNDED:
+            assert f.metadata["allowed"], f"{name}.Settings.{f.name} declares no range"
+        assert P.outside(f.default, f.metadata["allowed"]) is None, f"{name}: the default of {f.name} is refused"
+
+
+def test_the_declared_choices_are_the_ones_the_code_knows():
+    import dataclasses
+    import reward
+    import train_rm
+    allowed = {f.name: f.metadata["allowed"] for f in dataclasses.fields(train_rm.Settings)}
+    assert set(allowed["readout"].split(" | ")) == set(reward.READOUTS)
+    for name in ("train_sft", "train_rm", "train_ppo"):
+        module = __import__(name)
+        presets = {f.name: f.metadata["allowed"] for f in dataclasses.fields(module.Settings)}["preset"]
+        assert presets.split(" | ") == ["auto", *module.PRESETS]

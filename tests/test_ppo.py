@@ -491,7 +491,8 @@ def test_logprobs_temperature_must_be_positive():
         logprobs_from_hidden(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), 0.0)
 
 
-def test_response_logprobs_indexing_with_left_padding():
+@pytest.mark.parametrize("chunk_size", [None, 5])                            # the plain form, the chunked one
+def test_response_logprobs_indexing_with_left_padding(chunk_size):
     torch.manual_seed(10)
     model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
     B, P, R = 3, 6, 4
@@ -500,7 +501,7 @@ def test_response_logprobs_indexing_with_left_padding():
     for b in range(B):
         seq[b, :pad[b]] = 96                                                  # pad token
     with torch.no_grad():
-        lp, ent = response_logprobs(model, seq, pad, R, temperature=0.8, with_entropy=True, chunk_size=5)
+        lp, ent = response_logprobs(model, seq, pad, R, temperature=0.8, with_entropy=True, chunk_size=chunk_size)
         logits = model(seq, pad=pad) / 0.8                                    # (B, P+R, V)
     logp_all = F.log_softmax(logits, dim=-1)
     for b in range(B):
@@ -513,7 +514,7 @@ def test_response_logprobs_indexing_with_left_padding():
     assert_close(lp0, lp[:1], atol=1e-5, rtol=1e-5)
     # the PPO update backpropagates through it into every weight, the tied embedding included
     params = [p for p in model.parameters()]
-    lp = response_logprobs(model, seq, pad, R, temperature=0.8, chunk_size=5)
+    lp = response_logprobs(model, seq, pad, R, temperature=0.8, chunk_size=chunk_size)
     grads = torch.autograd.grad(lp.sum(), params)
     logp_all = F.log_softmax(model(seq, pad=pad)[:, P - 1:-1] / 0.8, dim=-1)  # (B, R, V)
     grads_ref = torch.autograd.grad(logp_all.gather(-1, seq[:, P:, None]).sum(), params)
@@ -534,6 +535,19 @@ def test_response_values_indexing():
     assert v.shape == (B, R)
     for j in range(R):                                                        # state before token P+j: P-1+j
         assert_close(v[:, j], 100.0 * (P - 1 + j) + seq[:, P - 1 + j].float())
+
+
+def test_the_chunked_form_is_taken_only_above_the_size_rule(monkeypatch):
+    import ppo
+    calls = []
+    chunked = ppo.logprobs_from_hidden
+    monkeypatch.setattr(ppo, "logprobs_from_hidden", lambda *a, **k: calls.append(k) or chunked(*a, **k))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
+    seq, pad = torch.randint(0, 97, (2, 9)), torch.tensor([0, 1])
+    plain = response_logprobs(model, seq, pad, 4)
+    assert calls == []                                                        # 8 x 97 x 4 bytes: plain
+    monkeypatch.setattr(ppo, "CHUNKED_ABOVE", 8 * 97 * 4 - 1)
+    assert_close(response_logprobs(model, seq, pad, 4), plain) and calls[0]["chunk_size"] == 1024
 
 
 def test_response_logprobs_with_mask_skips_positions_after_eot():

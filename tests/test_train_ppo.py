@@ -100,7 +100,7 @@ def test_score_puts_the_penalty_on_replies_that_never_end(pipeline):
     # score(): replies without <|endoftext|> get no_eos_penalty as their score; rewards sum to score - beta*KL
     d, _ = pipeline
     s = train_ppo.Settings(out_dir=str(d), no_eos_penalty=-7.0, device="cpu", score_clip=float("inf"))
-    m, _ = train_ppo.setup(s, "cpu", {"sft": str(d / "sft.pt"), "rm": str(d / "rm.pt")})
+    m, _, _ = train_ppo.setup(s, "cpu", {"sft": str(d / "sft.pt"), "rm": str(d / "rm.pt")})
     seq = torch.tensor([[11, 12, 13, 40, 41, EOT, EOT], [11, 12, 13, 40, 41, 42, 43]])  # P = 3, R = 4
     resp_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     exp = train_ppo.score(m, train_ppo.Rollout(seq, torch.zeros(2, dtype=torch.long), resp_mask), beta=0.1)
