@@ -73,7 +73,7 @@ from data.feedback import check_writable, write_feedback
 from data.prepare import EOT, format_prompt, get_tokenizer
 from data.plumbing import flag, load_checkpoint, parse_settings
 from reward import RewardModel, reply_scores
-from sample import Sampling, decode_replies, generate, load_model, sampling_args
+from sample import Sampling, decode_replies, encode_prompt, generate, load_model, sampling_args
 
 
 @dataclass
@@ -85,6 +85,13 @@ class Settings(Sampling):
                          "your feedback is appended here, a JSON line each (for train_rm)")
     seed: int = flag(1337, ">= 0", "random seed: the same seed and the same input give the same chat")
     device: str = flag("auto", "", "auto | cpu | cuda | cuda:N: where the models run")
+    # the class in the browser (data/classroom.py)
+    serve: bool = flag(False, "", "serve the class's web pages instead of chatting in the terminal")
+    host: str = flag("127.0.0.1", "", "--serve: the address to listen on (0.0.0.0: the classroom network)")
+    port: int = flag(8000, "[0, 65535]", "--serve: the port (0: any free one)")
+    class_code: str = flag("", "", "--serve: the code students type (empty: a new random one)")
+    class_file: str = flag("out/class.jsonl", "", "--serve: the class's labels, JSONL for train_rm.py --data")
+    replies: int = flag(2, "[2, 9]", "--serve: replies per task: 2 make a comparison, more a ranking")
 
 
 KNOBS = [f.name for f in dataclasses.fields(Sampling)]   # each sampling knob is a command: /temperature 0.7
@@ -601,6 +608,43 @@ def load_reward_model(path, device):
     return rm.to(device).eval(), path
 
 
+def classroom(s, model, rm, ckpt_path):
+    """The class of `chat.py --serve` (data/classroom.py): tasks from the held-out plays' prompts, s.replies
+    replies each (sampled with the chat's knobs), judged afterwards by the panel and the reward model."""
+    from data.classroom import Classroom, class_code
+    from data.prepare import load_turns, unique_prompts
+    from reward import GOLD_EPS, Panel
+    enc, panel, lock = get_tokenizer(), Panel(), threading.Lock()
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
+
+    def replies(prompts):                         # every prompt s.replies times, in one batch
+        room = model.config.block_size - s.max_new_tokens       # a long typed prompt keeps its end
+        ids = [encode_prompt(enc, p)[-room:] for p in prompts for _ in range(s.replies)]
+        with lock, torch.no_grad():               # the generator thread and a student's own prompt
+            seq, _, resp_mask = generate(model, ids, s.max_new_tokens, generator=generator,
+                                         **sampling_args(s, model.config.block_size))
+        texts = [clean_reply(r) for r in decode_replies(enc, seq, resp_mask)]
+        return [texts[i:i + s.replies] for i in range(0, len(texts), s.replies)]
+
+    def judge(chosen, rejected):                  # does the panel's gold order agree with the class?
+        diff = panel.gold(chosen) - panel.gold(rejected)
+        return None if abs(diff) < GOLD_EPS else diff > 0
+
+    def scores(prompt, texts):
+        if rm is None:
+            return None
+        with lock, torch.no_grad():
+            return reply_scores(rm, enc, [format_prompt(prompt)] * len(texts), texts,
+                                normalised=True).tolist()
+
+    code = s.class_code or class_code()
+    if not re.fullmatch(r"[A-Za-z0-9]{4,40}", code):
+        raise ValueError(f"--class_code must be 4 to 40 letters or digits, got {code!r}")
+    prompts = unique_prompts(load_turns("test"), None, s.seed)
+    return Classroom(replies, prompts, s.class_file, code, k=s.replies, judge=judge, scores=scores,
+                     checkpoint=ckpt_path)
+
+
 def main(argv=None):
     s = parse_settings(Settings, argv=argv, doc=__doc__)                     # every field is a --flag
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
@@ -609,10 +653,16 @@ def main(argv=None):
         model, _ = load_model(ckpt_path, device=device)
         rm, rm_path = load_reward_model(s.rm, device)
         sampling_args(s, model.config.block_size)
-        check_writable(s.feedback)
+        if s.serve:
+            room = classroom(s, model, rm, ckpt_path)           # checks --class_file as chat checks --feedback
+        else:
+            check_writable(s.feedback)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if s.serve:
+        from data.classroom import serve
+        return serve(room, s.host, s.port)
     interactive = sys.stdin.isatty()
     if interactive:
         try:

@@ -16,10 +16,10 @@ Rows (full shape on CUDA / --small shape, the default on a CPU):
              autocast on CUDA, the gpu preset's dtype): eager vs its forward compiled the way train_ppo.py
              compiles it (hidden_states, dynamic=True), HF generate with the same sampling; on a CPU also
              eager with one thread (decode-step ops are too small to share between threads).
-  3 gae      a plain Python double loop vs ppo.gae eager vs ppo.fused(ppo.gae) (what train_ppo --compile
-             runs: torch.compile, dynamic shapes).
-  4 logprob  log-probs of sampled tokens, forward + backward: naive log_softmax(h @ W^T).gather vs
-             ppo.logprobs_from_hidden (chunked); time and peak memory (CUDA: max_memory_allocated; CPU: the
+  3 gae      a plain Python double loop vs ppo.gae (its backwards loop, the default) vs its matrix form vs
+             ppo.fused(ppo.gae) (what train_ppo --compile runs: torch.compile of the matrix form).
+  4 logprob  log-probs of sampled tokens, forward + backward: ppo.logprobs_plain (log_softmax(h @ W^T).gather,
+             the default) vs ppo.logprobs_from_hidden (chunked); time and peak memory (CUDA: max_memory_allocated; CPU: the
              rise of VmHWM over VmRSS in a fresh subprocess, i.e. the real resident peak of the computation).
   5 ppo      one PPO iteration through train_ppo.rollout / score / update on a ctx built like train_ppo.main
              builds it, from randomly initialised models (no checkpoints needed).
@@ -415,10 +415,11 @@ def row_gae(bench, sh, compile_on):
     lengths = lengths.tolist()
     gamma, lam = 1.0, 0.95
     variants = {"naive Python double loop": lambda: gae_loop(rewards, values, lengths, gamma, lam),
-                "ppo.gae eager": lambda: ppo.gae(rewards, values, mask, gamma, lam)}
+                "ppo.gae, backwards loop (the default)": lambda: ppo.gae(rewards, values, mask, gamma, lam),
+                "ppo.gae(matrix=True), eager": lambda: ppo.gae(rewards, values, mask, gamma, lam, matrix=True)}
     if compile_on:
         gae_c = ppo.fused(ppo.gae)                                            # what train_ppo --compile runs
-        variants["ppo.fused(ppo.gae) compiled"] = lambda: gae_c(rewards, values, mask, gamma, lam)
+        variants["ppo.fused(ppo.gae) compiled (matrix form)"] = lambda: gae_c(rewards, values, mask, gamma, lam)
     res = bench.side_by_side(variants)
     adv_ref = torch.tensor(res["naive Python double loop"]["out"][0], device=dev)
     base = res["naive Python double loop"]["median"]
@@ -437,10 +438,6 @@ def row_gae(bench, sh, compile_on):
 # ----------------------------------------------------------------------------------------------------
 # Row 4: log-probs of the sampled tokens, forward + backward
 
-def naive_logprobs(h, W, tokens):
-    return F.log_softmax(h.float() @ W.float().t(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, T)
-
-
 def logprob_inputs(B, T, V, d, device):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, T, d, generator=g).to(device).requires_grad_()         # (B, T, d) hidden states
@@ -454,7 +451,7 @@ def logprob_fn(variant, h, W, tokens, grad):
     def run():
         h.grad = W.grad = None
         if variant == "naive":
-            logp = naive_logprobs(h, W, tokens)
+            logp = ppo.logprobs_plain(h, W, tokens)
         else:
             logp = ppo.logprobs_from_hidden(h, W, tokens, chunk_size=int(variant))
         (logp * grad).sum().backward()
@@ -482,9 +479,9 @@ def row_logprob(bench, sh, compile_on):
     dev, B, T, d, V = bench.device, sh["lp_B"], sh["lp_T"], sh["lp_d"], sh["lp_V"]
     shape = f"B={B} T={T} V={V} d={d} float32, fwd+bwd"
     h, W, tokens, grad = logprob_inputs(B, T, V, d, dev)
-    names = {"naive": "naive log_softmax(h @ W^T).gather"}
+    names = {"naive": "ppo.logprobs_plain, log_softmax(h @ W^T).gather (the default up to 1 GiB of logits)"}
     for c in sh["lp_chunks"]:
-        names[str(c)] = f"ppo.logprobs_from_hidden, chunk_size={c}" + (" (default)" if c == 1024 else "")
+        names[str(c)] = f"ppo.logprobs_from_hidden, chunk_size={c}" + (" (above 1 GiB)" if c == 1024 else "")
     variants = {names[k]: logprob_fn(k, h, W, tokens, grad) for k in names}
     res = bench.side_by_side(variants)
     peaks = {}
