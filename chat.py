@@ -654,7 +654,7 @@ def main(argv=None):
         rm, rm_path = load_reward_model(s.rm, device)
         sampling_args(s, model.config.block_size)
         if s.serve:
-            room = classroom(s, model, rm, ckpt_path)           # checks --class_file as chat checks --feedback
+            room = classroom(s, model, rm, ckpt_path)           # it checks --class_file is writable
         else:
             check_writable(s.feedback)
     except (OSError, ValueError) as e:

@@ -127,10 +127,7 @@ def problems(s):
 
 def main(argv=None):
     s, w, device = start_run(Settings, PRESETS, argv, __doc__, problems)    # w: this process (torchrun)
-    if s.grad_accum % w.size:                      # torchrun: each process takes grad_accum / N micro-batches
-        s = replace(s, grad_accum=-(-s.grad_accum // w.size) * w.size)
-        print(f"grad_accum rounded up to {s.grad_accum}, a multiple of the {w.size} processes: each step is "
-              f"{s.grad_accum} x {s.batch_size} sequences")
+    s = per_process(s, w)                                # torchrun: grad_accum a multiple of the processes
     torch.manual_seed(s.seed)
     ckpt_path, log_path = os.path.join(s.out_dir, "sft.pt"), os.path.join(s.out_dir, "sft_log.csv")
     data = load_data(s)                                                       # token streams + reply masks
@@ -188,6 +185,17 @@ def main(argv=None):
     rep = report(s, model, device, autocast, best_val, t0, ckpt_path) if w.main else None
     end_world()
     return rep
+
+
+def per_process(s, w):
+    """Under torchrun each process takes grad_accum / N of a step's micro-batches: grad_accum is rounded up
+    to a multiple of the N processes (printed), so the default --grad_accum 1 works with any N."""
+    if s.grad_accum % w.size == 0:
+        return s
+    s = replace(s, grad_accum=-(-s.grad_accum // w.size) * w.size)
+    print(f"grad_accum rounded up to {s.grad_accum}, a multiple of the {w.size} processes: each step is "
+          f"{s.grad_accum} x {s.batch_size} sequences")
+    return s
 
 
 def train_step(s, w, train_model, train_data, batch_gen, device, autocast, my_micro_steps):

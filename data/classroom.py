@@ -98,11 +98,14 @@ class Classroom:
 
     # ---- tasks ----------------------------------------------------------------------------------------
     def fill(self):
-        """The generator thread: keep READY tasks waiting, SHOWN views each, from the held-out prompts."""
+        """The generator thread: keep READY tasks that nobody has seen yet waiting (a task's other views
+        wait too, for other students), from the held-out prompts."""
+        def fresh():
+            return sum(not self.tasks[tid]["seen"] for tid in set(self.queue))
         while not self.stop.is_set() and self.next_prompt < len(self.prompts):
             with self.more:
-                self.more.wait_for(lambda: len(self.queue) < READY * SHOWN or self.stop.is_set(), timeout=1)
-                if len(self.queue) >= READY * SHOWN or self.stop.is_set():
+                self.more.wait_for(lambda: fresh() < READY or self.stop.is_set(), timeout=1)
+                if fresh() >= READY or self.stop.is_set():
                     continue
             batch = self.prompts[self.next_prompt:self.next_prompt + READY]
             self.next_prompt += len(batch)
@@ -259,7 +262,7 @@ class Classroom:
                 "students_agree": share([a == b for a, b in pairs]), "agree_pairs": len(pairs),
                 "panel_agrees": share(panel), "panel_pairs": len(panel), "rm_agrees": share(rm),
                 "rm_pairs": len(rm), "file": self.path,
-                "commands": ["mkdir -p out/class && cp out/sft.pt out/class/   # the class's runs start from SFT",
+                "commands": ["mkdir -p out/class && cp out/sft.pt out/class/   # the class starts from SFT",
                              f"python train_rm.py --data {self.path} --mix_panel --out_dir out/class",
                              "python train_ppo.py --out_dir out/class",
                              "python chat.py --ckpt out/class/ppo.pt --rm out/class/rm.pt"]}

@@ -224,18 +224,17 @@ def speaker_name(line):
 
 
 def parse_play(text):
-    """List of scenes, each a list of (speaker, speech) in order. The front matter before the first
-    heading (the cast list) is dropped; every heading starts a new scene; consecutive speeches of one
-    speaker (split only by a stage direction) are merged. Text without headings or speakers gives [].
-
-    A speaker line stands after a blank line (or a stage direction or heading) and
+    """List of scenes, each a list of (speaker, speech) in order. The front matter before the first heading
+    (the cast list) is dropped; every heading starts a new scene; consecutive speeches of one speaker (split
+    only by a stage direction) are merged. Text without headings or speakers gives []. A speaker line stands
+    after a blank line (or a stage direction or heading) and
       - looks like a name (speaker_name) and the next line (directions skipped) is speech, or
       - is an ALL-CAPS name ending in '.' followed by blank lines / directions and then a line that is
         speech, not another name (a few plays put a blank line between speaker and speech), or
-      - is "KING. Ay, that is ...": ALL-CAPS name and speech on one line.
-    So a one-line speech like "He." right below its speaker line is never taken for a speaker."""
+      - is "KING. Ay, that is ...": ALL-CAPS name and speech on one line (so a one-line speech like
+        "He." right below its speaker line is never taken for a speaker)."""
     lines = classify_lines(text)
-    scenes, scene, speaker, speech = [], [], None, []
+    scenes, scene, speaker, speech, started = [], [], None, [], False
 
     def end_speech():
         if speaker is not None and speech:
@@ -261,7 +260,6 @@ def parse_play(text):
         return (CAPS_SPEAKER_RE.match(line) is not None and line.endswith(".") and kind == "text"
                 and speaker_name(after) is None and CAPS_INLINE_RE.match(after) is None)
 
-    started = False
     for i, (kind, line) in enumerate(lines):
         if kind == "heading":                                      # ACT / SCENE: the dialogue restarts
             end_speech()

@@ -28,6 +28,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 from data.feedback import read_feedback  # noqa: E402
 from data.plumbing import load_checkpoint  # noqa: E402
 from data.prepare import get_tokenizer  # noqa: E402
@@ -80,6 +81,7 @@ def main():
     p.add_argument("--labels", type=int, default=1000)
     p.add_argument("--students", type=int, default=20)
     p.add_argument("--out_dir", default="out")
+    p.add_argument("--screenshots", default="", help="a folder for PNGs of the student's and teacher's pages")
     a = p.parse_args()
     path, class_dir = os.path.join(a.out_dir, "class.jsonl"), os.path.join(a.out_dir, "class")
     if os.path.exists(path):
@@ -100,6 +102,15 @@ def main():
     for t in threads:
         t.join()
     _, stats = call(http.client.HTTPConnection("127.0.0.1", port), "GET", "/api/stats?student=teacher")
+    if a.screenshots:                                                  # the README's pictures of both pages
+        from browser import Browser
+        with Browser(width=520, height=720) as b:
+            b.open(f"http://127.0.0.1:{port}/?code={CODE}")
+            b.wait("document.querySelectorAll('.reply').length >= 2", timeout=120)
+            open(os.path.join(a.screenshots, "class_student.png"), "wb").write(b.screenshot())
+            b.open(f"http://127.0.0.1:{port}/teacher?code={CODE}")
+            b.wait("document.querySelector('#stats').rows.length > 5")
+            open(os.path.join(a.screenshots, "class_teacher.png"), "wb").write(b.screenshot())
     server.terminate()
     server.wait()
     t_label = time.time() - t0

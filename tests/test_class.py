@@ -195,6 +195,15 @@ def test_a_label_is_taken_once_and_only_for_a_task_the_student_was_shown(room):
     assert len(lines(room)) == 1 and record["chosen"] == t["replies"][1] and record["student"] == "stud1"
 
 
+def test_one_student_alone_never_runs_out_of_tasks(room, monkeypatch):
+    room, port = room
+    monkeypatch.setattr(C, "RATE", 1e6)                           # this student may be quick
+    for _ in range(3 * C.READY * C.SHOWN):                        # more than the queue holds
+        t = task(port, "alone1")
+        assert request(port, "POST", "/api/label", {"student": "alone1", "task": t["task"], "action": "skip"})[0] == 200
+    assert room.stats()["skips"] == 3 * C.READY * C.SHOWN and lines(room) == []
+
+
 def test_a_flooding_student_is_slowed_and_the_others_are_not(room):
     room, port = room
     t0, answers = time.monotonic(), [request(port, "GET", "/api/stats?student=flood1")[0] for _ in range(60)]
