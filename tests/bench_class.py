@@ -38,33 +38,33 @@ server.serve_forever()
 
 
 def student(port, name, until, out):
+    """Ask for a task, label it, again and again until `until`; a refused request (the server then closes
+    the connection) is waited out (429: Retry-After) and the connection opened again."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     head = {"X-Class-Code": "BENCH1", "Content-Type": "application/json"}
+
+    def ask(method, path, body=None):
+        conn.request(method, path, body=body, headers=head)
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        if r.status != 200:
+            conn.close()
+            out["slowed" if r.status == 429 else "refused"] += 1
+            time.sleep(float(r.getheader("Retry-After") or 1))
+        return r.status, answer
+
     while time.monotonic() < until:
         t0 = time.monotonic()
-        conn.request("GET", f"/api/task?student={name}", headers=head)
-        r = conn.getresponse()
-        task = json.loads(r.read())
-        if r.status == 429:
-            out["slowed"] += 1
-            time.sleep(float(r.getheader("Retry-After")))
-            conn.close()
+        status, task = ask("GET", f"/api/task?student={name}")
+        if status != 200:
             continue
         t1 = time.monotonic()
-        body = json.dumps({"student": name, "task": task["task"], "action": "order", "order": [0, 1]})
-        conn.request("POST", "/api/label", body=body, headers=head)
-        r = conn.getresponse()
-        r.read()
-        t2 = time.monotonic()
-        if r.status == 200:
+        status, _ = ask("POST", "/api/label", json.dumps({"student": name, "task": task["task"],
+                                                            "action": "order", "order": [0, 1]}))
+        if status == 200:
             out["acked"].append((name, task["task"]))
             out["task_ms"].append(1000 * (t1 - t0))
-            out["label_ms"].append(1000 * (t2 - t1))
-        elif r.status == 429:
-            out["slowed"] += 1
-            time.sleep(float(r.getheader("Retry-After")))
-        if r.getheader("Connection") == "close":
-            conn.close()
+            out["label_ms"].append(1000 * (time.monotonic() - t1))
     conn.close()
 
 
@@ -74,7 +74,7 @@ def run(n_students, seconds, limits):
                               text=True)
     port = int(server.stdout.readline())
     time.sleep(1)                                                   # the first tasks are generated
-    outs = [{"acked": [], "task_ms": [], "label_ms": [], "slowed": 0} for _ in range(n_students)]
+    outs = [{"acked": [], "task_ms": [], "label_ms": [], "slowed": 0, "refused": 0} for _ in range(n_students)]
     until = time.monotonic() + seconds
     threads = [threading.Thread(target=student, args=(port, f"student{i:03d}", until, outs[i]))
                for i in range(n_students)]
@@ -99,7 +99,8 @@ def run(n_students, seconds, limits):
     return {"labels/s": len(acked) / elapsed, "labels": len(acked),
             "label p50/p99 ms": f"{np.percentile(label_ms, 50):.1f} / {np.percentile(label_ms, 99):.1f}",
             "task p50/p99 ms": f"{np.percentile(task_ms, 50):.1f} / {np.percentile(task_ms, 99):.1f}",
-            "slowed (429)": sum(o["slowed"] for o in outs), "lost": len(set(acked) - set(written)),
+            "slowed (429)": sum(o["slowed"] for o in outs), "other refusals": sum(o["refused"] for o in outs),
+            "lost": len(set(acked) - set(written)),
             "torn": torn, "duplicated": len(written) - len(set(written))}
 
 

@@ -43,8 +43,9 @@ def call(conn, method, path, body=None):
                  headers={"X-Class-Code": CODE, "Content-Type": "application/json"})
     r = conn.getresponse()
     answer = json.loads(r.read())
-    if r.status == 429:
-        time.sleep(float(r.getheader("Retry-After")))
+    if r.status != 200:                        # the server closes the connection after a refusal
+        conn.close()
+        time.sleep(float(r.getheader("Retry-After") or 1))
     return r.status, answer
 
 

@@ -125,9 +125,14 @@ def test_a_reply_or_correction_holding_script_is_shown_not_run(tmp_path):
         b.eval("document.querySelector('#ownask').click()")
         b.wait(f"document.querySelector('#prompt').textContent === {json.dumps(EVIL)}")
         assert b.eval("String(window.pwned)") == "undefined" and b.eval("document.images.length") == 0
+        for i in (2, 0, 1):                                          # K = 3: click them best first, a ranking
+            b.eval(f"document.querySelectorAll('.reply')[{i}].click()")
+        b.wait("document.querySelector('#count').textContent.includes('2)')")
     room.stop.set()
     server.shutdown()
-    assert read_feedback([room.path])[0][0]["replies"][0] == EVIL.strip()     # kept as the student wrote it
+    correction, ranking = read_feedback([room.path])[0]
+    assert correction["kind"] == "correction" and correction["replies"][0] == EVIL.strip()   # as written
+    assert ranking["kind"] == "ranking" and ranking["replies"] == [fake_replies([EVIL])[0][i] for i in (2, 0, 1)]
 
 
 # ---- the door --------------------------------------------------------------------------------------------------
