@@ -637,7 +637,7 @@ def classroom(s, model, rm, ckpt_path):
             return reply_scores(rm, enc, [format_prompt(prompt)] * len(texts), texts,
                                 normalised=True).tolist()
 
-    code = s.class_code or class_code()
+    code = (s.class_code or class_code()).upper()             # the page upper-cases what students type
     if not re.fullmatch(r"[A-Za-z0-9]{4,40}", code):
         raise ValueError(f"--class_code must be 4 to 40 letters or digits, got {code!r}")
     prompts = unique_prompts(load_turns("test"), None, s.seed)

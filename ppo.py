@@ -5,7 +5,7 @@ the policy-gradient road to it in [流程与实践 §4.1] 策略梯度算法, [�
 策略梯度定理与REINFORCE算法 and [强化对齐 §4.3]). train_ppo.py imports these; each is a short pure function with a
 test against hand-worked numbers or a plain Python loop in tests/test_ppo.py.
 
-What is here, top to bottom: the maths first, then the fast paths, each beside the plain form it equals.
+What is here, top to bottom: the maths first, then the fast paths, each equal to a plain form (tested).
   log pi(a_t | s_t) of the sampled tokens; critic values V(s_t)   response_logprobs, response_values
   KL estimators k1, k3; the KL coefficient beta                     kl_k1, kl_k3, AdaptiveKLController
   per-token rewards: -beta * KL, the score at the last token       per_token_rewards, apply_no_eos_penalty

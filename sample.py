@@ -8,7 +8,7 @@ Sample replies from a trained model ([实战框架 §5.4.1] 采样生成: temper
 The same functions are imported by train_ppo.py (rollouts) and chat.py (token-by-token streaming):
 
     from sample import load_model, encode_prompt, generate, decode_replies
-    enc, (model, ckpt) = get_tokenizer(), load_model("out/sft.pt")          # get_tokenizer from model.py
+    enc, (model, ckpt) = get_tokenizer(), load_model("out/sft.pt")          # get_tokenizer from data.prepare
     seq, pad, resp_mask = generate(model, [encode_prompt(enc, "Hello")], max_new_tokens=64, top_p=0.95)
     replies = decode_replies(enc, seq, resp_mask)
 

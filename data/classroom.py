@@ -5,7 +5,8 @@ file that `train_rm.py --data` reads.
 
     python chat.py --serve                                   # http://127.0.0.1:8000/  (this machine only)
     python chat.py --serve --host 0.0.0.0 --port 8000        # the classroom network: URL and class code
-    python train_rm.py --data out/class.jsonl --mix_panel --out_dir out/class   # the class's reward model
+    mkdir -p out/class && cp out/sft.pt out/class/           # then the class's reward model:
+    python train_rm.py --data out/class.jsonl --mix_panel --out_dir out/class
 
 The student's page (/) shows a prompt from the held-out plays (or one the student types) and K replies of
 the loaded model; the student picks the better one (K = 2: a comparison), orders them (K > 2: a
@@ -50,6 +51,7 @@ MAX_TEXT = 1000          # characters of a typed prompt or correction
 MAX_STUDENTS = 1000      # anonymous ids in one class (more: the class is full)
 RATE, BURST = 5.0, 20    # requests per second per student (a token bucket), and how many at once
 IP_RATE = 400.0          # requests per second per address (a classroom behind one router shares one)
+NEW_IDS, NEW_IDS_BURST = 1.0, 100   # new student ids per second per address, and at once (a whole class)
 READY = 16               # tasks generated ahead
 SHOWN = 2                # students who see each task: two answers to one task measure agreement
 STUDENT = re.compile(r"[A-Za-z0-9_-]{4,40}")
@@ -83,8 +85,9 @@ class Classroom:
     replies(prompts) -> for each prompt a list of K distinct reply texts (fewer than 2: the prompt is
     dropped); prompts: the held-out prompts to go through, in order; path: the JSONL file; judge(chosen,
     rejected) -> True/False/None, whether the panel agrees (None: it cannot tell them apart); scores(prompt,
-    replies) -> the reward model's scores (or None). Every method holds self.lock while it reads or
-    changes the class's state; appends happen outside it (write_feedback locks the file)."""
+    replies) -> the reward model's scores (or None). Two locks: self.more (a Condition) guards the tasks
+    and the queue, self.lock the answers, the buckets and the counts; a task, once made, only gains viewers,
+    so reading one needs no lock; appends happen outside both (write_feedback locks the file)."""
 
     def __init__(self, replies, prompts, path, code, k=2, judge=None, scores=None, checkpoint=""):
         check_writable(path)
@@ -94,7 +97,8 @@ class Classroom:
         self.tasks, self.queue, self.next_prompt = {}, [], 0     # id -> task; ids still to be shown
         self.answers = {}                                        # (student, task id) -> the label or "skip"
         self.buckets, self.ip_buckets, self.counts = {}, {}, {"labels": 0, "skips": 0, "refused": 0}
-        self.stop = threading.Event()
+        self.new_ids, self.asking = {}, set()      # per address: a bucket of new ids; students asking now
+        self.stop, self.broken = threading.Event(), None                     # broken: why the generator died
         self.filler = threading.Thread(target=self.fill, daemon=True)
 
     # ---- tasks ----------------------------------------------------------------------------------------
@@ -109,8 +113,14 @@ class Classroom:
                 if fresh() >= READY or self.stop.is_set():
                     continue
             batch = self.prompts[self.next_prompt:self.next_prompt + READY]
+            try:
+                made = self.replies(batch)
+            except Exception as e:                                        # out of memory, a broken model
+                self.broken = f"the model failed to write replies ({type(e).__name__}: {str(e)[:200]})"
+                print(f"error: {self.broken}; the class gets no new tasks", flush=True)
+                return
             self.next_prompt += len(batch)
-            for prompt, replies in zip(batch, self.replies(batch)):
+            for prompt, replies in zip(batch, made):
                 self.add_task(prompt, replies, views=SHOWN)
 
     def add_task(self, prompt, replies, views=SHOWN, student=None):
@@ -142,9 +152,12 @@ class Classroom:
                         self.more.notify_all()
                         return self.public(self.tasks[tid])
                 left = deadline - time.monotonic()
+                if self.broken:
+                    raise Refused(500, self.broken + ": tell your teacher")
                 if left <= 0 or (self.next_prompt >= len(self.prompts) and not self.filler.is_alive()):
-                    raise Refused(503, "no reply is ready yet: try again in a moment" if left <= 0 else
-                                  "every prompt of this class has been labelled: ask your teacher for more")
+                    if left <= 0:
+                        raise Refused(503, "no reply is ready yet: try again in a moment", retry_after=1)
+                    raise Refused(410, "every prompt of this class has been labelled: ask your teacher")
                 self.more.wait(timeout=left)
 
     @staticmethod
@@ -171,7 +184,9 @@ class Classroom:
             except (OSError, ValueError) as e:
                 with self.lock:
                     del self.answers[key]                                    # not written: may be sent again
-                raise Refused(500, f"not saved ({e}): send it again") from None
+                if isinstance(e, OSError):
+                    raise Refused(500, f"not saved ({e}): send it again") from None
+                raise Refused(400, f"not saved: {e}") from None               # e.g. text that is not UTF-8
         with self.lock:
             self.answers[key] = record or "skip"
             self.counts["labels" if record else "skips"] += 1
@@ -191,8 +206,8 @@ class Classroom:
                     "tie": True}
         if action == "order":
             order = body.get("order")
-            if not (isinstance(order, list) and sorted(order) == list(range(len(replies)))
-                    and all(type(i) is int for i in order)):
+            if not (isinstance(order, list) and all(type(i) is int for i in order)
+                    and sorted(order) == list(range(len(replies)))):
                 raise Refused(400, f"order must list the {len(replies)} replies' numbers, best first")
             if len(replies) == 2:
                 return {"kind": "comparison", "prompt": prompt, "chosen": replies[order[0]],
@@ -212,7 +227,15 @@ class Classroom:
         text = body.get("prompt")
         if not (isinstance(text, str) and text.strip() and len(text) <= MAX_TEXT):
             raise Refused(400, f"a prompt is 1 to {MAX_TEXT} characters of text")
-        task = self.add_task(text.strip(), self.replies([text.strip()])[0], student=student)
+        with self.lock:
+            if student in self.asking:
+                raise Refused(429, "your last prompt is still being answered", retry_after=1)
+            self.asking.add(student)
+        try:
+            task = self.add_task(text.strip(), self.replies([text.strip()])[0], student=student)
+        finally:
+            with self.lock:
+                self.asking.discard(student)
         if task is None:
             raise Refused(503, "the model gave the same reply every time: try another prompt")
         return self.public(task)
@@ -227,8 +250,10 @@ class Classroom:
                 raise Refused(401, "wrong or missing class code")
             if wait is None and not (isinstance(student, str) and STUDENT.fullmatch(student)):
                 raise Refused(400, "student must be 4 to 40 letters, digits, - or _")
-            if wait is None and student not in self.buckets and len(self.buckets) >= MAX_STUDENTS:
-                raise Refused(429, f"the class is full ({MAX_STUDENTS} students)")
+            if wait is None and student not in self.buckets:
+                if len(self.buckets) >= MAX_STUDENTS:
+                    raise Refused(429, f"the class is full ({MAX_STUDENTS} students)")
+                wait = self.new_ids.setdefault(address, Bucket(NEW_IDS, NEW_IDS_BURST)).take()  # no rotation
             wait = wait or self.buckets.setdefault(student, Bucket(RATE, BURST)).take()
         if wait is not None:
             raise Refused(429, "too many requests: slow down", retry_after=wait)
@@ -278,6 +303,7 @@ ROUTES = {("GET", "/api/task"): lambda room, student, body: room.task_for(studen
 class Handler(http.server.BaseHTTPRequestHandler):
     """The server's only routes: the two pages, and ROUTES; everything else is a 404."""
     server_version, protocol_version = "BardClass/1", "HTTP/1.1"
+    timeout = 30                                   # seconds a connection may stall: no thread held forever
 
     def setup(self):
         super().setup()                            # headers and body are two writes: without NODELAY the
@@ -302,18 +328,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Refused as e:
             self.close_connection = True                       # a body not read must not be the next request
             self.send_json(e.status, {"error": e.message}, e.retry_after)
+        except Exception as e:                                 # a bug of ours: a 500, not a dead connection
+            print(f"error: {method} {url.path[:80]}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            self.close_connection = True
+            self.send_json(500, {"error": "the server failed on this request; nothing was saved"})
 
     def body(self):
         """The request's JSON object, at most MAX_BODY bytes (the whole body is read, so the connection
         stays usable for the next request)."""
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise Refused(411, "a POST needs a Content-Length")
         if int(length) > MAX_BODY:
             raise Refused(413, f"the request is larger than {MAX_BODY} bytes")
         try:
             body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise Refused(400, "the request is not JSON") from None
         if not isinstance(body, dict):
             raise Refused(400, "the request must be a JSON object")
@@ -321,6 +351,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_json(self, status, obj, retry_after=None):
         headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
+        if self.close_connection:
+            headers["Connection"] = "close"
         self.send(status, json.dumps(obj).encode(), "application/json", headers)
 
     def send(self, status, data, kind, headers=()):

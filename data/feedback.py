@@ -38,7 +38,7 @@ except ImportError:
     fcntl = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(HERE) not in sys.path:  # `python data/feedback.py` finds model.py in the repo root
+if os.path.dirname(HERE) not in sys.path:  # `python data/feedback.py` finds the data package
     sys.path.insert(0, os.path.dirname(HERE))
 from data.prepare import ASSISTANT, HUMAN, format_prompt  # noqa: E402
 

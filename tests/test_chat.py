@@ -1,5 +1,5 @@
 """Tests for chat.py ([实战框架 §5.4.2], [实战框架 §3.4.3], [流程与实践 §3.2]): a scripted session through stdin that uses every command, the
-feedback file it writes (checked record by record, read back by reward.read_feedback, and trained on by
+feedback file it writes (checked record by record, read back by data.feedback.read_feedback, and trained on by
 train_rm.py), the context-window trimming, Ctrl-C during a reply, and the missing-checkpoint error.
 Tiny random models (1 layer, d = 32): replies are gibberish, but every code path runs for real."""
 import io

@@ -291,3 +291,41 @@ def test_a_kill_9_mid_write_leaves_a_file_train_rm_reads_with_every_acknowledged
     records, bad = read_feedback([str(path)])                        # train_rm.py's reader: every line whole
     written = {(r["meta"]["student"], r["meta"]["task"]) for r in records}
     assert bad == 0 and len(acked) > 10 and set(acked) <= written and len(written) == len(records)
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"student": "stud1", "task": "T", "action": "order", "order": ["x", 1]}, 400),
+    ({"student": "stud1", "task": "T", "action": "order", "order": [None, None]}, 400),
+    ({"student": "stud1", "task": "T", "action": "correct", "reply": 0, "text": "\ud800 lone surrogate"}, 400),
+])
+def test_odd_values_are_a_4xx_and_the_server_keeps_serving(room, body, status):
+    room, port = room
+    t = task(port)
+    body = {**body, "task": t["task"]}
+    code, answer, r = request(port, "POST", "/api/label", raw=json.dumps(body).encode())
+    assert code == status and "error" in answer and r.getheader("Connection") == "close" and lines(room) == []
+    assert request(port, "POST", "/api/label", {"student": "stud1", "task": t["task"], "action": "skip"})[0] == 200
+
+
+def test_deep_json_and_odd_lengths_are_refused(room):
+    room, port = room
+    assert request(port, "POST", "/api/label", raw=b"[" * 4000 + b"]" * 4000)[0] == 400   # 8,000 bytes, too deep
+    assert request(port, "POST", "/api/label", raw=b"{}", headers={"Content-Length": "\u00b2"})[0] == 411
+
+
+def test_rotating_student_ids_from_one_address_is_slowed(room):
+    room, port = room
+    answers = [request(port, "GET", f"/api/stats?student=rot{i:04d}")[0] for i in range(C.NEW_IDS_BURST + 20)]
+    assert answers[:C.NEW_IDS_BURST].count(200) >= C.NEW_IDS_BURST - 2 and answers[-10:].count(429) >= 8
+
+
+def test_a_generator_that_fails_is_reported_not_a_silent_wait(tmp_path):
+    def broken(prompts):
+        raise MemoryError("no room for the replies")
+    room = C.Classroom(broken, ["a prompt"] * 5, str(tmp_path / "c.jsonl"), CODE)
+    server = C.start(room, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    status, answer, _ = request(server.server_port, "GET", "/api/task?student=stud1")
+    assert status == 500 and "the model failed to write replies (MemoryError" in answer["error"]
+    room.stop.set()
+    server.shutdown()
