@@ -8,7 +8,7 @@ The GPT of the book ([实战框架 §4.1] transformer 架构), and what it needs
     h = model.hidden_states(idx)           # (B, T, n_embd): reward model and critic put scalar heads here
 
 What is here, top to bottom:
-  [实战框架 §4.1.2] position encoding      sinusoidal_positions()
+  [实战框架 §4.1.2] position encoding      sinusoidal_positions(), Positions
   [实战框架 §4.1.3] layer normalization    LayerNorm, written out
   [实战框架 §4.1.1] self-attention 机制     CausalSelfAttention (readable math path + fused SDPA path)
          KV cache for incremental decoding KVCache
@@ -58,6 +58,21 @@ def sinusoidal_positions(max_len, d_model):
     pe[:, 0::2] = torch.sin(angle)
     pe[:, 1::2] = torch.cos(angle)
     return pe
+
+
+class Positions(nn.Module):
+    """What is added to each token's embedding to say where it stands: position ids (T,) or (B, T) ->
+    (..., d_model). Exercise C4 edits THIS class: a learned table (an nn.Embedding(block_size, d_model) made
+    in __init__ and looked up in forward) or no positions at all. The table is a persistent buffer, saved in
+    every checkpoint, so a checkpoint always computes with the positions it was trained with; one trained
+    with other positions has other weight names and is refused by name (model.gpt_from_checkpoint)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_positions(cfg.block_size, cfg.n_embd))   # (block_size, d)
+
+    def forward(self, pos):
+        return self.pe[pos]                                                   # (..., d)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +203,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)                   # token embedding
-        self.register_buffer("pe", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+        self.wpe = Positions(cfg)                                             # position encoding
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -237,7 +252,7 @@ class GPT(nn.Module):
         mask = None                                                           # None means plain causal
         if pad is not None or offset > 0:
             mask = attention_mask(T, offset, pad, idx.device)                 # (B|1, 1, T, offset+T)
-        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.pe[pos]   # (B, T, d) x sqrt(d): Vaswani 2017
+        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.wpe(pos)   # (B, T, d) x sqrt(d): Vaswani 2017
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask, cache)                                         # (B, T, d)
@@ -316,12 +331,21 @@ def config_from_dict(d):
     return cfg
 
 
+def with_positions(state, cfg, prefix=""):
+    """Checkpoints made before the position table was saved (2026-12-02) hold no 'wpe.pe' (or, under a
+    `prefix` such as 'body.', no 'body.wpe.pe'): they were all trained with the sinusoidal table, which is
+    put in. Returns the state dict."""
+    if not any(k.startswith(prefix + "wpe.") for k in state):
+        state = {**state, prefix + "wpe.pe": sinusoidal_positions(cfg.block_size, cfg.n_embd)}
+    return state
+
+
 def gpt_from_checkpoint(ckpt, prefix=""):
     """Rebuild a GPT from a checkpoint dict; `prefix` selects a sub-module's weights (e.g. 'body.')."""
     cfg = config_from_dict(ckpt["model_args"])
     model = GPT(cfg)
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}       # saved from a compiled model
+    state = with_positions({k.removeprefix("_orig_mod."): v for k, v in state.items()}, cfg)  # compiled
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare import (EOT, format_prompt, get_tokenizer, load_turns, play_words, real_word_rate,
                           unique_prompts, words)
-from model import GPT, clip_and_step
+from model import GPT, clip_and_step, with_positions
 from data.plumbing import (World, all_sum, end_world, file_sha256, flag, gather_shards, last_good,
                            load_checkpoint, nested_settings, pyplot, run_script, save_checkpoint, save_figure,
                            start_run, weights_problem, world_size, write_text)
@@ -285,8 +285,8 @@ def resume(s, m, kl_ctl, path):
                              f"{os.path.join(s.out_dir, name)} (sha256 {ck[key][:12]}... then, "
                              f"{digest[:12]}... "
                              "now): resume with the files it started from, or start afresh without --resume")
-    m.policy.load_state_dict(ck["model"])
-    m.critic.load_state_dict(ck["critic"])
+    m.policy.load_state_dict(with_positions(ck["model"], m.policy.config))         # with_positions: files
+    m.critic.load_state_dict(with_positions(ck["critic"], m.policy.config, "body."))   # made before 12-02
     m.optimizer.load_state_dict(ck["optimizer"])
     for group, lr, name in zip(m.optimizer.param_groups, (s.lr, s.critic_lr), ("lr", "critic_lr")):
         if group["lr"] != lr:
@@ -397,17 +397,21 @@ def rollout(m, model, prompts, generator=None):
 
 # ---- 2. score: the reward, advantages ----------------------------------------------------------------------
 
-def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta):
-    """The reward PPO maximises, per reply token; training and evaluation both call this, so whatever is
-    added here (a repetition penalty, a length bonus: change THIS function) is what the policy learns from
-    and what the held-out report measures, for the SFT and the PPO replies alike.
+def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta, replies):
+    """The reward PPO maximises, per reply token ([流程与实践 §3.3] 奖励塑形); training and evaluation both
+    call this, so whatever is added here (a repetition penalty, a length bonus: change THIS function) is what
+    the policy learns from and what the held-out report measures, for the SFT and the PPO replies alike.
       - the reward model's score is clipped to [-score_clip, score_clip]: far from its training data (replies
         the SFT model would never write) the reward model's scores are large and wrong, and an unbounded score
         pays the policy to go there whatever the KL costs;
       - a reply that never emitted <|endoftext|> gets no_eos_penalty as its score (ppo.apply_no_eos_penalty);
       - the score goes on the reply's last token, -beta * KL(pi || pi_ref) on every token
         (ppo.per_token_rewards).
-    rm_scores, ended (B,); logprobs, ref_logprobs, resp_mask (B, R). Returns rewards (B, R), kl (B, R)."""
+    rm_scores, ended (B,); logprobs, ref_logprobs, resp_mask (B, R); replies: the B reply texts (what the
+    panel reads), for a term that needs the words, e.g. exercise C3's repetition penalty:
+        repeats = torch.tensor([len(ws) - len(set(ws)) for ws in map(words, replies)])   # (B,)
+        scores = scores - 0.5 * repeats.to(scores)
+    Returns rewards (B, R), kl (B, R)."""
     scores = rm_scores.clamp(-s.score_clip, s.score_clip)                     # (B,)
     scores = apply_no_eos_penalty(scores, ended, s.no_eos_penalty)            # (B,)
     return per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)  # (B, R), (B, R)
@@ -428,7 +432,8 @@ def score(m, roll, beta, advantages=True):
         values = response_values(m.critic, seq, pad, R).float()              # (B, R) V(s_t)
         reply_mask = torch.cat([torch.zeros_like(seq[:, :-R], dtype=torch.bool), resp_mask], 1)  # (B, P+R)
         rm_scores = m.rm.score(seq, reply_mask, pad).float()                  # (B,) normalised RM score
-    rewards, kl = shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta)  # (B, R) each
+    replies = decode_replies(m.enc, seq, resp_mask)                          # B texts, for shape_rewards
+    rewards, kl = shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta, replies)
     if not advantages:
         return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, None, None,
                           beta)

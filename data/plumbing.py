@@ -28,7 +28,7 @@ except ImportError:
     fcntl = None
 
 from data.prepare import TOKENIZER_NAME, VOCAB_SIZE, prepare
-from model import GPT, config_from_dict
+from model import GPT, config_from_dict, with_positions
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -532,7 +532,7 @@ def checkpoint_problem(ckpt, needed):
             expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as e:
         return f"its {str(e).splitlines()[0]}".replace("its checkpoint config", "its model_args")
-    weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    weights = with_positions({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}, cfg)
     if set(weights) != set(expected):
         odd = sorted(set(weights) ^ set(expected))[0]
         return f"its 'model' weights are not those of its model_args (e.g. {odd!r})"

@@ -6,8 +6,10 @@ or sampling path really calls it: the exercise changes what the path computes. A
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import chat
@@ -18,7 +20,7 @@ import sample
 import train_ppo
 import train_rm
 from model import GPT, GPTConfig
-from data.prepare import format_prompt, get_tokenizer
+from data.prepare import EOT, encode_reply, format_prompt, get_tokenizer, words
 from data.plumbing import save_checkpoint
 from reward import RewardModel, reply_scores
 
@@ -83,40 +85,94 @@ def test_2_the_advantages_train_ppo_learns_from_come_from_ppo_gae(monkeypatch):
 
 # ---- 3. train_ppo.py shape_rewards: a repetition penalty (or any reward shaping) ---------------------------------
 
-def with_penalty(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta):
+def with_penalty(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta, replies):
     scores = rm_scores.clamp(-s.score_clip, s.score_clip)
-    scores = apply_no_eos_penalty(scores, ended, s.no_eos_penalty) - 1.0   # noqa: F821  the student's term: -1
-    return per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)  # noqa: F821
+    scores = apply_no_eos_penalty(scores, ended, s.no_eos_penalty)                  # noqa: F821
+    repeats = torch.tensor([len(ws) - len(set(ws)) for ws in map(words, replies)])  # noqa: F821  the edit:
+    scores = scores - 0.5 * repeats.to(scores)                                       # 0.5 per repeated word
+    return per_token_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)       # noqa: F821
 
 
-def test_3_reward_shaping_reaches_training_and_both_sides_of_the_evaluation(monkeypatch):
+def repeated_words(text):
+    ws = words(text)
+    return len(ws) - len(set(ws))
+
+
+def known_rollout(m, replies):
+    """A rollout whose replies are the given texts (each ended by <|endoftext|>), prompts left-padded."""
+    prompts = [get_tokenizer().encode_ordinary(format_prompt(p)) for p in PROMPTS[:len(replies)]]
+    answers = [encode_reply(get_tokenizer(), r) for r in replies]
+    R = max(len(a) for a in answers)
+    P = max(len(p) for p in prompts)
+    seq = torch.tensor([[EOT] * (P - len(p)) + p + a + [EOT] * (R - len(a)) for p, a in zip(prompts, answers)])
+    pad = torch.tensor([P - len(p) for p in prompts])
+    resp_mask = torch.tensor([[i < len(a) for i in range(R)] for a in answers])
+    return train_ppo.Rollout(seq, pad, resp_mask)
+
+
+def test_3_a_repetition_penalty_in_shape_rewards_reaches_training_and_both_sides_of_the_evaluation(monkeypatch):
     from reward import Panel
     m, panel = tiny_models(), Panel()
-    exp = rollout_and_score(m)
+    replies = ["Good, good, good my lord.", "Thou art kind and gentle.", "No, no.", "Well met."]
+    roll = known_rollout(m, replies)
+    assert [repeated_words(r) for r in replies] == [2, 0, 1, 0]
+    exp = train_ppo.score(m, roll, 0.1)
     sides = [train_ppo.judge(m, panel, model, PROMPTS, seed=1) for model in (m.ref, m.policy)]
     edit(monkeypatch, train_ppo.shape_rewards, with_penalty)
-    exp2 = rollout_and_score(m)
-    assert torch.allclose(exp2.rewards.sum(1), exp.rewards.sum(1) - 1.0, atol=1e-5)   # what PPO learns from
-    for before, model_ in zip(sides, (m.ref, m.policy)):                           # what the report measures
+    exp2 = train_ppo.score(m, roll, 0.1)                                             # what PPO learns from
+    assert torch.allclose(exp2.rewards.sum(1), exp.rewards.sum(1) - torch.tensor([1.0, 0.0, 0.5, 0.0]),
+                          atol=1e-5)
+    for before, model_ in zip(sides, (m.ref, m.policy)):                             # what the report measures
         after = train_ppo.judge(m, panel, model_, PROMPTS, seed=1)
-        assert after["reward"] == pytest.approx(before["reward"] - 1.0, abs=1e-5)
-        assert after["rm_score"] == pytest.approx(before["rm_score"], abs=1e-6)     # the RM's own score: unshaped
+        penalty = np.array([0.5 * repeated_words(t) for t in after["text"]])
+        assert after["text"] == before["text"]
+        assert after["reward"] == pytest.approx(before["reward"] - penalty, abs=1e-5)
+        assert after["rm_score"] == pytest.approx(before["rm_score"], abs=1e-6)   # the RM's own score: unshaped
 
 
-# ---- 4. model.py sinusoidal_positions: another positional encoding ------------------------------------------------
+# ---- 4. model.py Positions: another positional encoding (none, or learned) --------------------------------------
 
 def no_positions(max_len, d_model):
     return torch.zeros(max_len, d_model)
 
 
-def test_4_the_gpt_adds_model_sinusoidal_positions(monkeypatch):
+def learned_init(self, cfg):                                     # the student's Positions.__init__ ...
+    nn.Module.__init__(self)
+    self.table = nn.Embedding(cfg.block_size, cfg.n_embd)
+
+
+def learned_forward(self, pos):                                  # ... and Positions.forward
+    return self.table(pos)
+
+
+def test_4_the_gpt_adds_model_positions_and_a_checkpoint_keeps_its_own(monkeypatch):
     idx = torch.randint(0, 100, (1, 12))
     torch.manual_seed(0)
-    with_pe = GPT(CFG).eval()(idx)
-    edit(monkeypatch, model.sinusoidal_positions, no_positions)
+    sinusoidal = GPT(CFG).eval()
+    with_pe = sinusoidal(idx)
+    ckpt = {"model_args": dataclasses.asdict(CFG), "model": sinusoidal.state_dict()}
+    assert "wpe.pe" in ckpt["model"]                             # the table travels with the weights
+    edit(monkeypatch, model.sinusoidal_positions, no_positions)   # C4 "none"
     torch.manual_seed(0)
     m = GPT(CFG).eval()
-    assert (m.pe == 0).all() and not torch.allclose(m(idx), with_pe)
+    assert (m.wpe.pe == 0).all() and not torch.allclose(m(idx), with_pe)
+    assert torch.equal(model.gpt_from_checkpoint(ckpt).eval()(idx), with_pe)   # an old file: its own table
+
+
+def test_4_learned_positions_are_one_class_trained_saved_and_an_old_file_is_refused(monkeypatch):
+    monkeypatch.setattr(model.Positions, "__init__", learned_init)   # the student rewrites the class's two
+    monkeypatch.setattr(model.Positions, "forward", learned_forward)  # methods in model.py
+    torch.manual_seed(0)
+    m = GPT(CFG)
+    idx = torch.randint(0, 100, (2, 12))
+    m(idx[:, :-1], idx[:, 1:]).backward()
+    assert m.wpe.table.weight.grad[:11].abs().sum() > 0          # the table is learned: it gets a gradient
+    assert any(n == "wpe.table.weight" for n, _ in m.named_parameters())
+    ckpt = {"model_args": dataclasses.asdict(CFG), "model": m.state_dict()}
+    assert torch.equal(model.gpt_from_checkpoint(ckpt).eval()(idx), m.eval()(idx))  # saved and loaded back
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="wpe.table.weight"):     # a learned-positions file in today's GPT
+        model.gpt_from_checkpoint(ckpt)
 
 
 # ---- 5. sample.py: a new sampling knob (e.g. min-p) is a field of Sampling, a rule, a step in filter_logits ---------
