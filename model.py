@@ -252,7 +252,7 @@ class GPT(nn.Module):
         mask = None                                                           # None means plain causal
         if pad is not None or offset > 0:
             mask = attention_mask(T, offset, pad, idx.device)                 # (B|1, 1, T, offset+T)
-        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.wpe(pos)   # (B, T, d) x sqrt(d): Vaswani 2017
+        x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.wpe(pos)   # (B, T, d) x sqrt(d): Vaswani
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask, cache)                                         # (B, T, d)

@@ -398,9 +398,10 @@ def rollout(m, model, prompts, generator=None):
 # ---- 2. score: the reward, advantages ----------------------------------------------------------------------
 
 def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta, replies):
-    """The reward PPO maximises, per reply token ([流程与实践 §3.3] 奖励塑形); training and evaluation both
-    call this, so whatever is added here (a repetition penalty, a length bonus: change THIS function) is what
-    the policy learns from and what the held-out report measures, for the SFT and the PPO replies alike.
+    """The reward PPO maximises, per reply token (reward shaping, 奖励塑形: [流程与实践 §3.3] 反馈模型训练).
+    Training and evaluation both call this, so whatever is added here (a repetition penalty, a length bonus:
+    change THIS function) is what the policy learns from and what the held-out report measures, for the SFT
+    and the PPO replies alike.
       - the reward model's score is clipped to [-score_clip, score_clip]: far from its training data (replies
         the SFT model would never write) the reward model's scores are large and wrong, and an unbounded score
         pays the policy to go there whatever the KL costs;
