@@ -15,6 +15,20 @@ What is here, top to bottom: the maths first, then the fast paths, each equal to
   diagnostics                                                       explained_variance
   fast paths: chunked log-probs (memory), discounted sums as one matrix product (speed), torch.compile
 
+The MDP this code solves, token by token ([难点和问题 §4.1] 强化学习基本数学模型,
+[强化对齐 §4.1] 马尔可夫决策过程的数学表示). One reply is one episode. State s_t: the prompt plus the reply tokens
+sampled so far. Action a_t: the next token, one of the tokenizer's 8,192 ids. Transition ([强化对齐 §4.1.1]):
+deterministic, s_{t+1} is s_t with a_t appended (P(s'|s, a) = 1 for that s', 0 for any other); the episode
+ends when a_t is <|endoftext|> or the reply reaches its token budget (train_ppo's --max_new_tokens). Reward
+([强化对齐 §4.1.2]; the chapter's R_{t+1} is our r_t): r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) on
+every reply token, plus the reward model's score of the whole reply on its last token (per_token_rewards;
+train_ppo.shape_rewards first clips the score, and replaces it for a reply that never ended). Policy
+([强化对齐 §4.1.3]): pi(a_t|s_t) is the language model's softmax over the next token; response_logprobs gives
+log pi of the sampled ones. The return from t is sum_k gamma^k r_{t+k} to the end of the reply; the value
+V^pi(s_t) is its expectation under pi, which the critic V_phi(s_t) (response_values) learns. gamma is the
+discount, train_ppo's --gamma, 1 by default (a reply is short and always ends); gae turns these r_t and
+V(s_t) into advantages.
+
 From REINFORCE to PPO, in this file's words. The policy gradient is E[sum_t grad log pi(a_t|s_t) A_t]
 ([流程与实践 §4.1], [强化对齐 §4.2.1]); REINFORCE uses the return for A_t, and with a baseline b(s_t) the return
 minus the baseline ([强化对齐 §4.2.3]). ppo_loss's surrogate has exactly this gradient while the ratio is 1,

@@ -1,5 +1,6 @@
-"""The book map: every § citation in the code, the tests and the READMEs names its chapter, and the section it
-names exists in that chapter (data/book_sections.json keeps the five chapters' numbered headings, so this test
+"""The book map: every § citation in the code, the tests and the READMEs names its chapter, the section it
+names exists in that chapter, and a heading written beside it is that section's heading (the rules are in the
+comment above heading_claims; data/book_sections.json keeps the five chapters' numbered headings, so this test
 runs on a fresh clone without ../shared/book)."""
 import glob
 import json
@@ -11,8 +12,9 @@ with open(os.path.join(ROOT, "data", "book_sections.json"), encoding="utf-8") as
     BOOK = json.load(f)
 TAGS = tuple(BOOK)                                        # 实战框架, 流程与实践, 难点和问题, 强化对齐, 从理论到实践
 FILES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))
-               + glob.glob(os.path.join(ROOT, "data", "*.py")) + [os.path.join(ROOT, "README.md"),
-                                                                  os.path.join(ROOT, "data", "README.md")])
+               + glob.glob(os.path.join(ROOT, "data", "*.py"))
+               + [os.path.join(ROOT, f) for f in ("README.md", "data/README.md", "tests/README.md",
+                                                  "tests/README_zh.md")])
 FILES.remove(os.path.abspath(__file__))                   # this file writes about the format itself
 # a citation: [TAG §4.2.3], also [TAG §4.2.1-§4.2.2] or [TAG §3.1, §3.3]: every § inside the brackets
 CITATION = re.compile(r"\[(" + "|".join(TAGS) + r") (§[\d.]+(?:\s*(?:,|-|–|and)\s*§[\d.]+)*)\]")
@@ -52,3 +54,134 @@ def test_every_section_sign_carries_its_chapter():
             if not any(a <= m.start() < b for a, b in spans):
                 bare.append(f"{os.path.relpath(path, ROOT)}:{text[:m.start()].count(chr(10)) + 1}")
     assert not bare, "section numbers without a chapter tag: " + ", ".join(bare)
+
+
+# ---- the heading beside a citation ----------------------------------------------------------------------
+# Where a citation is written with a heading beside it, that heading is the chapter's own for that section.
+# Two places carry one:
+#   * a table whose second column is headed "heading" (or 标题), a row whose first cell is one citation
+#     alone: `| [实战框架 §4.2.3] | 广义优势估计 | ...`. The cell must BE the heading, character for character.
+#   * a citation followed by a space and the heading, in prose, code or a table cell:
+#     `[实战框架 §4.2.3] 广义优势估计 (GAE)`. The text after it must START with the heading: the heading
+#     exactly, or the heading and then anything (`人类反馈收集（评分、排序、比较、修正）`); a shortened heading
+#     (`策略梯度` for 策略梯度算法) fails. When the citation ends its line, the text is the next line's
+#     (a wrapped docstring), leading spaces and `#` dropped.
+# Which text after a citation claims to be a heading: its first phrase (up to | ( ) , ; : . [ ] ` or
+# their full-width forms, 、, two spaces, or the end of the line) that
+#   - starts with, or contains, a Chinese character (`广义优势估计`, `Q-Learning算法`, `prompt 设计`), or
+#   - is followed by Chinese punctuation (、，。；：（）《》: a Latin word in a Chinese sentence,
+#     `self-attention、`), or
+#   - starts with another section's heading of the same chapter (`[实战框架 §4.1.2] layer normalization`).
+# Any other Latin text is English prose and is left alone (`[实战框架 §4.3.2] Bradley-Terry pairwise loss`,
+# `[实战框架 §3.3.2] the rollout`); so is a citation followed by anything but a space (`]),`, `]:`).
+# A citation of several sections may carry the heading of any of them. A Chinese sentence that goes on
+# after a citation with a word that is not the heading puts punctuation first (`见 [强化对齐 §4.2.2]，其中…`).
+
+CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+ZH_PUNCT = "、，。；：（）《》"
+PHRASE_END = re.compile(r"[|()（）,，、;；:：.。\[\]【】`]|\s{2,}|$")
+CELL = re.compile(r"(?<!\\)\|")                           # a table's cell boundary (not an escaped \|)
+
+
+def _cells(line):
+    return [c.strip() for c in CELL.split(line.strip())[1:-1]]
+
+
+def heading_claims(text):
+    """(line, tag, numbers, written, exact) for every heading written beside a citation in `text`, by the
+    rules above: `written` is the table cell (exact: it must equal the heading) or the text after the
+    citation (it must start with the heading)."""
+    lines = text.split("\n")
+    header = None
+    for i, line in enumerate(lines):                      # the tables with a heading column
+        if not line.lstrip().startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if header is None:
+            header = cells
+            continue
+        if len(header) > 1 and header[1].lower() in ("heading", "标题") and len(cells) > 1:
+            m = CITATION.fullmatch(cells[0])
+            if m:
+                yield i + 1, m.group(1), re.findall(r"§([\d.]+)", m.group(2)), cells[1], True
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line) + 1)
+    for m in CITATION.finditer(text):                     # a citation followed by a heading
+        i = text[:m.start()].count("\n")
+        after = text[m.end():starts[i + 1] - 1]
+        if not after.strip() and i + 1 < len(lines):
+            after = " " + lines[i + 1].lstrip(" \t#")     # the citation ends its line: the next line's text
+        if not after.startswith(" "):
+            continue
+        written = after.lstrip(" ")
+        end = PHRASE_END.search(written)
+        phrase = written[:end.start()].strip()
+        if not phrase:
+            continue
+        tag, numbers = m.group(1), [n.rstrip(".") for n in re.findall(r"§([\d.]+)", m.group(2))]
+        followed_by = written[end.start():end.start() + 1]
+        if (CJK.search(phrase) or (followed_by and followed_by in ZH_PUNCT)
+                or any(phrase.startswith(h) for h in BOOK[tag]["sections"].values())):
+            yield i + 1, tag, numbers, written, False
+
+
+def heading_problems(text, where):
+    """The headings in `text` that are not the chapter's: 'where:line: [TAG §n] written ..., the chapter ...'."""
+    out, n = [], 0
+    for line, tag, numbers, written, exact in heading_claims(text):
+        headings = [BOOK[tag]["sections"][k] for k in numbers if k in BOOK[tag]["sections"]]
+        if not headings:                                  # no such section: test_every_cited_section_... says so
+            continue
+        n += 1
+        if not any(written == h if exact else written.startswith(h) for h in headings):
+            shown = written if exact else written[:PHRASE_END.search(written).start()].strip() or written[:30]
+            out.append(f"{where}:{line}: [{tag} §{'/§'.join(numbers)}] written {shown!r}, the chapter's heading "
+                       f"is {' or '.join(map(repr, headings))}")
+    return out, n
+
+
+def test_every_heading_beside_a_citation_is_the_chapters():
+    """The rules are in the comment above heading_claims."""
+    problems, checked = [], 0
+    for path in FILES:
+        found, n = heading_problems(open(path, encoding="utf-8").read(), os.path.relpath(path, ROOT))
+        problems += found
+        checked += n
+    assert checked > 80                                   # the README's map alone has more than 60
+    assert not problems, "headings that are not the chapter's (data/book_sections.json):\n" + "\n".join(problems)
+
+
+def test_the_heading_check_catches_a_wrong_heading():
+    def wrong(text):
+        return heading_problems(text, "made-up")[0]
+    right = ["[实战框架 §4.2.3] 广义优势估计",
+             "x = 1  # [实战框架 §4.2.3] 广义优势估计 (GAE)",
+             "[流程与实践 §3.2] 人类反馈收集（评分、排序、比较、修正）",          # the heading, then more
+             "[强化对齐 §4.2]\n    策略梯度定理与REINFORCE算法 and",            # wrapped onto the next line
+             "[实战框架 §4.1.2] position encoding、[实战框架 §5.3.2] prompt 设计",
+             "| section | heading | code |\n|---|---|---|\n| [实战框架 §4.2.1] | 重要性采样 | `ppo.py` |",
+             "| section | code |\n|---|---|\n| [实战框架 §4.2.1] | `ppo.py` |",   # no heading column
+             "[实战框架 §4.3.2] Bradley-Terry pairwise loss",                  # English prose
+             "[实战框架 §3.3.2] the rollout",
+             "[实战框架 §4.2.1-§4.2.2] 信赖域方法",                             # one of the sections cited
+             "([实战框架 §4.2.2]): 随便什么",                                   # not a space after the citation
+             "[实战框架 §4.2.3]\n\nP5 = 1"]
+    for text in right:
+        assert wrong(text) == [], text
+    assert wrong("see [实战框架 §4.2.3] 重要性采样 here") == [
+        "made-up:1: [实战框架 §4.2.3] written '重要性采样 here', the chapter's heading is '广义优势估计'"]
+    bad = ["[实战框架 §4.2.3] 重要性采样",                                      # another section's heading
+           "[流程与实践 §4.1] 策略梯度、[强化对齐 §4.2.3] 基线",                    # shortened, twice
+           "[流程与实践 §3.3] 奖励塑形",                                   # a word of the section, not its heading
+           "[流程与实践 §4.4] 示例 (the chat system)",                           # 示例:基于RLHF的对话系统
+           "[实战框架 §4.1.1] self-attention、",                                # a Latin word in Chinese prose
+           "[实战框架 §4.1.2] layer normalization",                             # §4.1.3's heading
+           "[强化对齐 §4.1]\n  马尔可夫决策过程",                         # wrapped; §4.1 is 马尔可夫决策过程的数学表示
+           "| section | heading |\n|---|---|\n| [实战框架 §4.2.2] | 信赖域 |",
+           "| 书中小节 | 标题 |\n|---|---|\n| [实战框架 §4.2.2] | 信赖域方法（PPO） |"]   # a heading cell is exact
+    for text in bad:
+        assert wrong(text), text
+    assert len(wrong(bad[1])) == 2
+    assert [p.split(":")[1] for p in wrong("ok\n[实战框架 §4.2.2] 信赖域方法\n[实战框架 §4.2.2] 重要性采样")] == ["3"]
