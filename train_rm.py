@@ -495,56 +495,47 @@ def gold_verdict(panel, better, worse, score_better, score_worse):
 
 def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3, 1e-2), steps=300, lr=0.3):
     """Does the transformer beat counting words? A linear model on the same training labels: a reply's
-    features say which words it uses (1 for each distinct word, over the words of the training replies: the
-    panel's form without its context rules), its score w . f(reply), fitted with the same Bradley-Terry loss
-    ([实战框架 §4.3.2]) on every pair of every ranking (each reply beats the ones ranked below it) plus
-    l2 * |w|^2, by full-batch gradient descent with Adam. l2 is chosen on a tenth of the training prompts
-    held back (accuracy against their labels, never gold), then the model is refitted on all of them.
-    Returns its held-out gold accuracy and the number of pairs used, on all pairs and on the context pairs
-    (gold_verdict)."""
+    features f say which words it uses (1 for each distinct word of the training replies: the panel's form
+    without its context rules), its score w . f, fitted with the same Bradley-Terry loss on every pair of
+    every ranking (each reply beats the ones ranked below it) plus l2 * |w|^2, by full-batch Adam. l2 is
+    chosen on a tenth of the training prompts held back (accuracy against their labels, never gold), then
+    the model is refitted on all of them. Returns its held-out gold accuracy and the number of pairs used,
+    on all pairs and on the context pairs (gold_verdict)."""
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {w: i for i, w in enumerate(sorted({w for r in ranked for x in r["replies"] for w in words(x)}))}
 
-    def sparse(items):   # the nonzero features (row, column, value) of all replies; (better, worse) pairs
-        rows, cols, vals, better, worse, n = [], [], [], [], [], 0
+    def features(items):   # f(w): w . f for each reply (f: 1 for each word it uses); (better, worse) pairs
+        texts, pairs = [], []
         for r in items:
-            for a, x in enumerate(r["replies"]):
-                for w in {w for w in words(x) if w in vocab}:
-                    rows.append(n + a), cols.append(vocab[w]), vals.append(1.0)
-                better += [n + a] * (len(r["replies"]) - a - 1)
-                worse += list(range(n + a + 1, n + len(r["replies"])))
-            n += len(r["replies"])
-        return [np.array(x, dtype=dt) for x, dt in ((rows, np.int64), (cols, np.int64), (vals, np.float64),
-                                                    (better, np.int64), (worse, np.int64))] + [n]
+            n, k = len(texts), len(r["replies"])
+            pairs += [(n + i, n + j) for i in range(k) for j in range(i + 1, k)]
+            texts += r["replies"]
+        cells = [(n, vocab[v]) for n, x in enumerate(texts) for v in set(words(x)) if v in vocab]
+        reply, word = torch.tensor(cells, dtype=torch.long).reshape(-1, 2).T           # (C,) each: a cell
+        a, b = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T                  # (P,) better, worse
+        f = lambda w: torch.zeros(len(texts)).index_add(0, reply, w[word])              # w . f per reply
+        return f, a, b, texts
 
     def fit(items, l2):
-        rows, cols, vals, a, b, n = sparse(items)
-        w, m, v = np.zeros(len(vocab)), np.zeros(len(vocab)), np.zeros(len(vocab))
-        for t in range(1, steps + 1):
-            sc = np.bincount(rows, vals * w[cols], n)                         # (n,) scores w . f(reply)
-            g_pair = -1.0 / (1.0 + np.exp(np.clip(sc[a] - sc[b], -50, 50)))   # (P,) d loss / d s_a
-            g_sc = np.bincount(a, g_pair, n) - np.bincount(b, g_pair, n)      # (n,)
-            grad = np.bincount(cols, vals * g_sc[rows], len(vocab)) / len(a) + 2 * l2 * w   # (V,)
-            m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad ** 2        # Adam's moments
-            w -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-        return w
-
-    def scores(items, w):
-        rows, cols, vals, a, b, n = sparse(items)
-        return np.bincount(rows, vals * w[cols], n), a, b
+        (f, a, b, _), w = features(items), torch.zeros(len(vocab), requires_grad=True)     # w: (V,)
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(steps):
+            sc = f(w)                                                                      # (n_replies,)
+            loss = bradley_terry_loss(sc[a], sc[b]) + l2 * (w ** 2).sum()
+            opt.zero_grad(), loss.backward(), opt.step()
+        return w.detach()
 
     held = [r for r in ranked if hash_unit(r["prompt"], 0) < 0.1]
     kept = [r for r in ranked if hash_unit(r["prompt"], 0) >= 0.1]
     label_acc = {l2s[len(l2s) // 2]: 1.0}                               # too few labels to choose: the middle
     if held and kept:
         for l2 in l2s:
-            sc, a, b = scores(held, fit(kept, l2))
-            label_acc[l2] = float(np.mean(sc[a] > sc[b]))
-    w = fit(ranked, max(label_acc, key=lambda l2: label_acc[l2]))
-    evals = [r for r in eval_items if r["kind"] != "rating"]
-    sc, a, b = scores(evals, w)
-    texts = [x for r in evals for x in r["replies"]]
-    return gold_verdict(panel, [texts[i] for i in a], [texts[i] for i in b], sc[a], sc[b])
+            (f, a, b, _), w = features(held), fit(kept, l2)
+            sc = f(w)
+            label_acc[l2] = float((sc[a] > sc[b]).float().mean())
+    f, a, b, texts = features([r for r in eval_items if r["kind"] != "rating"])
+    sc = f(fit(ranked, max(label_acc, key=lambda l2: label_acc[l2])))                # (n_replies,)
+    return gold_verdict(panel, [texts[i] for i in a], [texts[i] for i in b], sc[a].numpy(), sc[b].numpy())
 
 
 # ---- 6. normalisation --------------------------------------------------------------------------------------
