@@ -504,7 +504,8 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {w: i for i, w in enumerate(sorted({w for r in ranked for x in r["replies"] for w in words(x)}))}
 
-    def features(items):   # f(w): w . f for each reply (f: 1 for each word it uses); (better, worse) pairs
+    def features(items):   # f(w): w . f for each reply (f: 1 for each word it uses); (better, worse) pairs;
+        # index_select, not w[word]: its backward is an index_add, twice as fast as indexing's on a CPU
         texts, pairs = [], []
         for r in items:
             n, k = len(texts), len(r["replies"])
@@ -513,7 +514,7 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
         cells = [(n, vocab[v]) for n, x in enumerate(texts) for v in set(words(x)) if v in vocab]
         reply, word = torch.tensor(cells, dtype=torch.long).reshape(-1, 2).T           # (C,) each: a cell
         a, b = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T                  # (P,) better, worse
-        f = lambda w: torch.zeros(len(texts)).index_add(0, reply, w[word])              # w . f per reply
+        f = lambda w: torch.zeros(len(texts)).index_add(0, reply, w.index_select(0, word))   # w . f
         return f, a, b, texts
 
     def fit(items, l2):
@@ -521,7 +522,7 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
         opt = torch.optim.Adam([w], lr=lr)
         for _ in range(steps):
             sc = f(w)                                                                      # (n_replies,)
-            loss = bradley_terry_loss(sc[a], sc[b]) + l2 * (w ** 2).sum()
+            loss = bradley_terry_loss(sc.index_select(0, a), sc.index_select(0, b)) + l2 * (w ** 2).sum()
             opt.zero_grad(), loss.backward(), opt.step()
         return w.detach()
 
