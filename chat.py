@@ -613,7 +613,7 @@ def classroom(s, model, rm, ckpt_path):
     replies each (sampled with the chat's knobs), judged afterwards by the panel and the reward model."""
     from data.classroom import Classroom, class_code
     from data.prepare import load_turns, unique_prompts
-    from reward import GOLD_EPS, Panel
+    from data.panel import GOLD_EPS, Panel
     enc, panel, lock = get_tokenizer(), Panel(), threading.Lock()
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
 

@@ -44,7 +44,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare import (EOT, format_prompt, get_tokenizer, load_turns, play_words, real_word_rate,
                           unique_prompts, words)
@@ -55,7 +54,8 @@ from data.plumbing import (World, all_sum, end_world, file_sha256, flag, gather_
 from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  explained_variance, fused, gae, kl_k3, per_token_rewards, ppo_loss, response_logprobs,
                  response_values, whiten)
-from reward import GOLD_EPS, TEMPERATURE, Panel, RewardModel
+from data.panel import GOLD_EPS, TEMPERATURE, Panel
+from reward import RewardModel
 from sample import decode_replies, generate, load_model
 
 
@@ -375,10 +375,7 @@ def build_models(s, device, policy, ref, rm, critic, world=World()):
             body = module.body if isinstance(module, RewardModel) else module
             body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
-    actor_critic = ActorCritic(policy, critic)
-    if world.size > 1:
-        actor_critic = DDP(actor_critic, device_ids=[world.local_rank] if device.startswith("cuda") else None,
-                           forward_sync_buffers=False)                   # the only buffers: fixed positions
+    actor_critic = world.wrap(ActorCritic(policy, critic))              # torchrun: DDP averages gradients
     return Models(s, get_tokenizer(), device, autocast, policy, ref, rm, critic, optimizer,
                   fused(gae) if s.compile else gae, fused(ppo_loss) if s.compile else ppo_loss, actor_critic,
                   world)

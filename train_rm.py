@@ -41,16 +41,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.feedback import read_feedback
 from data.prepare import format_prompt, get_tokenizer, load_turns, unique_prompts, words
 from model import clip_and_step, lr_at, param_groups
-from data.plumbing import (all_sum, barrier, end_world, flag, gather_shards, last_good, load_checkpoint,
-                           nested_settings, pyplot, run_script, save_checkpoint, save_figure, start_run,
-                           weights_problem, write_text)
-from reward import (GOLD_EPS, TEMPERATURE, Panel, RewardModel, bradley_terry_loss, gold_accuracy,
-                    plackett_luce_loss, rating_loss, reply_scores)
+from data.plumbing import (all_sum, barrier, end_world, flag, gather_shards, in_shares, last_good,
+                           load_checkpoint, main_process, nested_settings, pyplot, run_script,
+                           save_checkpoint, save_figure, start_run, weights_problem, write_text)
+from data.panel import GOLD_EPS, TEMPERATURE, Panel, gold_accuracy
+from reward import RewardModel, bradley_terry_loss, plackett_luce_loss, rating_loss, reply_scores
 from sample import decode_replies, encode_prompt, generate, load_model
 
 
@@ -133,15 +132,15 @@ def main(argv=None):
         load_checkpoint(os.path.join(s.out_dir, "rm.pt"), made_by="train_rm.py", kind="rm")
     sft_path, policy = load_sft(s, device)                                          # 2.
     rng = np.random.default_rng(s.seed + w.rank)
-    panel_records = panel_labels(s, w, policy, panel, rng) if not s.data or s.mix_panel else []   # 3.
+    panel_records = panel_labels(s, policy, panel, rng) if not s.data or s.mix_panel else []      # 3.
     train_items, eval_items = split(s, file_records, panel_records)
-    eval_items = eval_items or panel_labels(s, w, policy, panel, rng, heldout=True)
+    eval_items = eval_items or panel_labels(s, policy, panel, rng, heldout=True)
     rm, optimizer, start_step, history = new_or_resumed(s, sft_path, device)        # 4.
     max_iters = train(s, w, rm, optimizer, train_items, eval_items, start_step, history, panel)
-    ev = evaluate(s, w, rm, eval_items, panel)                                      # 5.
+    ev = evaluate(s, rm, eval_items, panel)                                         # 5.
     if ev["gold_pairs"]:
         ev.update({"bow_" + k: v for k, v in bag_of_words_baseline(train_items, eval_items, panel).items()})
-    normalise(s, w, rm, panel_records, policy)                                      # 6.
+    normalise(s, rm, panel_records, policy)                                         # 6.
     refuse_diverged(s, rm, max_iters)
     if w.main:
         save(s, rm, optimizer, max_iters, history, sft_path, final=True)
@@ -217,7 +216,7 @@ def rank_with_panel(prompts, replies, panel, rng):
     return records
 
 
-def labelled(s, w, policy, panel, prompts, path, rng):
+def labelled(s, policy, panel, prompts, path, rng):
     """Sample K SFT replies per prompt, let the panel rank them, save as JSONL and read it back. Under
     torchrun each process samples and ranks its share of the prompts; process 0 writes the file."""
     if s.resume and os.path.exists(path):
@@ -225,10 +224,10 @@ def labelled(s, w, policy, panel, prompts, path, rng):
         print(f"resume: reusing {len(records)} panel labels from {path}")
         return records
     t0 = time.time()
-    mine = w.shard(prompts)
-    ranked = rank_with_panel(mine, sample_replies(s, policy, mine, s.k), panel, rng)   # a list per prompt
-    records = [r for per_prompt in gather_shards(ranked) for r in per_prompt]
-    if w.main:
+    ranked = in_shares(lambda mine: rank_with_panel(mine, sample_replies(s, policy, mine, s.k), panel, rng),
+                       prompts)                                  # torchrun: each its share; a list per prompt
+    records = [r for per_prompt in ranked for r in per_prompt]
+    if main_process():
         write_jsonl(path, records)
     barrier()                                                                 # the file is written
     records, _ = read_feedback([path])
@@ -237,13 +236,13 @@ def labelled(s, w, policy, panel, prompts, path, rng):
     return records
 
 
-def panel_labels(s, w, policy, panel, rng, heldout=False):
+def panel_labels(s, policy, panel, rng, heldout=False):
     """The panel's rankings of SFT samples: n_prompts prompts of the training plays, or (heldout=True)
     n_heldout prompts of the test plays, which no training split contains."""
     name, split_name, n = (("panel_labels_heldout", "test", s.n_heldout) if heldout else
                            ("panel_labels", "train", s.n_prompts))
     prompts = unique_prompts(load_turns(split_name), n, s.seed)
-    return labelled(s, w, policy, panel, prompts, os.path.join(s.out_dir, name + ".jsonl"), rng)
+    return labelled(s, policy, panel, prompts, os.path.join(s.out_dir, name + ".jsonl"), rng)
 
 
 def split(s, file_records, panel_records):
@@ -379,8 +378,7 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
     """The loop: AdamW with warmup + cosine decay, gradient clipping; a held-out evaluation and a
     checkpoint every eval_interval steps. Under torchrun each process scores its share of every batch and
     DDP averages the gradients."""
-    ddp_rm = DDP(rm, device_ids=[w.local_rank] if rm.head.weight.is_cuda else None,
-                 forward_sync_buffers=False) if w.size > 1 else rm        # the only buffers: fixed positions
+    ddp_rm = w.wrap(rm)                                               # torchrun: DDP averages the gradients
     rm.train()
     batches = batches_of(s, train_items, w.size)
     max_iters, t0 = len(batches), time.time()
@@ -408,7 +406,7 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
             print(f"step {done:4d}/{max_iters} | loss {loss.item():.4f} | pair acc {pair_acc} | "
                   f"lr {lr:.1e} | ETA {eta / 60:.1f} min", flush=True)
         if done % s.eval_interval == 0 or done == max_iters:
-            ev = evaluate(s, w, rm, eval_items, panel)
+            ev = evaluate(s, rm, eval_items, panel)
             history.append({"step": done, **{"eval_" + k: v for k, v in ev.items()}})
             gold = (f" | gold acc {ev['gold_acc']:.3f} (single rater {ev['rater_ceiling']:.3f}, "
                     f"{ev['gold_pairs']} pairs; context pairs {fmt(ev['context_acc'])})"
@@ -448,27 +446,26 @@ def label_acc(ev):
 
 
 @torch.no_grad()
-def evaluate(s, w, rm, items, panel):
+def evaluate(s, rm, items, panel):
     """Held-out loss and accuracy against the labels (every ordered pair of every ranked item); for the
-    panel's labels also the accuracy against the panel's gold order (reward.gold_accuracy: pairs with equal
-    gold are left out, reward-model ties count as wrong) and a single rater's (Panel.single_rater_ceiling).
-    Under torchrun each process scores its share of the items; the pairs are gathered on every process."""
+    panel's labels also the accuracy against the panel's gold order (data.panel.gold_accuracy: pairs with
+    equal gold are left out, reward-model ties count as wrong) and a single rater's (single_rater_ceiling).
+    Under torchrun each process scores its share of the batches; every process gets all the scores."""
     was_training = rm.training
     rm.eval()
-    loss_sum, pairs = torch.zeros((), device=rm.head.weight.device), []
     batches = [items[i:i + s.batch_size] for i in range(0, len(items), s.batch_size)]
-    for batch in w.shard(batches):
+
+    def score_batch(batch):
         loss, scores = item_losses(s, rm, batch)
-        loss_sum += loss
-        for r, sc in zip(batch, scores):   # (better reply, its score, worse reply, its score), in label order
-            if r["kind"] != "rating":
-                pairs += [(r["replies"][a], sc[a], r["replies"][b], sc[b])
-                          for a in range(len(sc)) for b in range(a + 1, len(sc))]
+        return batch, loss.item(), scores
+    scored = in_shares(lambda mine: [score_batch(b) for b in mine], batches)   # torchrun: each its share
     rm.train(was_training)
-    pairs = [p for part in gather_shards([pairs]) for p in part]
-    ev = {"loss": all_sum(loss_sum).item() / len(batches), "acc": float(np.mean([p[1] > p[3] for p in pairs]))
-          if pairs else math.nan, "gold_acc": math.nan, "rater_ceiling": math.nan, "gold_pairs": 0,
-          "context_acc": None, "context_pairs": 0}
+    pairs = [(r["replies"][a], sc[a], r["replies"][b], sc[b])   # (better, its score, worse, its score)
+             for batch, _, scores in scored for r, sc in zip(batch, scores) if r["kind"] != "rating"
+             for a in range(len(sc)) for b in range(a + 1, len(sc))]
+    ev = {"loss": sum(loss for _, loss, _ in scored) / len(batches),
+          "acc": float(np.mean([p[1] > p[3] for p in pairs])) if pairs else math.nan, "gold_acc": math.nan,
+          "rater_ceiling": math.nan, "gold_pairs": 0, "context_acc": None, "context_pairs": 0}
     if pairs and all(r["meta"].get("source") == "panel" for r in items):     # gold means something here
         better, worse = [p[0] for p in pairs], [p[2] for p in pairs]
         if (np.abs(panel.golds(better) - panel.golds(worse)) > 0).any():
@@ -478,8 +475,8 @@ def evaluate(s, w, rm, items, panel):
 
 
 def gold_verdict(panel, better, worse, score_better, score_worse):
-    """How often scores order pairs of replies like the panel's gold (reward.gold_accuracy), on all pairs and
-    on the "context pairs": those that gold orders unlike the bag-of-words sum (Panel.bag_of_words_gold),
+    """How often scores order pairs of replies like the panel's gold (data.panel.gold_accuracy), on all pairs
+    and on the "context pairs": those that gold orders unlike the bag-of-words sum (Panel.bag_of_words_gold),
     where only a model that reads the words in their context ("not", "but", "very", "!") can be right."""
     g_better, g_worse = panel.golds(better), panel.golds(worse)
     bow = [np.array([panel.bag_of_words_gold(x) for x in xs]) for xs in (better, worse)]
@@ -496,43 +493,43 @@ def gold_verdict(panel, better, worse, score_better, score_worse):
 def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3, 1e-2), steps=300, lr=0.3):
     """Does the transformer beat counting words? A linear model on the same training labels: a reply's
     features f say which words it uses (1 for each distinct word of the training replies: the panel's form
-    without its context rules), its score w . f, fitted with the same Bradley-Terry loss on every pair of
-    every ranking (each reply beats the ones ranked below it) plus l2 * |w|^2, by full-batch Adam. l2 is
+    without its context rules), its score theta . f, fitted with the same Bradley-Terry loss on every pair of
+    every ranking (each reply beats the ones ranked below it) plus l2 * |theta|^2, by full-batch Adam. l2 is
     chosen on a tenth of the training prompts held back (accuracy against their labels, never gold), then
     the model is refitted on all of them. Returns its held-out gold accuracy and the number of pairs used,
     on all pairs and on the context pairs (gold_verdict)."""
     ranked = [r for r in train_items if r["kind"] != "rating"]
-    vocab = {w: i for i, w in enumerate(sorted({w for r in ranked for x in r["replies"] for w in words(x)}))}
+    vocab = {v: i for i, v in enumerate(sorted({v for r in ranked for x in r["replies"] for v in words(x)}))}
 
-    def features(items):   # f(w): w . f for each reply (f: 1 for each word it uses); (better, worse) pairs;
-        # index_select, not w[word]: its backward is an index_add, twice as fast as indexing's on a CPU
+    def features(items):   # f(theta): theta . f per reply (f: 1 per word it uses); (better, worse) pairs;
+        # index_select, not theta[word]: its backward is an index_add, twice as fast as indexing's on a CPU
         texts, pairs = [], []
         for r in items:
             n, k = len(texts), len(r["replies"])
             pairs += [(n + i, n + j) for i in range(k) for j in range(i + 1, k)]
             texts += r["replies"]
-        cells = [(n, vocab[v]) for n, x in enumerate(texts) for v in set(words(x)) if v in vocab]
+        cells = [(n, vocab[v]) for n, x in enumerate(texts) for v in sorted(set(words(x))) if v in vocab]
         reply, word = torch.tensor(cells, dtype=torch.long).reshape(-1, 2).T           # (C,) each: a cell
         a, b = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T                  # (P,) better, worse
-        f = lambda w: torch.zeros(len(texts)).index_add(0, reply, w.index_select(0, word))   # w . f
+        f = lambda theta: torch.zeros(len(texts)).index_add(0, reply, theta.index_select(0, word))
         return f, a, b, texts
 
     def fit(items, l2):
-        (f, a, b, _), w = features(items), torch.zeros(len(vocab), requires_grad=True)     # w: (V,)
-        opt = torch.optim.Adam([w], lr=lr)
+        (f, a, b, _), theta = features(items), torch.zeros(len(vocab), requires_grad=True)   # (V,)
+        opt = torch.optim.Adam([theta], lr=lr)
         for _ in range(steps):
-            sc = f(w)                                                                      # (n_replies,)
-            loss = bradley_terry_loss(sc.index_select(0, a), sc.index_select(0, b)) + l2 * (w ** 2).sum()
+            sc = f(theta)                                                                  # (n_replies,)
+            loss = bradley_terry_loss(sc.index_select(0, a), sc.index_select(0, b)) + l2 * (theta ** 2).sum()
             opt.zero_grad(), loss.backward(), opt.step()
-        return w.detach()
+        return theta.detach()
 
     held = [r for r in ranked if hash_unit(r["prompt"], 0) < 0.1]
     kept = [r for r in ranked if hash_unit(r["prompt"], 0) >= 0.1]
     label_acc = {l2s[len(l2s) // 2]: 1.0}                               # too few labels to choose: the middle
     if held and kept:
         for l2 in l2s:
-            (f, a, b, _), w = features(held), fit(kept, l2)
-            sc = f(w)
+            (f, a, b, _), theta = features(held), fit(kept, l2)
+            sc = f(theta)
             label_acc[l2] = float((sc[a] > sc[b]).float().mean())
     f, a, b, texts = features([r for r in eval_items if r["kind"] != "rating"])
     sc = f(fit(ranked, max(label_acc, key=lambda l2: label_acc[l2])))                # (n_replies,)
@@ -542,7 +539,7 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
 # ---- 6. normalisation --------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def normalise(s, w, rm, panel_records, policy):
+def normalise(s, rm, panel_records, policy):
     """Set reward_mean / reward_std to the mean and std of the raw scores of SFT replies, so PPO sees
     rewards of unit scale: the panel's training replies (SFT samples already), or 256 fresh samples."""
     if panel_records:
@@ -553,8 +550,9 @@ def normalise(s, w, rm, panel_records, policy):
     rm.eval()
     chunks = [pairs[i:i + 64] for i in range(0, len(pairs), 64)]
     enc = get_tokenizer()
-    raw = [reply_scores(rm, enc, [p for p, _ in c], [x for _, x in c]).tolist() for c in w.shard(chunks)]
-    raw = torch.tensor([x for chunk in gather_shards(raw) for x in chunk], dtype=torch.float64)
+    raw = in_shares(lambda mine: [reply_scores(rm, enc, [p for p, _ in c], [x for _, x in c]).tolist()
+                                  for c in mine], chunks)                        # torchrun: each its share
+    raw = torch.tensor([x for chunk in raw for x in chunk], dtype=torch.float64)
     rm.reward_mean, rm.reward_std = raw.mean().item(), raw.std(unbiased=False).item() + 1e-6
     print(f"reward normalised over {len(raw)} SFT replies: mean {rm.reward_mean:.4f}, "
           f"std {rm.reward_std:.4f}")

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig, clip_and_step, gpt_from_checkpoint, lr_at, param_groups
 from data.prepare import EOT, get_tokenizer
@@ -134,7 +133,8 @@ def main(argv=None):
     model, optimizer, batch_gen, start_step, best_val = new_or_resumed(s, device, ckpt_path)
     check_fits(model, data)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, config {asdict(model.config)}")
-    eval_model, train_model = for_training(s, w, model, device)              # compiled, DDP-wrapped
+    eval_model = torch.compile(model) if s.compile else model                  # what evaluations run
+    train_model = w.wrap(eval_model)                             # torchrun: DDP averages the gradients
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     history = [h for h in read_log(log_path) if h["step"] <= start_step] if s.resume else []
     if best_val is None:          # --resume with other val batches: the best so far re-measured on today's
@@ -159,8 +159,7 @@ def main(argv=None):
         clip_and_step(optimizer, model.parameters(), s.grad_clip)
         done = step + 1
         if done % s.log_interval == 0 or done == s.max_iters:
-            dt = time.time() - t_log
-            n = n_sum  # not log_interval: a resumed run's first log covers fewer steps
+            dt, n = time.time() - t_log, n_sum   # n, not log_interval: a resumed run's first log has fewer
             eta = (time.time() - t0) / (done - start_step) * (s.max_iters - done)
             print(f"step {done:5d}/{s.max_iters} | loss {loss_sum / n:.4f} | lr {lr:.2e} | "
                   f"{n * tokens_per_step / dt:,.0f} tok/s | ETA {eta / 60:.1f} min", flush=True)
@@ -223,16 +222,6 @@ def save(s, w, model, optimizer, batch_gen, done, best_val, ckpt_path):
         save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
                          "optimizer": optimizer.state_dict(), "step": done, "rng": rng,
                          "best_val_loss": best_val, "config": asdict(s), "kind": "sft"}, ckpt_path)
-
-
-def for_training(s, w, model, device):
-    """(the model evaluation runs, the model training runs): compiled with --compile; under torchrun the
-    second is DDP-wrapped, so gradients are averaged over the processes in every backward pass."""
-    eval_model = train_model = torch.compile(model) if s.compile else model
-    if w.size > 1:
-        train_model = DDP(eval_model, device_ids=[w.local_rank] if device.startswith("cuda") else None,
-                          forward_sync_buffers=False)                    # the only buffer: fixed positions
-    return eval_model, train_model
 
 
 def remeasured(s, w, eval_model, val_data, device, autocast, ckpt_path):

@@ -230,6 +230,28 @@ class World:
         """This process's share of a list: items rank, rank + size, rank + 2 size, ..."""
         return items[self.rank::self.size]
 
+    def wrap(self, model):
+        """model in DDP when there are several processes (its gradients averaged over them in every backward
+        pass; process 0's weights copied to the others), else model itself. The models' only buffers are the
+        fixed positions: not synced at each forward."""
+        if self.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        cuda = next(model.parameters()).is_cuda
+        return DDP(model, device_ids=[self.local_rank] if cuda else None, forward_sync_buffers=False)
+
+
+def main_process():
+    """True in process 0 of a torchrun run (the one that writes files) and in a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0 or world_size() == 1
+
+
+def in_shares(fn, items):
+    """fn(list) -> one result per item, run by each process on its share of items (World.shard); every
+    process gets all the results back in the list's order (gather_shards). A world of one: fn(items)."""
+    rank, size = (int(os.environ["RANK"]), world_size()) if world_size() > 1 else (0, 1)
+    return gather_shards(fn(items[rank::size]))
+
 
 def start_run(cls, presets, argv, doc, check):
     """The first lines of every trainer: the settings (all checked before any work), this process's place

@@ -35,7 +35,8 @@ from data.prepare import words  # noqa: E402
 from model import clip_and_step, lr_at  # noqa: E402
 from data.prepare import encode_reply, get_tokenizer  # noqa: E402
 from data.plumbing import load_checkpoint  # noqa: E402
-from reward import Panel, RewardModel, gold_accuracy, plackett_luce_loss, reply_scores  # noqa: E402
+from data.panel import Panel, gold_accuracy  # noqa: E402
+from reward import RewardModel, plackett_luce_loss, reply_scores  # noqa: E402
 
 
 def bag_of(features, train, heldout, panel):

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from data.feedback import read_feedback  # noqa: E402
 from data.plumbing import load_checkpoint  # noqa: E402
 from data.prepare import get_tokenizer  # noqa: E402
-from reward import Panel, RewardModel, reply_scores  # noqa: E402
+from data.panel import Panel  # noqa: E402
+from reward import RewardModel, reply_scores  # noqa: E402
 from train_rm import hash_unit  # noqa: E402
 
 CODE = "SIMCLASS"

@@ -165,7 +165,7 @@ sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
 import train_ppo
 from data.prepare import EOT, get_tokenizer
-from reward import Panel
+from data.panel import Panel
 dist.init_process_group("gloo")
 rank, size = dist.get_rank(), dist.get_world_size()
 enc, panel = get_tokenizer(), Panel()

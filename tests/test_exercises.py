@@ -111,7 +111,7 @@ def known_rollout(m, replies):
 
 
 def test_3_a_repetition_penalty_in_shape_rewards_reaches_training_and_both_sides_of_the_evaluation(monkeypatch):
-    from reward import Panel
+    from data.panel import Panel
     m, panel = tiny_models(), Panel()
     replies = ["Good, good, good my lord.", "Thou art kind and gentle.", "No, no.", "Well met."]
     roll = known_rollout(m, replies)

@@ -17,8 +17,9 @@ from model import GPT, GPTConfig
 from data.prepare import ASSISTANT, EOT, HUMAN, encode_reply, format_prompt, get_tokenizer
 from data.plumbing import load_checkpoint, save_checkpoint
 from data.prepare import words
-from reward import (LEXICON_FILE, Panel, RewardModel, batch_replies, book_relu_loss, bradley_terry_loss,
-                    gold_accuracy, load_lexicon, plackett_luce_loss, rating_loss, vader_tokens)
+from data.panel import LEXICON_FILE, Panel, gold_accuracy, load_lexicon, vader_tokens
+from reward import (RewardModel, batch_replies, book_relu_loss, bradley_terry_loss, plackett_luce_loss,
+                    rating_loss)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -252,7 +253,7 @@ def panel():
 
 
 def test_a_word_of_none_of_the_plays_puts_every_rater_off():
-    from reward import UNREADABLE
+    from data.panel import UNREADABLE
     reader, blind = Panel(), Panel(known_words=None)
     assert "gracily" not in reader.known_words and "good" in reader.known_words
     for text in ("So what but your gracily than good good.", "Thou art a gracily, trasteing man."):

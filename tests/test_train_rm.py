@@ -26,7 +26,8 @@ import train_rm
 from data.prepare import get_tokenizer
 from data.plumbing import load_checkpoint
 from data.feedback import read_feedback
-from reward import Panel, RewardModel, batch_replies
+from data.panel import Panel
+from reward import RewardModel, batch_replies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -387,3 +388,35 @@ def test_bag_of_words_baseline_learns_word_presence():
     # gold: "not cruel" (+) beats "kind and cruel"; words alone say the opposite: a context pair, missed
     assert panel.gold(held[0]["replies"][0]) > panel.gold(held[0]["replies"][1])
     assert train_rm.bag_of_words_baseline(items(200), held, panel)["context_acc"] == 0.0
+
+
+BOW_RUN = """
+import random, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from data.panel import Panel
+import train_rm
+panel, rng, pick = Panel(), np.random.default_rng(0), random.Random(0)
+words = (sorted(w for w in panel.index if w in panel.known_words)[:3000]
+         + ["the", "thou", "my", "lord", "not", "but", "very"] * 50)
+
+def items(n):
+    out = []
+    for _ in range(n):
+        replies = [" ".join(pick.choice(words) for _ in range(8)) for _ in range(4)]
+        order, _ = panel.rank(replies, rng)
+        out.append({{"kind": "ranking", "prompt": str(pick.random()), "replies": [replies[i] for i in order],
+                    "meta": {{"source": "panel"}}}})
+    return out
+print(train_rm.bag_of_words_baseline(items(600), items(150), panel))
+"""
+
+
+def test_bag_of_words_baseline_is_the_same_in_every_process():
+    """Python hashes strings with a new seed in every process (PYTHONHASHSEED), and a set's order follows:
+    the bag of words once added up each reply's words in a set's order, so the same labels gave 0.6244 under
+    hash seed 1 and 0.6256 under 3. Two processes with those seeds now print the same figures."""
+    outs = [subprocess.run([sys.executable, "-c", BOW_RUN.format(root=ROOT)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=300) for seed in ("1", "3")]
+    assert all(o.returncode == 0 for o in outs), outs[0].stderr[-2000:]
+    assert "gold_acc" in outs[0].stdout and outs[0].stdout == outs[1].stdout

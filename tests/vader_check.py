@@ -1,6 +1,6 @@
 """
 The panel against the reference implementation: with the lexicon's mean ratings in place of one rater's
-and repeats counted, reward.Panel.reference_compound must give the compound score of the authors' package
+and repeats counted, data.panel.Panel.reference_compound must give the compound score of the authors' package
 vaderSentiment 3.3.2. A one-off measurement (README "The panel"), never a dependency:
 
     pip install --no-deps --target /tmp/vader vaderSentiment==3.3.2
@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.prepare import SPLITS, load_turns  # noqa: E402
-import reward  # noqa: E402
-from reward import Panel, vader_tokens  # noqa: E402
+import data.panel as panel_module  # noqa: E402
+from data.panel import Panel, vader_tokens  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -48,10 +48,10 @@ def vaders_but(panel):
 @contextlib.contextmanager
 def vaders_zero_sign(panel):
     """The panel with VADER's signs for boosters and CAPS: a valence of 0 is intensified as a positive one."""
-    reward.np = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    reward.np.sign = lambda v: np.where(np.asarray(v) < 0, -1.0, 1.0)
+    panel_module.np = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    panel_module.np.sign = lambda v: np.where(np.asarray(v) < 0, -1.0, 1.0)
     yield
-    reward.np = np
+    panel_module.np = np
 
 
 def main():
