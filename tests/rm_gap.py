@@ -89,7 +89,7 @@ def train_reward_model(args, groups, heldout, panel):
     items = [[r] for g in groups for r in g] if args.separate else groups
     sft = load_checkpoint(os.path.join(args.out_dir, "sft.pt"), made_by="train_sft.py", kind="sft")
     torch.manual_seed(s.seed)
-    rm, enc = RewardModel.from_sft(sft), get_tokenizer()
+    rm, enc = RewardModel.from_sft(sft, s.readout), get_tokenizer()
     optimizer = torch.optim.AdamW(train_rm.rm_param_groups(s, rm), lr=s.lr)
     batches = train_rm.batches_of(s, items)
     t0 = time.time()
