@@ -9,30 +9,25 @@ RLHF with PPO: teach the Bard kindness ([实战框架 §4.2] PPO 算法: [实战
     python train_ppo.py --help
 
 Each iteration, top to bottom (one function each, below main()):
-  1. rollout   sample a batch of training prompts; the policy replies with pure sampling (temperature 1,
-               no top-k/top-p, so log-probs are those of the distribution sampled from and KL is unbiased)
-  2. score     the reward model's score of each reply; log-probs under the policy and the frozen SFT
-               reference; critic values; the reward PPO maximises (shape_rewards: score at the last token,
-               a penalty if the reply never ended, -beta * KL on every token); GAE advantages and returns
+  1. rollout   the policy replies to a batch of training prompts by pure sampling (temperature 1, no top-k/p)
+  2. score     RM score; log-probs under the policy and the frozen SFT reference; values; shape_rewards; GAE
   3. update    ppo_epochs passes over shuffled minibatches: clipped surrogate + clipped value loss
   4. log       RM score, the panel's gold score, KL to the reference (k1 and k3), PPO diagnostics
-Every eval_interval iterations: held-out prompts (plays never trained on), SFT and PPO replies scored by
-the same path (score, shape_rewards), the panel's gold score and win rate; a checkpoint; the plots. At the
-end: a report comparing SFT and PPO replies on held-out prompts (out/ppo_report.json, out/ppo_report.md),
-out/ppo_curves.png and the over-optimisation picture out/overoptimisation.png (scores against sqrt(KL)).
+Every eval_interval iterations: SFT and PPO replies to held-out prompts judged by the same path, a checkpoint,
+the plots. At the end: out/ppo_report.json and .md, out/ppo_curves.png, out/overoptimisation.png.
+Four models, all with dropout off: the policy (trained, starts as the SFT model), the reference (the frozen
+SFT model), the frozen reward model, the critic (trained, starts as the reward model).
 
-Four models: the policy (trained, starts as the SFT model), the reference (frozen SFT model), the reward
-model (frozen), and the critic (trained, starts as the reward model). All run with dropout off.
-
-What it simplifies: one reply per prompt, a single-turn prompt, one reward at the end of each reply
-(no per-sentence rewards), no reward whitening, policy and critic stepped by one optimizer (and their gradient
-norm clipped together).
+What it simplifies: one reply per prompt, a single-turn prompt, one reward at the end of each reply, no
+reward whitening, policy and critic stepped by one optimizer (their gradient norm clipped together).
 """
 if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
     import os
     import signal
     signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted (Ctrl-C) while starting\n"),
                                              os._exit(130)))
+import contextlib
+import importlib
 import json
 import os
 import random
@@ -136,9 +131,8 @@ class Models:
 
 
 class ActorCritic(nn.Module):
-    """The two models PPO trains, as one module ([流程与实践 §4.3] Actor-Critic算法: the actor is the policy, the
-    critic its value function): its forward gives the policy's log-probs (and entropy) of the reply tokens and
-    the critic's values, so that one DDP wrapper averages both models' gradients under torchrun."""
+    """The two models PPO trains ([流程与实践 §4.3] Actor-Critic算法: the policy and its value function) as one
+    module, so that one DDP wrapper averages both models' gradients under torchrun."""
 
     def __init__(self, policy, critic):
         super().__init__()
@@ -177,8 +171,7 @@ class Experience:
 
 
 def problems(s):
-    """The rules that tie settings together (each field's own range is declared in Settings), checked
-    before any work starts; each problem names its flag."""
+    """The rules that tie settings together (each field's own range is in Settings); each names its flag."""
     out = []
     if s.minibatch_size > s.batch_size:
         out.append(f"--minibatch_size {s.minibatch_size} is larger than --batch_size {s.batch_size}")
@@ -188,10 +181,8 @@ def problems(s):
     sft_path = os.path.join(s.out_dir, "sft.pt")
     block = None
     if os.path.isfile(sft_path):                         # the prompt and the reply share the context window
-        try:
+        with contextlib.suppress(Exception):             # a bad sft.pt gets its own message in setup()
             block = torch.load(sft_path, map_location="cpu", weights_only=True)["model_args"]["block_size"]
-        except Exception:                                # a bad sft.pt gets its own message in setup()
-            pass
     elif not os.path.exists(sft_path):                   # train_sft.py runs first, with --sft_args
         import train_sft
         sft, bad = nested_settings("--sft_args", train_sft, s.sft_args, s.out_dir, s.preset)
@@ -274,17 +265,16 @@ def print_eval(it, ev):
 
 
 def resume(s, m, kl_ctl, path):
-    """Continue a run from its ppo.pt: policy, critic, optimizer, beta, history, RNG. The learning rates
-    given now are applied to the restored optimizer (and so recorded in the next checkpoint's config).
-    Refused if sft.pt or rm.pt is not the file the run started from (their sha256 is in ppo.pt)."""
+    """Continue a run from its ppo.pt (policy, critic, optimizer, beta, history, RNG), with the learning rates
+    given now; refused if sft.pt or rm.pt is not the file it started from (their sha256 is in ppo.pt)."""
     ck = load_checkpoint(path, made_by="train_ppo.py", kind="ppo", resume=True)
     for key, digest in m.started_from.items():
         if ck.get(key, digest) != digest:
             name = key.removesuffix("_sha256") + ".pt"
             raise ValueError(f"--resume: {path} was trained with another {name} than "
                              f"{os.path.join(s.out_dir, name)} (sha256 {ck[key][:12]}... then, "
-                             f"{digest[:12]}... "
-                             "now): resume with the files it started from, or start afresh without --resume")
+                             f"{digest[:12]}... now): resume with the files it started from, or start afresh "
+                             "without --resume")
     m.policy.load_state_dict(with_positions(ck["model"], m.policy.config))         # with_positions: files
     m.critic.load_state_dict(with_positions(ck["critic"], m.policy.config, "body."))   # made before 12-02
     m.optimizer.load_state_dict(ck["optimizer"])
@@ -304,19 +294,16 @@ def resume(s, m, kl_ctl, path):
 
 def train_missing(s, paths):
     """The pipeline: train the SFT model and the reward model first if they are missing."""
-    if not os.path.exists(paths["sft"]):
-        print(f"{paths['sft']} is missing: running train_sft.py first", flush=True)
-        import train_sft
-        train_sft.main(["--out_dir", s.out_dir, "--preset", s.preset] + shlex.split(s.sft_args))
-    if not os.path.exists(paths["rm"]):
-        print(f"{paths['rm']} is missing: running train_rm.py first", flush=True)
-        import train_rm
-        train_rm.main(["--out_dir", s.out_dir, "--preset", s.preset] + shlex.split(s.rm_args))
+    for name, args in (("sft", s.sft_args), ("rm", s.rm_args)):
+        if not os.path.exists(paths[name]):
+            print(f"{paths[name]} is missing: running train_{name}.py first", flush=True)
+            importlib.import_module(f"train_{name}").main(["--out_dir", s.out_dir, "--preset", s.preset]
+                                                          + shlex.split(args))
 
 
 def setup(s, device, paths, world=World()):
-    """The four models from sft.pt and rm.pt, set up for PPO (Models); the panel that labelled rm.pt's data
-    (the gold judge of every report); the controller of beta, the KL coefficient."""
+    """The four models from sft.pt and rm.pt (Models); the panel that labelled rm.pt's data (the gold judge of
+    every report); the controller of beta, the KL coefficient."""
     policy, _ = load_model(paths["sft"], device=device, kind="sft")
     ref, _ = load_model(paths["sft"], device=device, kind="sft")
     rm_ckpt = load_checkpoint(paths["rm"], made_by="train_rm.py", kind="rm")
@@ -346,13 +333,9 @@ def setup(s, device, paths, world=World()):
 
 
 def critic_from_reward_model(critic):
-    """The critic starts as the reward model, body and head: its features already tell kind words from unkind
-    ones. The head becomes (head - reward_mean) / reward_std at every position. With the mean readout the
-    score is the mean of that over the reply, so V(s_t) starts as "how kind the text so far reads", in the
-    units of the rewards; with the sum readout (train_rm's default) each position holds roughly its token's
-    share of the score (their sum is off by (|y| - 1) * reward_mean / reward_std). Neither is yet the value of
-    the state: the critic learns that from the returns; whether this start beats a fresh head is exercise C6
-    of the README's "Change one thing", which changes this function."""
+    """The critic starts as the reward model (its features already tell kind words from unkind ones), its head
+    (head - reward_mean) / reward_std at every position: V(s_t) starts in the units of the rewards, not yet
+    the value of the state (learnt from the returns). Exercise C6 tries a fresh head here."""
     with torch.no_grad():
         critic.head.weight /= critic.reward_std
         critic.head.bias.sub_(critic.reward_mean).div_(critic.reward_std)
@@ -361,9 +344,8 @@ def critic_from_reward_model(critic):
 
 
 def build_models(s, device, policy, ref, rm, critic, world=World()):
-    """Models from four modules: dropout off everywhere, only the policy and the critic trained, the
-    optimizer, autocast, and the GAE and loss functions (compiled with --compile); under torchrun the
-    trained pair wrapped in DDP (which also copies process 0's weights to the others at the start)."""
+    """Models from four modules: dropout off, only the policy and the critic trained, the optimizer, autocast,
+    GAE and the loss (compiled with --compile); under torchrun the trained pair wrapped in DDP."""
     for module in (policy, ref, rm, critic):
         module.eval()                                          # dropout off everywhere, also while training
         module.requires_grad_(module is policy or module is critic)
@@ -382,7 +364,6 @@ def build_models(s, device, policy, ref, rm, critic, world=World()):
 
 
 # ---- 1. rollout --------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def rollout(m, model, prompts, generator=None):
     """`model` (the policy, or the SFT reference for comparison) replies to each prompt by pure sampling."""
@@ -393,20 +374,12 @@ def rollout(m, model, prompts, generator=None):
 
 
 # ---- 2. score: the reward, advantages ----------------------------------------------------------------------
-
 def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta, replies):
     """The reward PPO maximises, per reply token (reward shaping, 奖励塑形: [流程与实践 §3.3] 反馈模型训练).
-    Training and evaluation both call this, so whatever is added here (a repetition penalty, a length bonus:
-    change THIS function) is what the policy learns from and what the held-out report measures, for the SFT
-    and the PPO replies alike.
-      - the reward model's score is clipped to [-score_clip, score_clip]: far from its training data (replies
-        the SFT model would never write) the reward model's scores are large and wrong, and an unbounded score
-        pays the policy to go there whatever the KL costs;
-      - a reply that never emitted <|endoftext|> gets no_eos_penalty as its score (ppo.apply_no_eos_penalty);
-      - the score goes on the reply's last token, -beta * KL(pi || pi_ref) on every token
-        (ppo.per_token_rewards).
-    rm_scores, ended (B,); logprobs, ref_logprobs, resp_mask (B, R); replies: the B reply texts (what the
-    panel reads), for a term that needs the words, e.g. exercise C3's repetition penalty:
+    Training and evaluation both call it, so what is added here is what the policy learns from and what the
+    report measures, for SFT and PPO replies alike. The score is clipped to +-score_clip (far from its data
+    the reward model's scores are large and wrong); a reply that never ended gets no_eos_penalty; then
+    ppo.per_token_rewards. rm_scores, ended (B,); the rest (B, R); replies: the B texts, e.g. for exercise C3:
         repeats = torch.tensor([len(ws) - len(set(ws)) for ws in map(words, replies)])   # (B,)
         scores = scores - 0.5 * repeats.to(scores)
     Returns rewards (B, R), kl (B, R)."""
@@ -417,9 +390,8 @@ def shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta, 
 
 @torch.no_grad()
 def score(m, roll, beta, advantages=True):
-    """Score a rollout: RM score, log-probs under the policy and the reference, critic values, the shaped
-    rewards, then (unless advantages=False: the evaluation needs none) GAE advantages and returns
-    ([实战框架 §4.2.3]), the advantages whitened over the whole batch's valid tokens."""
+    """RM score, log-probs under the policy and the reference, values, shaped rewards, then (unless
+    advantages=False, as in evaluation) GAE ([实战框架 §4.2.3]), advantages whitened over the whole batch."""
     s, seq, pad, resp_mask = m.s, roll.seq, roll.pad, roll.resp_mask          # (B, P+R), (B,), (B, R)
     B, R = resp_mask.shape
     last = seq.size(1) - R + resp_mask.sum(1) - 1                      # (B,) index of each reply's last token
@@ -432,18 +404,15 @@ def score(m, roll, beta, advantages=True):
         rm_scores = m.rm.score(seq, reply_mask, pad).float()                  # (B,) normalised RM score
     replies = decode_replies(m.enc, seq, resp_mask)                          # B texts, for shape_rewards
     rewards, kl = shape_rewards(s, rm_scores, ended, logprobs, ref_logprobs, resp_mask, beta, replies)
-    if not advantages:
-        return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, None, None,
-                          beta)
-    advantages, returns = m.gae(rewards, values, resp_mask, s.gamma, s.lam)   # (B, R) each
-    if s.whiten_advantages:
-        advantages = whiten(advantages, resp_mask, total=all_sum)             # (B, R) over all processes
-    return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, advantages,
-                      returns, beta)
+    adv = returns = None                                                      # the evaluation needs none
+    if advantages:
+        adv, returns = m.gae(rewards, values, resp_mask, s.gamma, s.lam)      # (B, R) each
+        if s.whiten_advantages:
+            adv = whiten(adv, resp_mask, total=all_sum)                       # (B, R) over all processes
+    return Experience(roll, logprobs, ref_logprobs, values, rm_scores, ended, rewards, kl, adv, returns, beta)
 
 
 # ---- 3. update: PPO epochs over shuffled minibatches -------------------------------------------------------
-
 def update(m, exp):
     """ppo_epochs passes over the rollout in shuffled minibatches: clipped surrogate + clipped value loss
     (ppo.ppo_loss), one Adam step each. Returns the mean of each loss statistic, and explained variance."""
@@ -467,27 +436,23 @@ def update(m, exp):
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
-    means = torch.tensor([v / n for v in sums.values()], dtype=torch.float64, device=m.device)
-    means = all_sum(means) / w.size
-    out = dict(zip(sums, means.tolist()))                                     # the mean over the processes
+    means = all_sum(torch.tensor([v / n for v in sums.values()], dtype=torch.float64, device=m.device))
+    out = dict(zip(sums, (means / w.size).tolist()))                          # the mean over the processes
     out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask, all_sum).item()
     return out
 
 
 # ---- 4. log ------------------------------------------------------------------------------------------------
-
 def log_row(it, exp, stats, panel, enc, times):
-    """One row of the history: the means over the rollout batch (under torchrun, the whole batch: sums
-    and counts added up over the processes), the update's statistics, the times."""
+    """One row of the history: the means over the whole rollout batch (sums and counts added up over the
+    torchrun processes), the update's statistics, the times."""
     mask = exp.roll.resp_mask
-    golds = panel.golds(decode_replies(enc, exp.roll.seq, mask))
+    golds = torch.tensor(panel.golds(decode_replies(enc, exp.roll.seq, mask)), device=mask.device)
     k3 = torch.where(mask, kl_k3(exp.logprobs, exp.ref_logprobs), 0.0)        # (B, R)
-    golds = torch.tensor(golds, device=mask.device)
     per_reply = {"rm_score": exp.rm_scores, "reward": exp.rewards.sum(1), "gold": golds,
                  "kl": exp.kl.sum(1), "kl_k3": k3.sum(1), "reply_len": mask.sum(1), "ended": exp.ended}
-    sums = [v.double().sum() for v in per_reply.values()]
-    sums = torch.stack(sums + [torch.tensor(float(len(golds)), device=mask.device)])  # its sums, and count
-    sums = all_sum(sums)
+    sums = all_sum(torch.stack([v.double().sum() for v in per_reply.values()]
+                               + [torch.tensor(float(len(golds)), device=mask.device)]))   # sums, and count
     means = {k: (v / sums[-1]).item() for k, v in zip(per_reply, sums[:-1])}
     return {"iter": it, **means, "beta": exp.beta, **stats, "t_gen": times[0], "t_score": times[1],
             "t_update": times[2]}
@@ -496,10 +461,9 @@ def log_row(it, exp, stats, panel, enc, times):
 def print_row(row, iters):
     print(f"iter {row['iter']:3d}/{iters} | rm {row['rm_score']:+.3f} | gold {row['gold']:+.3f} | KL "
           f"{row['kl']:.2f} nats (k3 {row['kl_k3']:.2f}) | beta {row['beta']:.3f} | len "
-          f"{row['reply_len']:.1f} | "
-          f"ended {row['ended']:.0%} | "
-          f"pg {row['pg_loss']:+.3f} vf {row['vf_loss']:.3f} | clip {row['clipfrac']:.2f} | approx_kl "
-          f"{row['approx_kl']:.3f} | H {row['entropy']:.2f} | EV {row['explained_var']:+.2f} | "
+          f"{row['reply_len']:.1f} | ended {row['ended']:.0%} | pg {row['pg_loss']:+.3f} vf "
+          f"{row['vf_loss']:.3f} | clip {row['clipfrac']:.2f} | approx_kl {row['approx_kl']:.3f} | H "
+          f"{row['entropy']:.2f} | EV {row['explained_var']:+.2f} | "
           f"{row['t_gen'] + row['t_score'] + row['t_update']:.1f}s (gen {row['t_gen']:.1f} / score "
           f"{row['t_score']:.1f} / update {row['t_update']:.1f})", flush=True)
 
@@ -520,7 +484,6 @@ def save(s, m, kl_ctl, it, history, path):
 
 
 # ---- evaluation: SFT and PPO replies to the same held-out prompts, judged by the same path -----------------
-
 def rollouts(m, model, prompts, seed, batch=128):
     """`model`'s replies to many prompts, in batches, from a generator of their own (`seed`): Rollouts."""
     gen = torch.Generator(device=m.device).manual_seed(seed)
@@ -529,10 +492,8 @@ def rollouts(m, model, prompts, seed, batch=128):
 
 @torch.no_grad()
 def judge(m, panel, model, prompts, seed):
-    """`model` (the policy, or the SFT reference) replies to the prompts; per reply: the reward model's score,
-    the shaped reward without its KL term (what PPO optimises, beta = 0: shape_rewards), KL(policy || SFT)
-    (k1 and k3, nats per reply), the panel's gold score, the text. The same path for the SFT side and the
-    PPO side of every comparison. Under torchrun each process judges its share; all get the whole list."""
+    """`model`'s replies to the prompts, per reply: RM score, shaped reward at beta = 0, KL(policy || SFT)
+    (k1, k3), gold score, text; the same path for both sides. Under torchrun all get every share."""
     w = m.world
     out = {k: [] for k in ("rm_score", "reward", "kl", "kl_k3", "text")}
     for roll in rollouts(m, model, w.shard(prompts), seed + w.rank):
@@ -550,8 +511,8 @@ def judge(m, panel, model, prompts, seed):
 
 
 def compare(ppo_side, sft_side, panel):
-    """The held-out verdict: means of both sides, KL of the PPO replies, and the panel's verdict (gold win
-    rate, ties half; and the vote: P[a random rater prefers the PPO reply])."""
+    """The held-out verdict: means of both sides, the PPO replies' KL, the gold win rate (ties half) and the
+    vote (P[a random rater prefers the PPO reply])."""
     vocab = play_words()
     wins = np.where(np.abs(ppo_side["gold"] - sft_side["gold"]) < GOLD_EPS, 0.5,
                     (ppo_side["gold"] > sft_side["gold"]).astype(float))
@@ -589,7 +550,7 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
     for p, a, c in rep["examples"][:4]:
         print(f"\n  Human: {p}\n    SFT: {a}\n    PPO: {c}")
     runs = {f"{s.out_dir} ({beta_setting(asdict(s))})": history}
-    for d in [d for d in s.compare_with.split(",") if d]:
+    for d in filter(None, s.compare_with.split(",")):
         ck = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py", kind="ppo")
         runs[f"{d} ({beta_setting(ck['config'])})"] = ck["history"]
     if m.world.main:
@@ -627,8 +588,7 @@ def plot(history, path):
         ax.plot([h["iter"] for h in tr], [h[key] for h in tr], label="training rollouts")
         if ev and "eval_" + key in ev[0]:
             ax.plot([h["iter"] for h in ev], [h["eval_" + key] for h in ev], "o-", label="held-out prompts")
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
+        ax.set(title=title, xlabel="iteration")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("PPO: proxy (reward model) vs gold (panel); divergence = over-optimisation")
@@ -643,9 +603,8 @@ def beta_setting(config):
 
 
 def plot_overoptimisation(runs, path):
-    """The over-optimisation picture as Gao et al. (2022) draw it: the held-out reward-model score (the
-    proxy, solid) and the panel's gold score (dashed) against sqrt(KL(policy || SFT)), one colour per run;
-    the SFT model is the point at KL = 0. Proxy up while gold goes down: the reward model is exploited."""
+    """Gao et al. (2022)'s picture: held-out RM score (proxy, solid) and gold (dashed) against sqrt(KL), a
+    colour per run, SFT at KL = 0. Proxy up while gold goes down: the reward model is exploited."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (name, history), colour in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
@@ -657,9 +616,8 @@ def plot_overoptimisation(runs, path):
                 label=f"{name}: reward model")
         ax.plot(x, [ev[0]["eval_gold_sft"]] + [h["eval_gold"] for h in ev], "s--", c=colour,
                 label=f"{name}: gold")
-    ax.set_xlabel("sqrt(KL(policy || SFT)), sqrt(nats per reply)")
-    ax.set_ylabel("held-out score")
-    ax.set_title("Over-optimisation: proxy vs gold against sqrt(KL)")
+    ax.set(xlabel="sqrt(KL(policy || SFT)), sqrt(nats per reply)", ylabel="held-out score",
+           title="Over-optimisation: proxy vs gold against sqrt(KL)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
