@@ -1,5 +1,5 @@
 """
-The GPT of the book ([实战框架 §4.1] transformer 架构), and what it needs to be trained and loaded.
+The GPT of the book ([实战框架 §4.1] transformer 架构), as in nanoGPT: LayerNorm, attention, MLP, Block, GPT.
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128))
@@ -7,23 +7,14 @@ The GPT of the book ([实战框架 §4.1] transformer 架构), and what it needs
     loss = model(idx, targets, loss_mask)  # scalar, mean over masked target tokens
     h = model.hidden_states(idx)           # (B, T, n_embd): reward model and critic put scalar heads here
 
-What is here, top to bottom:
-  [实战框架 §4.1.2] position encoding      sinusoidal_positions(), Positions
-  [实战框架 §4.1.3] layer normalization    LayerNorm, written out
-  [实战框架 §4.1.1] self-attention 机制     CausalSelfAttention (readable math path + fused SDPA path)
-         KV cache for incremental decoding KVCache
-         the transformer                   Block, GPT
-         training: learning rate, weight-decay groups, an optimizer step  lr_at, param_groups, clip_and_step
-         loading: a GPT from a checkpoint's model_args and weights   config_from_dict, gpt_from_checkpoint
-The tokenizer and the chat format live where the data is made (data/prepare.py); the plumbing every script
-shares (flags, torchrun, checkpoint files, one-line errors) in data/plumbing.py, which a reader can skip.
+After the GPT: the trainers' learning rate, weight-decay groups and optimizer step, and a GPT rebuilt from a
+checkpoint. Tokenizer and chat format: data/prepare.py; flags, torchrun, checkpoint files: data/plumbing.py.
 
 What it simplifies: no rotary or learned positions, no grouped-query attention, no mixture of experts;
 one attention implementation switch (`use_sdpa`) instead of a zoo of kernels.
 
-Left padding. Batched generation puts prompts of different lengths in one tensor by padding them on the
-left; `pad` (B,) says how many pad tokens each row starts with. Pad tokens are never attended to and
-positions count from each row's first real token, so a padded row computes exactly what it would alone.
+Left padding: `pad` (B,) counts each row's pad tokens; they are never attended to and positions count from
+the first real token, so a padded row computes what it would alone.
 """
 import math
 from dataclasses import dataclass, asdict, fields
@@ -33,49 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 8192   # VOCAB_SIZE: GPT-2's BPE cut to 8,191 tokens + <|endoftext|> (see get_tokenizer)
-    block_size: int = 256     # longest sequence (context window) the model is trained on
-    n_layer: int = 4          # transformer blocks
-    n_head: int = 4           # attention heads per block
-    n_embd: int = 128         # model width d_model
-    dropout: float = 0.0      # dropout on embeddings, attention weights and residual branches
-    bias: bool = True         # biases in Linear layers and LayerNorm beta
-
-
-# ----------------------------------------------------------------------------------------------------
-# [实战框架 §4.1.2] position encoding: the sinusoidal positional encoding
-#   PE(pos, 2i)   = sin(pos / 10000^(2i/d_model))
-#   PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))
-# Nothing is learned; any position up to max_len can be encoded.
-
-def sinusoidal_positions(max_len, d_model):
-    pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)             # (max_len, 1)
-    two_i = torch.arange(0, d_model, 2, dtype=torch.float32)                  # (d_model/2,)
-    angle = pos / (10000.0 ** (two_i / d_model))                              # (max_len, d_model/2)
-    pe = torch.zeros(max_len, d_model)                                        # (max_len, d_model)
-    pe[:, 0::2] = torch.sin(angle)
-    pe[:, 1::2] = torch.cos(angle)
-    return pe
-
-
-class Positions(nn.Module):
-    """What is added to each token's embedding to say where it stands: position ids (T,) or (B, T) ->
-    (..., d_model). Exercise C4 edits THIS class: a learned table (an nn.Embedding(block_size, d_model) made
-    in __init__ and looked up in forward) or no positions at all. The table is a persistent buffer, saved in
-    every checkpoint, so a checkpoint always computes with the positions it was trained with; one trained
-    with other positions has other weight names and is refused by name (model.gpt_from_checkpoint)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.register_buffer("pe", sinusoidal_positions(cfg.block_size, cfg.n_embd))   # (block_size, d)
-
-    def forward(self, pos):
-        return self.pe[pos]                                                   # (..., d)
-
-
-# ----------------------------------------------------------------------------------------------------
 # [实战框架 §4.1.3] layer normalization: y = gamma * (x - mean) / sqrt(var + eps) + beta, over the last dim.
 # Written out so a student sees every step; a test checks it equals F.layer_norm.
 
@@ -94,10 +42,52 @@ class LayerNorm(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-# ----------------------------------------------------------------------------------------------------
-# KV cache: keys and values of every position seen so far, so decoding token t costs O(t), not O(t^2).
+# [实战框架 §4.1.2] position encoding: the sinusoidal positional encoding (nothing learned)
+#   PE(pos, 2i)   = sin(pos / 10000^(2i/d_model))
+#   PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))
+
+def sinusoidal_positions(max_len, d_model):
+    pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)             # (max_len, 1)
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float32)                  # (d_model/2,)
+    angle = pos / (10000.0 ** (two_i / d_model))                              # (max_len, d_model/2)
+    pe = torch.zeros(max_len, d_model)                                        # (max_len, d_model)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle)
+    return pe
+
+
+class Positions(nn.Module):
+    """What is added to each token's embedding to say where it stands: position ids (T,) or (B, T) ->
+    (..., d_model). Exercise C4 edits THIS class: a learned table (an nn.Embedding(block_size, d_model) made
+    in __init__, looked up in forward) or no positions at all. The table is a persistent buffer, saved in
+    every checkpoint: one trained with other positions has other weight names and is refused by name."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_positions(cfg.block_size, cfg.n_embd))   # (block_size, d)
+
+    def forward(self, pos):
+        return self.pe[pos]                                                   # (..., d)
+
+
+# [实战框架 §4.1.1] self-attention 机制: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + causal mask) V
+# (the causal mask, which lets a position see only itself and the past, is not in the book's formula)
+
+def attention_mask(T_q, offset, pad, device):
+    """Boolean mask (B or 1, 1, T_q, offset+T_q): True where query i may attend to key j: causal (j <= i)
+    and never to a left-pad key, but always to itself (a pad query's softmax then has no NaN)."""
+    q_pos = offset + torch.arange(T_q, device=device)                         # (T_q,)
+    k_pos = torch.arange(offset + T_q, device=device)                         # (T_k,)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None]                           # (1, T_q, T_k) causal
+    if pad is not None:
+        real = k_pos[None, None, :] >= pad[:, None, None]                     # (B, 1, T_k) key is not padding
+        mask = (mask & real) | (k_pos[None, :] == q_pos[:, None])[None]       # (B, T_q, T_k)
+    return mask.unsqueeze(1)                                                  # (B|1, 1, T_q, T_k)
+
 
 class KVCache:
+    """Keys and values of every position seen so far, so decoding token t costs O(t), not O(t^2)."""
+
     def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device=None, dtype=torch.float32):
         shape = (n_layer, batch_size, n_head, max_len, head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)               # (L, B, nh, max_len, hs)
@@ -113,26 +103,6 @@ class KVCache:
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nh, pos+T, hs)
 
-
-def attention_mask(T_q, offset, pad, device):
-    """Boolean mask (B or 1, 1, T_q, offset+T_q): True where query i may attend to key j.
-
-    Causal (j <= i) and, with left padding, never to a pad key. Each position may always attend to
-    itself, so a pad query (whose output is ignored) still has one key and the softmax has no NaN."""
-    q_pos = offset + torch.arange(T_q, device=device)                         # (T_q,)
-    k_pos = torch.arange(offset + T_q, device=device)                         # (T_k,)
-    mask = k_pos[None, :] <= q_pos[:, None]                                   # (T_q, T_k) causal
-    if pad is not None:
-        real = k_pos[None, None, :] >= pad[:, None, None]                     # (B, 1, T_k) key is not padding
-        mask = (mask[None] & real) | (k_pos[None, :] == q_pos[:, None])[None]  # (B, T_q, T_k)
-    else:
-        mask = mask[None]                                                     # (1, T_q, T_k)
-    return mask.unsqueeze(1)                                                  # (B|1, 1, T_q, T_k)
-
-
-# ----------------------------------------------------------------------------------------------------
-# [实战框架 §4.1.1] self-attention 机制: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + causal mask) V
-# (the causal mask, which lets a position see only itself and the past, is not in the book's formula)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, layer):
@@ -155,11 +125,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                             # (B, nh, T_k, hs), T_k >= T
         p = self.dropout if self.training else 0.0
-        if self.use_sdpa:  # fused kernel (flash / memory-efficient attention on GPU)
-            if mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        if self.use_sdpa:  # fused kernel (flash / memory-efficient attention on GPU); no mask: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                               is_causal=mask is None)                    # (B, nh, T, hs)
         else:  # the formula, step by step
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)                   # (B, nh, T, T_k)
             if mask is None:
@@ -198,6 +166,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))                                     # (B, T, d)
 
 
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192   # VOCAB_SIZE: GPT-2's BPE cut to 8,191 tokens + <|endoftext|> (see get_tokenizer)
+    block_size: int = 256     # longest sequence (context window) the model is trained on
+    n_layer: int = 4          # transformer blocks
+    n_head: int = 4           # attention heads per block
+    n_embd: int = 128         # model width d_model
+    dropout: float = 0.0      # dropout on embeddings, attention weights and residual branches
+    bias: bool = True         # biases in Linear layers and LayerNorm beta
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -215,12 +194,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
@@ -231,8 +208,7 @@ class GPT(nn.Module):
             block.attn.use_sdpa = on
 
     def new_cache(self, batch_size, max_len=None):
-        """An empty KV cache. Under autocast the keys and values come out of the attention projection in the
-        autocast dtype (bf16): stored as such, decoding reads half the bytes of a float32 cache, for free."""
+        """An empty KV cache, in the autocast dtype (bf16) under autocast: half the bytes to read for free."""
         c, device = self.config, self.wte.weight.device
         autocast_on = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast_on else self.wte.weight.dtype
@@ -249,9 +225,8 @@ class GPT(nn.Module):
         pos = offset + torch.arange(T, device=idx.device)                     # (T,)
         if pad is not None:
             pos = (pos[None, :] - pad[:, None]).clamp(min=0)              # (B, T) count from first real token
-        mask = None                                                           # None means plain causal
-        if pad is not None or offset > 0:
-            mask = attention_mask(T, offset, pad, idx.device)                 # (B|1, 1, T, offset+T)
+        plain = pad is None and offset == 0                                   # plain causal: no mask
+        mask = None if plain else attention_mask(T, offset, pad, idx.device)  # (B|1, 1, T, offset+T)
         x = self.wte(idx) * math.sqrt(self.config.n_embd) + self.wpe(pos)   # (B, T, d) x sqrt(d): Vaswani
         x = self.drop(x)
         for block in self.blocks:
@@ -261,23 +236,20 @@ class GPT(nn.Module):
         return self.ln_f(x)                                                   # (B, T, d)
 
     def forward(self, idx, targets=None, loss_mask=None, pad=None, cache=None):
-        """Without targets: logits (B, T, vocab). With targets (B, T): mean cross-entropy over the
-        positions where loss_mask (B, T) is True (all positions if it is None). Only those positions go
-        through the vocabulary projection, which is most of the cost on a CPU."""
+        """Without targets: logits (B, T, vocab). With targets (B, T): mean cross-entropy over the positions
+        where loss_mask (B, T) is True (all if None); only those go through the vocabulary projection."""
         h = self.hidden_states(idx, pad, cache)                               # (B, T, d)
         if targets is None:
             return self.lm_head(h)                                            # (B, T, V)
         if loss_mask is None:
             loss_mask = torch.ones_like(targets, dtype=torch.bool)
         loss_mask = loss_mask.bool()  # a 0/1 integer mask (the uint8 *_mask.bin data) would index, not select
-        h_sel = h[loss_mask]                                                  # (N, d) N = trained tokens
-        logits = self.lm_head(h_sel)                                          # (N, V)
+        logits = self.lm_head(h[loss_mask])                                   # (N, V) N = trained tokens
         return F.cross_entropy(logits.float(), targets[loss_mask])            # scalar
 
 
 def lr_at(step, lr, min_lr, warmup_iters, max_iters):
-    """The learning rate of every trainer: linear warmup to lr over warmup_iters steps, then cosine decay
-    from lr to min_lr at max_iters."""
+    """Linear warmup to lr over warmup_iters steps, then cosine decay from lr to min_lr at max_iters."""
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters
     progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
@@ -286,32 +258,27 @@ def lr_at(step, lr, min_lr, warmup_iters, max_iters):
 
 def param_groups(module, weight_decay):
     """AdamW groups: decay matrices; no decay on gains, biases (1-D) or the (tied) token embedding."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in module.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():                                 # a tied weight comes once
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
         (decay if p.dim() >= 2 and "wte" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def clip_and_step(optimizer, parameters, grad_clip):
-    """The end of every trainer's step: clip the global gradient norm to grad_clip (0 = off), step, and
-    clear the gradients for the next backward pass."""
+    """Clip the global gradient norm to grad_clip (0 = off), step, and clear the gradients."""
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-
-
-# ----------------------------------------------------------------------------------------------------
 # Loading: a GPT from a checkpoint dict (data/plumbing.py loads and checks the file).
 
 def config_from_dict(d):
-    """A GPTConfig from a checkpoint's model_args, every field checked: a positive whole number (dropout a
-    number in [0, 1), bias a bool), n_embd even and a multiple of n_head; ValueError says which not."""
+    """A GPTConfig from a checkpoint's model_args, every field checked (a whole number >= 1, dropout in
+    [0, 1), bias a bool; n_embd even and a multiple of n_head): ValueError says which not."""
     known = {f.name: f.type for f in fields(GPTConfig)}
     unknown = set(d) - set(known)
     if unknown:
@@ -332,9 +299,8 @@ def config_from_dict(d):
 
 
 def with_positions(state, cfg, prefix=""):
-    """Checkpoints made before the position table was saved (2026-12-02) hold no 'wpe.pe' (or, under a
-    `prefix` such as 'body.', no 'body.wpe.pe'): they were all trained with the sinusoidal table, which is
-    put in. Returns the state dict."""
+    """A state dict from before the position table was saved (2026-12-02) has no 'wpe.pe' (under `prefix`,
+    e.g. 'body.'): it was trained with the sinusoidal table, which is put in."""
     if not any(k.startswith(prefix + "wpe.") for k in state):
         state = {**state, prefix + "wpe.pe": sinusoidal_positions(cfg.block_size, cfg.n_embd)}
     return state

@@ -5,20 +5,17 @@ Sample replies from a trained model ([实战框架 §5.4.1] 采样生成: temper
     python sample.py --ckpt out/ppo.pt --prompt "To be, or not to be" --raw --greedy
     python sample.py --help                # every setting below is a --flag
 
-The same functions are imported by train_ppo.py (rollouts) and chat.py (token-by-token streaming):
+train_ppo.py (rollouts) and chat.py (streaming) import the same functions:
 
     from sample import load_model, encode_prompt, generate, decode_replies
     enc, (model, ckpt) = get_tokenizer(), load_model("out/sft.pt")          # get_tokenizer from data.prepare
     seq, pad, resp_mask = generate(model, [encode_prompt(enc, "Hello")], max_new_tokens=64, top_p=0.95)
     replies = decode_replies(enc, seq, resp_mask)
 
-Batched generation, step by step:
-  1. left-pad the prompts with <|endoftext|> to a common length P; `pad` (B,) counts the pad tokens, so the
-     model never attends to them and numbers positions from each row's first real token;
-  2. one forward pass over the whole prompt block fills the KV cache (the "prefill");
-  3. then one token per step: filter the last logits (temperature, top-k, top-p), sample, feed the token back.
-  A row that has produced <|endoftext|> is done: it keeps receiving <|endoftext|>, and resp_mask is False
-  there. Generation stops as soon as every row is done, or after max_new_tokens.
+Batched generation: left-pad the prompts with <|endoftext|> (`pad` (B,) counts the pad tokens: never attended
+to, positions count from each row's first real token); one forward pass over the prompts fills the KV cache
+(the "prefill"); then one token per step: filter the last logits, sample, feed the token back. A row that has
+produced <|endoftext|> is done (it gets <|endoftext|>, resp_mask False); all done or max_new_tokens: stop.
 
 What it simplifies: no beam search, no repetition penalty, no stop strings other than <|endoftext|>; a prompt
 that does not fit is cut from the left (its oldest tokens go) with a warning.
@@ -39,16 +36,14 @@ import torch.nn.functional as F
 
 from model import gpt_from_checkpoint
 from data.prepare import EOT, format_prompt, get_tokenizer
-from data.plumbing import flag, load_checkpoint, out_of_memory, parse_settings
+from data.plumbing import MADE_BY, flag, load_checkpoint, out_of_memory, parse_settings
 
 
 @dataclass
 class Sampling:
-    """The decoding knobs ([实战框架 §5.4.1] 采样生成), for sample.py's flags and chat.py's commands alike: chat.py
-    makes a command of every field (/temperature 0.7, or /temp 0.7). To add a knob (e.g. min-p), all in this
-    file: a field here (flag(): default, allowed values, help); an argument with its rule in check_sampling
-    and with its step in filter_logits; an argument of generate, passed on to filter_logits; and its entry
-    in sampling_args."""
+    """The decoding knobs ([实战框架 §5.4.1] 采样生成): sample.py's flags, chat.py's commands (/temp 0.7). To add a
+    knob (e.g. min-p), all in this file: a field here (flag()); its rule in check_sampling and its step in
+    filter_logits; an argument of generate, passed on to filter_logits; and its entry in sampling_args."""
     temperature: float = flag(0.8, ">= 0", "divides the logits: < 1 sharper, > 1 flatter, 0 (<1e-4): greedy")
     top_k: int = flag(50, ">= 0", "keep only the k most likely tokens (0 = off)")
     top_p: float = flag(0.95, "(0, 1]", "keep the smallest set of tokens with probability >= p (1.0 = off)")
@@ -81,8 +76,8 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None):
 
 
 def sampling_args(s, block_size):
-    """generate()'s keyword arguments from the knobs of `s` (a Sampling), checked: 0 switches top-k off, 1.0
-    switches top-p off, and a reply may take at most half the context window (the prompt needs room too)."""
+    """generate()'s keyword arguments from the knobs of `s` (a Sampling), checked; top_k 0 and top_p 1.0 are
+    off, and a reply may take at most half the context window (the prompt needs room too)."""
     args = dict(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p != 1.0 else None)
     check_sampling(**args)
     if not (isinstance(s.max_new_tokens, int) and 1 <= s.max_new_tokens <= block_size // 2):
@@ -91,22 +86,15 @@ def sampling_args(s, block_size):
     return args
 
 
-MADE_BY = {"sft.pt": "train_sft.py", "rm.pt": "train_rm.py", "ppo.pt": "train_ppo.py"}
-
-
 def load_model(path, device="cpu", made_by=None, kind=None):
-    """Load the GPT stored under ckpt["model"] (any stage's checkpoint, or only `kind`). Returns (model in
-    eval mode, ckpt). A missing file is a FileNotFoundError naming the script that writes it; a bad one a
-    ValueError."""
+    """(the GPT under ckpt["model"] in eval mode, ckpt) of any stage's checkpoint (or only `kind`'s)."""
     made_by = made_by or MADE_BY.get(os.path.basename(path), "train_sft.py")
     ckpt = load_checkpoint(path, made_by=made_by, kind=kind)
-    model = gpt_from_checkpoint(ckpt).to(device)
-    return model.eval(), ckpt
+    return gpt_from_checkpoint(ckpt).to(device).eval(), ckpt
 
 
 def encode_prompt(enc, text, chat=True):
-    """Prompt tokens. chat=True wraps `text` (a str, or a list of alternating human/assistant turns ending
-    with a human turn) as "\\n\\nHuman: ...\\n\\nAssistant:"; chat=False encodes `text` as it is."""
+    """Prompt tokens: `text` (or a list of turns) in chat format (format_prompt), or as it is (chat=False)."""
     return enc.encode_ordinary(format_prompt(text) if chat else text)
 
 
@@ -116,12 +104,9 @@ def encode_prompt(enc, text, chat=True):
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> (B, V) with the tokens that may not be sampled set to -inf.
-
-    temperature: logits / temperature (must be > 0 here; generate() treats 0 as greedy).
-    top_k: keep the k largest logits. Tokens tied with the k-th largest are kept too, so a row may keep
-        more than k tokens when there are exact ties (rare with real logits).
-    top_p (nucleus): keep the smallest set of most probable tokens whose total probability is >= top_p;
-        the most probable token is always kept. None (or 1.0) keeps everything."""
+    temperature: logits / temperature (> 0 here; generate() treats 0 as greedy). top_k: keep the k largest
+    logits (and any tied with the k-th). top_p (nucleus): keep the smallest set of most probable tokens whose
+    total probability is >= top_p, the most probable always. None (or 1.0) keeps everything."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         raise ValueError("temperature 0 is greedy decoding: generate() takes the argmax, not filter_logits")
@@ -141,11 +126,9 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def sample_from(probs, generator=None):
-    """One token per row drawn from probs (B, V) by inverting the cumulative distribution: a uniform u in
-    [0, total) picks the first token whose cumulative probability exceeds u. Same distribution as
-    torch.multinomial, ~15x faster on a CPU at V = 50257 (GPT-2's vocabulary). A token with probability 0
-    is never drawn (its cumulative value equals its predecessor's); (1 - 1e-6) keeps float rounding from
-    landing on the end."""
+    """One token per row of probs (B, V): a uniform u in [0, total) picks the first token whose cumulative
+    probability exceeds u (torch.multinomial's distribution, ~15x faster on a CPU at V = 50257). A token of
+    probability 0 is never drawn; (1 - 1e-6) keeps float rounding from landing on the end."""
     cdf = probs.cumsum(dim=-1)                                                # (B, V)
     u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)      # (B, 1) uniform in [0, 1)
     u = u * cdf[:, -1:] * (1 - 1e-6)                                          # (B, 1) in [0, total)
@@ -155,16 +138,12 @@ def sample_from(probs, generator=None):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
              generator=None, on_token=None):
-    """Sample a reply for every prompt (a list of token lists) in one batch.
-
-    Returns (seq, pad, resp_mask):
-      seq (B, P + R) long: left-padded prompts (pad token = EOT), then the R <= max_new_tokens generated
-          tokens; after a row's first EOT the row holds only EOT.
-      pad (B,) long: number of pad tokens at the start of each row.
+    """Sample a reply for every prompt (a list of token lists) in one batch. Returns (seq, pad, resp_mask):
+      seq (B, P + R) long: left-padded prompts (pad = EOT), then R <= max_new_tokens generated tokens (only
+          EOT after a row's first EOT); pad (B,) long: pad tokens at the start of each row;
       resp_mask (B, R) bool: True for generated tokens up to and including the first EOT.
-    temperature == 0 or greedy=True: take the argmax. `generator`: a torch.Generator (on the model's device)
-    for reproducible sampling. `on_token(step, tokens (B,))` is called after every step (for streaming).
-    An empty prompt starts from <|endoftext|>, GPT-2's start-of-document token."""
+    temperature 0 or greedy=True: the argmax. `generator`: a torch.Generator on the model's device;
+    `on_token(step, tokens (B,))` is called after every step (streaming). An empty prompt starts from EOT."""
     block_size = model.config.block_size
     device = model.wte.weight.device
     if max_new_tokens < 1 or max_new_tokens >= block_size:
@@ -175,7 +154,6 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     greedy = greedy or temperature < GREEDY_BELOW
     idx, pad = left_padded(prompts, block_size - max_new_tokens, model.config.vocab_size, device)
     B, P = idx.shape                                                          # (B, P), (B,)
-
     was_training = model.training
     model.eval()                                                              # no dropout while sampling
     cache = model.new_cache(B, P + max_new_tokens)
@@ -205,13 +183,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     finally:
         model.train(was_training)                                             # as the caller had it
     seq = torch.cat([idx, torch.stack(tokens, dim=1)], dim=1)                 # (B, P + R)
-    resp_mask = torch.stack(masks, dim=1)                                     # (B, R)
-    return seq, pad, resp_mask
+    return seq, pad, torch.stack(masks, dim=1)                                # resp_mask (B, R)
 
 
 def left_padded(prompts, room, vocab_size, device):
-    """The prompts (token lists) in one batch: idx (B, P) left-padded with EOT, pad (B,) the pad counts. An
-    empty prompt becomes [EOT]; a prompt longer than `room` tokens loses its first ones (with a warning)."""
+    """idx (B, P): the prompts left-padded with EOT, pad (B,): the pad counts. An empty prompt becomes [EOT];
+    one longer than `room` tokens loses its first ones (with a warning)."""
     prompts = [list(p) if len(p) > 0 else [EOT] for p in prompts]
     if max(len(p) for p in prompts) > room:
         warnings.warn(f"prompt longer than {room} tokens (block_size - max_new_tokens): truncated from the "
@@ -228,15 +205,12 @@ def left_padded(prompts, room, vocab_size, device):
 
 
 def decode_replies(enc, seq, resp_mask):
-    """The reply text of each row: its generated tokens up to (not including) the first EOT, stripped of
-    the leading space that every reply starts with (see data.prepare.encode_reply)."""
+    """The reply text of each row: its tokens before the first EOT, less the leading space (encode_reply)."""
     R = resp_mask.size(1)
     resp = seq[:, seq.size(1) - R:]                                           # (B, R) generated tokens
     return [enc.decode([t for t, m in zip(row.tolist(), keep.tolist()) if m and t != EOT]).strip()
             for row, keep in zip(resp, resp_mask)]
 
-
-# ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     s = parse_settings(Settings, argv=argv, doc=__doc__)                     # every field is a --flag
@@ -244,8 +218,6 @@ def main(argv=None):
     try:
         model, _ = load_model(s.ckpt, device=device)
         args = sampling_args(s, model.config.block_size)
-        if s.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {s.num_samples}")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -273,8 +245,8 @@ def main(argv=None):
 
 
 def summary(replies):
-    """What the knobs did to a batch of replies: how many differ, how varied their words are (distinct words
-    / all words), how many are real words (the plays' own word list), how long they are."""
+    """What the knobs did to a batch of replies: how many differ, distinct words / all words, the real-word
+    rate (the plays' own word list), words per reply."""
     from data.prepare import real_word_rate, words
     ws = [w for r in replies for w in words(r)]
     distinct = len(set(ws)) / max(len(ws), 1)

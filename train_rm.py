@@ -5,21 +5,16 @@ Reward-model training from human feedback ([实战框架 §5.2] 奖励模型训�
     python train_rm.py                                  # the panel labels SFT samples, then trains out/rm.pt
     python train_rm.py --data out/feedback.jsonl        # your own feedback from chat.py (or HH-RLHF JSONL)
     python train_rm.py --data a.jsonl,b.jsonl --mix_panel   # several files, mixed with the panel's labels
-    python train_rm.py --help
 
 Steps, top to bottom (main() is one short call each):
-  1. read the --data feedback files, if any (our JSONL schema, any of the four kinds, or Anthropic
-     HH-RLHF as it is): a bad line stops here, before any training;
+  1. read the --data feedback files (our JSONL schema, any of the four kinds, or HH-RLHF as it is): a bad
+     line stops here, before any training;
   2. load out/sft.pt (train_sft.py runs first if it is missing);
-  3. the panel's labels: sample K replies per prompt from the SFT model and let the simulated rater
-     panel rank them (saved to out/panel_labels.jsonl, to inspect or reuse with --data); prompts from the
-     training plays to train on, prompts from the test plays to evaluate on;
-  4. the reward model: the SFT body + a scalar head, trained with the loss each kind of feedback names:
-     comparisons (two replies) through bradley_terry_loss, longer rankings through plackett_luce_loss,
-     ratings through rating_loss;
-  5. held-out evaluation (prompts never trained on): loss, accuracy against the labels, and for the
-     panel's labels accuracy against the panel's noise-free "gold" order, beside a single rater's and a
-     bag-of-words model's: does the transformer beat counting words?
+  3. the panel's labels: K SFT replies per prompt, ranked by the simulated rater panel (saved to
+     out/panel_labels.jsonl); prompts from the training plays to train on, from the test plays to evaluate;
+  4. the reward model: the SFT body + a scalar head, each kind of feedback through its loss (item_losses);
+  5. held-out loss and accuracy against the labels and the panel's noise-free "gold" order, beside a single
+     rater's and a bag-of-words model's: does the transformer beat counting words?
   6. normalise the reward to mean 0 / std 1 over SFT replies; write out/rm.pt and out/rm_curves.png.
 
 What it simplifies: one reward model (no ensembles), one score per reply (the head's sum over the reply's
@@ -101,8 +96,7 @@ PRESETS = {
 
 
 def problems(s):
-    """The rules that tie settings together (each field's own range is declared in Settings), checked
-    before any work starts; each problem names its flag."""
+    """The rules that tie settings together (each field's own range is in Settings); each names its flag."""
     out = []
     if s.min_lr > s.lr:
         out.append(f"--min_lr must be at most --lr, got {s.min_lr} > {s.lr}")
@@ -157,7 +151,6 @@ def main(argv=None):
 
 
 # ---- 1. feedback files -------------------------------------------------------------------------------------
-
 def read_files(s):
     files = [f for f in s.data.split(",") if f]
     if not files:
@@ -169,7 +162,6 @@ def read_files(s):
 
 
 # ---- 2. the SFT model --------------------------------------------------------------------------------------
-
 def load_sft(s, device):
     sft_path = os.path.join(s.out_dir, "sft.pt")
     if not os.path.exists(sft_path):
@@ -185,7 +177,6 @@ def load_sft(s, device):
 
 
 # ---- 3. the panel's labels ---------------------------------------------------------------------------------
-
 def sample_replies(s, policy, prompts, k):
     """k replies per prompt from the SFT model, in prompt order: a list of lists of reply texts."""
     enc = get_tokenizer()
@@ -216,9 +207,14 @@ def rank_with_panel(prompts, replies, panel, rng):
     return records
 
 
-def labelled(s, policy, panel, prompts, path, rng):
-    """Sample K SFT replies per prompt, let the panel rank them, save as JSONL and read it back. Under
+def panel_labels(s, policy, panel, rng, heldout=False):
+    """The panel's rankings of K SFT samples per prompt, saved as JSONL and read back: n_prompts prompts of
+    the training plays, or (heldout=True) n_heldout of the test plays, which no training split contains. Under
     torchrun each process samples and ranks its share of the prompts; process 0 writes the file."""
+    name, split_name, n = (("panel_labels_heldout", "test", s.n_heldout) if heldout else
+                           ("panel_labels", "train", s.n_prompts))
+    path = os.path.join(s.out_dir, name + ".jsonl")
+    prompts = unique_prompts(load_turns(split_name), n, s.seed)
     if s.resume and os.path.exists(path):
         records, _ = read_feedback([path])
         print(f"resume: reusing {len(records)} panel labels from {path}")
@@ -226,9 +222,8 @@ def labelled(s, policy, panel, prompts, path, rng):
     t0 = time.time()
     ranked = in_shares(lambda mine: rank_with_panel(mine, sample_replies(s, policy, mine, s.k), panel, rng),
                        prompts)                                  # torchrun: each its share; a list per prompt
-    records = [r for per_prompt in ranked for r in per_prompt]
     if main_process():
-        write_jsonl(path, records)
+        write_text(path, "".join(json.dumps(r) + "\n" for per_prompt in ranked for r in per_prompt))
     barrier()                                                                 # the file is written
     records, _ = read_feedback([path])
     print(f"panel ranked {s.k} SFT replies for each of {len(prompts)} prompts in {time.time() - t0:.0f}s -> "
@@ -236,19 +231,9 @@ def labelled(s, policy, panel, prompts, path, rng):
     return records
 
 
-def panel_labels(s, policy, panel, rng, heldout=False):
-    """The panel's rankings of SFT samples: n_prompts prompts of the training plays, or (heldout=True)
-    n_heldout prompts of the test plays, which no training split contains."""
-    name, split_name, n = (("panel_labels_heldout", "test", s.n_heldout) if heldout else
-                           ("panel_labels", "train", s.n_prompts))
-    prompts = unique_prompts(load_turns(split_name), n, s.seed)
-    return labelled(s, policy, panel, prompts, os.path.join(s.out_dir, name + ".jsonl"), rng)
-
-
 def split(s, file_records, panel_records):
-    """Split by prompt, so no held-out prompt is ever trained on: --data files 90/10 by a hash of the
-    prompt; the panel's held-out prompts come from plays that are not in the training split at all.
-    Ties are kept in the files but not trained on (they prefer nothing)."""
+    """Split by prompt, so no held-out prompt is trained on: --data files 90/10 by a hash of the prompt (the
+    panel's held-out prompts come from other plays). Ties are kept in the files but not trained on."""
     counts = {kind: sum(r["kind"] == kind for r in file_records + panel_records)
               for kind in ("comparison", "ranking", "rating", "correction")}
     print("feedback kinds: " + ", ".join(f"{k}={v}" for k, v in counts.items())
@@ -269,12 +254,7 @@ def hash_unit(text, seed):
     return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16) / 16 ** 8
 
 
-def write_jsonl(path, records):
-    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
 # ---- 4. the reward model and its training loop -------------------------------------------------------------
-
 def new_or_resumed(s, sft_path, device):
     """(reward model, AdamW, first step, history): from the SFT checkpoint, or from rm.pt with --resume."""
     if s.resume:
@@ -302,10 +282,8 @@ def new_or_resumed(s, sft_path, device):
 
 
 def rm_param_groups(s, rm):
-    """AdamW groups: the token embeddings learn embedding_lr_mult times faster than the rest. Why: the panel
-    judges a reply by its words, so the reward model must learn a rating for every word, and a word's
-    embedding row only learns when the word occurs (measured: held-out gold accuracy 0.786 with x10 against
-    0.737 without, lr 3e-3, README "Reward model")."""
+    """AdamW groups: the token embeddings learn embedding_lr_mult times faster: the panel judges words, and
+    a word's row only learns when it occurs (gold accuracy 0.786 with x10 against 0.737, README)."""
     emb = rm.body.wte.weight
     groups = param_groups(rm, s.weight_decay)
     for g in groups:
@@ -315,42 +293,31 @@ def rm_param_groups(s, rm):
 
 
 def item_losses(s, rm, batch, counts=None):
-    """The loss of a batch of feedback items, and the reward model's scores of each item's replies.
-
-    Every reply of every item is scored in one forward pass; then each kind of feedback goes through
-    the loss the book names for it:
+    """The loss of a batch of feedback items, and each item's reply scores (all scored in one forward pass):
       comparisons (two replies: comparison, correction, a ranking of two)   bradley_terry_loss
       rankings of three or more replies                                       plackett_luce_loss
-      ratings                                                                 rating_loss
-    The ranked items' loss is the mean over those items (Plackett-Luce of two replies IS Bradley-Terry, so
-    this equals one Plackett-Luce loss over them all); the rating loss is added with rating_weight.
-    counts = (ranked items, rated items, processes) of the whole batch when `batch` is one process's share
-    of it (torchrun): the means are then over the whole batch, times the number of processes, which DDP
-    divides back out when it averages the gradients. None: `batch` is the whole batch. rm may be in DDP."""
+      ratings (added times rating_weight)                                     rating_loss
+    The ranked items' loss is their mean (Plackett-Luce of two IS Bradley-Terry). counts = (ranked, rated,
+    processes) of the whole batch when `batch` is one process's share (torchrun): the means are over the
+    whole batch, times the processes, which DDP's gradient average divides back out. rm may be in DDP."""
     device = next(rm.parameters()).device
     prompts = [p for r in batch for p in r["prompts"]]
     replies = [x for r in batch for x in r["replies"]]
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
-    with autocast:
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16"):
         flat = reply_scores(rm, get_tokenizer(), prompts, replies)               # (N,) one score per reply
-    scores, i = [], 0
-    for r in batch:                                                          # each item's replies, best first
-        scores.append(flat[i:i + len(r["replies"])])
-        i += len(r["replies"])
+    scores = flat.split([len(r["replies"]) for r in batch])                 # each item's replies, best first
     pairs = [sc for r, sc in zip(batch, scores) if r["kind"] != "rating" and len(sc) == 2]
     lists = [sc for r, sc in zip(batch, scores) if r["kind"] != "rating" and len(sc) > 2]
     rated = [(r, sc) for r, sc in zip(batch, scores) if r["kind"] == "rating"]
     n_ranked, n_rated, scale = counts if counts else (len(pairs) + len(lists), len(rated), 1)
     loss = torch.zeros((), device=device)
     if pairs:
-        chosen, rejected = torch.stack([sc[0] for sc in pairs]), torch.stack([sc[1] for sc in pairs])  # (n2,)
+        chosen, rejected = torch.stack(pairs).unbind(1)                          # (n2,) each
         loss = loss + bradley_terry_loss(chosen, rejected) * len(pairs) / n_ranked
     if lists:
-        K = max(len(sc) for sc in lists)
-        table = torch.zeros(len(lists), K, device=device)                        # (nK, K) scores best first
-        mask = torch.zeros(len(lists), K, dtype=torch.bool, device=device)       # (nK, K) present replies
-        for row, sc in enumerate(lists):
-            table[row, :len(sc)], mask[row, :len(sc)] = sc, True
+        table = torch.nn.utils.rnn.pad_sequence(lists, batch_first=True)         # (nK, K) scores best first
+        lengths = torch.tensor([len(sc) for sc in lists], device=device)          # (nK,)
+        mask = torch.arange(table.shape[1], device=device) < lengths[:, None]     # (nK, K) present replies
         loss = loss + plackett_luce_loss(table, mask) * len(lists) / n_ranked
     if rated:
         r_scores = torch.cat([sc for _, sc in rated])                            # (nR,)
@@ -361,9 +328,8 @@ def item_losses(s, rm, batch, counts=None):
 
 
 def batches_of(s, train_items, world=1):
-    """Every step's item indices: each epoch a fresh permutation (its own generator, so a resumed run
-    gets the same batches), cut into batch_size pieces. Under torchrun an epoch's last batch, if it has
-    fewer items than there are processes, joins the batch before it (every process needs an item)."""
+    """Every step's item indices: each epoch a fresh permutation (its own generator: a resumed run gets the
+    same batches) in batch_size pieces; under torchrun a last piece under world items joins the one before."""
     gen, batches = torch.Generator().manual_seed(s.seed), []
     for _ in range(s.epochs):
         perm = torch.randperm(len(train_items), generator=gen).tolist()
@@ -376,8 +342,7 @@ def batches_of(s, train_items, world=1):
 
 def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, panel):
     """The loop: AdamW with warmup + cosine decay, gradient clipping; a held-out evaluation and a
-    checkpoint every eval_interval steps. Under torchrun each process scores its share of every batch and
-    DDP averages the gradients."""
+    checkpoint every eval_interval steps. Under torchrun each process scores its share of every batch."""
     ddp_rm = w.wrap(rm)                                               # torchrun: DDP averages the gradients
     rm.train()
     batches = batches_of(s, train_items, w.size)
@@ -427,15 +392,13 @@ def refuse_diverged(s, rm, step):
 
 
 def save(s, rm, optimizer, step, history, sft_path, final=False):
-    path = os.path.join(s.out_dir, "rm.pt")
     ckpt = {**rm.checkpoint_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(s),
             "kind": "rm", "final": final, "sft_ckpt": sft_path, "history": history}
-    save_checkpoint(ckpt, path)
+    save_checkpoint(ckpt, os.path.join(s.out_dir, "rm.pt"))
     plot(history, os.path.join(s.out_dir, "rm_curves.png"))
 
 
 # ---- 5. held-out evaluation --------------------------------------------------------------------------------
-
 def fmt(acc):
     return "n/a" if acc is None else f"{acc:.3f}"                      # no context pairs: nothing to count
 
@@ -448,8 +411,7 @@ def label_acc(ev):
 @torch.no_grad()
 def evaluate(s, rm, items, panel):
     """Held-out loss and accuracy against the labels (every ordered pair of every ranked item); for the
-    panel's labels also the accuracy against the panel's gold order (data.panel.gold_accuracy: pairs with
-    equal gold are left out, reward-model ties count as wrong) and a single rater's (single_rater_ceiling).
+    panel's labels also against its gold order (gold_verdict; ties count as wrong) and a single rater's.
     Under torchrun each process scores its share of the batches; every process gets all the scores."""
     was_training = rm.training
     rm.eval()
@@ -475,9 +437,8 @@ def evaluate(s, rm, items, panel):
 
 
 def gold_verdict(panel, better, worse, score_better, score_worse):
-    """How often scores order pairs of replies like the panel's gold (data.panel.gold_accuracy), on all pairs
-    and on the "context pairs": those that gold orders unlike the bag-of-words sum (Panel.bag_of_words_gold),
-    where only a model that reads the words in their context ("not", "but", "very", "!") can be right."""
+    """How often scores order pairs like the panel's gold (data.panel.gold_accuracy), on all pairs and on the
+    "context pairs" gold orders unlike Panel.bag_of_words_gold: only reading "not", "but", "!" gets them."""
     g_better, g_worse = panel.golds(better), panel.golds(worse)
     bow = [np.array([panel.bag_of_words_gold(x) for x in xs]) for xs in (better, worse)]
     context = np.sign(g_better - g_worse) != np.sign(bow[0] - bow[1])                    # (P,)
@@ -491,13 +452,10 @@ def gold_verdict(panel, better, worse, score_better, score_worse):
 
 
 def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3, 1e-2), steps=300, lr=0.3):
-    """Does the transformer beat counting words? A linear model on the same training labels: a reply's
-    features f say which words it uses (1 for each distinct word of the training replies: the panel's form
-    without its context rules), its score theta . f, fitted with the same Bradley-Terry loss on every pair of
-    every ranking (each reply beats the ones ranked below it) plus l2 * |theta|^2, by full-batch Adam. l2 is
-    chosen on a tenth of the training prompts held back (accuracy against their labels, never gold), then
-    the model is refitted on all of them. Returns its held-out gold accuracy and the number of pairs used,
-    on all pairs and on the context pairs (gold_verdict)."""
+    """Does the transformer beat counting words? score = theta . f, f 1 for each distinct training word a
+    reply uses (the panel without its context rules), fitted by full-batch Adam with the same Bradley-Terry
+    loss on every pair of every ranking plus l2 * |theta|^2; l2 chosen on a tenth of the training prompts
+    held back (their labels, never gold), then refitted on all. Returns gold_verdict on the held-out pairs."""
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {v: i for i, v in enumerate(sorted({v for r in ranked for x in r["replies"] for v in words(x)}))}
 
@@ -537,7 +495,6 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
 
 
 # ---- 6. normalisation --------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def normalise(s, rm, panel_records, policy):
     """Set reward_mean / reward_std to the mean and std of the raw scores of SFT replies, so PPO sees

@@ -7,18 +7,15 @@ train_rm.py, train_ppo.py, sample.py and chat.py read.
     python train_sft.py --preset gpu --max_iters 2000 --lr 6e-4
     python train_sft.py --resume            # continue out/sft.pt from its step (the best val loss so far)
     python train_sft.py --help              # every setting: its default, allowed values and help
+    torchrun --standalone --nproc_per_node=2 train_sft.py --grad_accum 2 --batch_size 4   # 2 processes
 
-The loop, top to bottom: settings -> data -> model -> optimizer -> for each step: learning rate,
-gradient-accumulated forward/backward, clip, step, log; every eval_interval: val loss, checkpoint, plot.
+The loop: settings -> data -> model -> optimizer -> each step: learning rate, gradient-accumulated
+forward/backward, clip, step, log; every eval_interval: val loss, checkpoint (only a better one), plot.
 
 What it simplifies: "SFT" and pre-training are one run here (a from-scratch model learns the language
 and the dialogue format together); turns are packed into one token stream and training windows are cut
-from it at random (a window may start mid-turn, and attention can see the previous turn, as in
-nanoGPT); the loss is on reply tokens only unless --train_on all.
-
-More than one process: `torchrun --standalone --nproc_per_node=2 train_sft.py --grad_accum 2 --batch_size 4`
-(see README "More than one GPU"): each process takes grad_accum / N of the micro-batches of every step
-(grad_accum is rounded up to a multiple of N), DDP averages the gradients, process 0 logs and saves.
+from it at random (a window may start mid-turn, and attention can see the previous turn, as in nanoGPT);
+the loss is on reply tokens only unless --train_on all.
 """
 if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
     import os
@@ -37,7 +34,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig, clip_and_step, gpt_from_checkpoint, lr_at, param_groups
-from data.prepare import EOT, get_tokenizer
+from data.prepare import EOT, encode_turn, get_tokenizer, load_turns, real_word_rate
 from data.plumbing import (all_sum, barrier, end_world, flag, last_good, load_checkpoint, pyplot, run_script,
                            save_checkpoint, save_figure, start_run, weights_problem, write_text)
 from sample import decode_replies, encode_prompt, generate
@@ -85,9 +82,8 @@ class Settings:
     compile: bool = flag(False, "", "torch.compile the model: fused kernels (on in the gpu preset)")
 
 
-# Presets, chosen by device and printed at start. cpu: ~4.5 min on 2 cores (README: measured). gpu: on
-# paper (no GPU was lent to this project): with the 8,192-id vocabulary the embedding is 4M parameters, not
-# 19M, so the ~30M parameters of the old gpu preset go to the blocks instead: 8 layers of d=512.
+# cpu: ~4.5 min on 2 cores (README: measured). gpu: on paper: with the 8,192-id vocabulary the embedding is
+# 4M parameters, so the ~30M of the old gpu preset go to the blocks instead: 8 layers of d=512.
 PRESETS = {
     "cpu": dict(batch_size=8, max_iters=1500, warmup_iters=20, eval_interval=250, eval_iters=10),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.2, batch_size=64, max_iters=2000,
@@ -99,8 +95,7 @@ VAL_BATCHES = ("eval_iters", "batch_size", "block_size", "dtype")   # what the v
 
 
 def problems(s):
-    """The rules that tie settings together (each field's own range is declared in Settings), checked
-    before any work starts; each problem names its flag."""
+    """The rules that tie settings together (each field's own range is in Settings); each names its flag."""
     out = []
     if s.n_head >= 1 and s.n_embd % s.n_head:
         out.append(f"--n_embd {s.n_embd} must be a multiple of --n_head {s.n_head} (each head gets "
@@ -141,7 +136,6 @@ def main(argv=None):
         best_val = remeasured(s, w, eval_model, data["val"], device, autocast, ckpt_path)
     if w.size > 1:
         torch.manual_seed(s.seed + 1000 * w.rank)    # dropout: each process its own masks (DDP syncs weights)
-
     # ---- the loop -----------------------------------------------------------------------------------------
     train_model.train()
     tokens_per_step = s.batch_size * s.grad_accum * s.block_size
@@ -198,9 +192,8 @@ def per_process(s, w):
 
 
 def train_step(s, w, train_model, train_data, batch_gen, device, autocast, my_micro_steps):
-    """Forward and backward over one step's grad_accum micro-batches (this process's share of them);
-    returns the global batch's mean loss. Every process draws every window, so together they see the global
-    batch one process would; DDP averages the gradients once, after the last backward."""
+    """Forward and backward over this process's share of a step's grad_accum micro-batches; the global batch's
+    mean loss. Every process draws every window (the batch one process would see); DDP syncs at the last."""
     step_loss = torch.zeros((), device=device)
     for k in range(s.grad_accum):
         starts = draw_windows(s, train_data, batch_gen)
@@ -247,7 +240,6 @@ def check_fits(model, data):
 
 
 # ---- data: token stream + reply mask, cut into random windows --------------------------------------------
-
 def load_data(s):
     """{"train": (tokens, reply mask), "val": (...)}: uint16 / uint8 arrays of the whole split, in play order;
     with --feedback, the corrections (chat.py /fix, [流程与实践 §3.2]) appended to the training stream."""
@@ -258,15 +250,12 @@ def load_data(s):
             for split in ("train", "val")}
     if s.feedback:  # corrections are demonstrations too: append them to the training stream
         from data.feedback import read_feedback, sft_examples
-        from data.prepare import encode_turn
         examples = sft_examples(read_feedback([f for f in s.feedback.split(",") if f])[0])
-        ids, mask = [], []
-        for prompt, reply in examples * s.feedback_copies:  # prompt: a transcript ending in "Assistant:"
-            i, m = encode_turn(get_tokenizer(), prompt, reply, transcript=True)
-            ids, mask = ids + i, mask + m
-        tokens, reply_mask = data["train"]
-        data["train"] = (np.concatenate([tokens, np.array(ids, dtype=np.uint16)]),
-                         np.concatenate([reply_mask, np.array(mask, dtype=np.uint8)]))
+        turns = [encode_turn(get_tokenizer(), prompt, reply, transcript=True)   # prompt: a whole transcript
+                 for prompt, reply in examples * s.feedback_copies]
+        ids, mask = [t for i, _ in turns for t in i], [t for _, m in turns for t in m]
+        data["train"] = tuple(np.concatenate([a, np.array(b, dtype=a.dtype)])      # uint16 tokens, uint8 mask
+                              for a, b in zip(data["train"], (ids, mask)))
         print(f"added {len(examples)} corrections x {s.feedback_copies} copies ({len(ids)} tokens) from "
               f"{s.feedback}")
     return data
@@ -306,15 +295,12 @@ def val_loss(s, model, val_data, device, autocast, w):
 
 
 # ---- model and optimizer: fresh, or resumed from the checkpoint ------------------------------------------
-
 def new_or_resumed(s, device, ckpt_path):
-    """(model, AdamW, batch generator, first step, best val loss). --resume takes the model's shape from the
-    checkpoint (it cannot change), and the optimisation flags from the command line: they are applied to the
-    restored optimizer and recorded in the settings, so the saved config is what really ran."""
+    """(model, AdamW, batch generator, first step, best val loss). --resume keeps the checkpoint's shape and
+    takes the optimisation flags from the command line (applied, and recorded: the saved config ran)."""
     batch_gen = torch.Generator().manual_seed(s.seed)
     if not s.resume:
-        cfg = GPTConfig(**{k: getattr(s, k) for k in SHAPE})
-        model = GPT(cfg).to(device)
+        model = GPT(GPTConfig(**{k: getattr(s, k) for k in SHAPE})).to(device)
         return model, make_optimizer(s, model, device), batch_gen, 0, float("inf")
     ckpt = load_checkpoint(ckpt_path, made_by="train_sft.py", kind="sft", resume=True)
     model = gpt_from_checkpoint(ckpt).to(device)
@@ -344,9 +330,7 @@ def make_optimizer(s, model, device):
 
 
 # ---- what a student can judge: held-out bits per character, real words, samples -------------------------
-
 def report(s, model, device, autocast, best_val, t0, ckpt_path):
-    from data.prepare import load_turns, real_word_rate
     enc = get_tokenizer()
     val_turns = load_turns("val")
     with autocast:
@@ -359,8 +343,7 @@ def report(s, model, device, autocast, best_val, t0, ckpt_path):
     rate = real_word_rate(replies)
     print(f"done in {(time.time() - t0) / 60:.1f} min: best val loss {best_val:.4f} (perplexity "
           f"{math.exp(best_val):.1f}); held-out {bpc:.3f} bits per character over {len(val_turns)} val "
-          f"turns; "
-          f"real-word rate {rate:.3f} of {len(replies)} sampled replies (temperature 1)")
+          f"turns; real-word rate {rate:.3f} of {len(replies)} sampled replies (temperature 1)")
     for p, r in list(zip(prompts, replies))[:3]:
         print(f"  Human: {p}\n    Bard: {r}")
     print(f"checkpoint {ckpt_path}, plot {os.path.join(s.out_dir, 'sft_loss.png')}")
@@ -369,11 +352,9 @@ def report(s, model, device, autocast, best_val, t0, ckpt_path):
 
 @torch.no_grad()
 def bits_per_char(model, enc, turns, device, batch=64):
-    """Held-out loss per character: the nats of predicting each turn's reply tokens (its <|endoftext|>
-    included), given its prompt, summed over the turns, in bits, divided by the characters of the reply texts.
-    Per character, not per token, so that models with different tokenizers are compared on the same text:
-    a tokenizer with longer tokens has fewer, harder tokens, and its loss per token is not comparable."""
-    from data.prepare import encode_turn
+    """Held-out loss per character: the bits of predicting each turn's reply tokens (EOT included) given its
+    prompt, summed over the turns, divided by the replies' characters. Per character, not per token, so that
+    models with other tokenizers compare on the same text (longer tokens: fewer, harder ones)."""
     was_training = model.training
     model.eval()
     bits, chars = 0.0, 0
@@ -382,13 +363,10 @@ def bits_per_char(model, enc, turns, device, batch=64):
         keep = model.config.block_size + 1                                    # the end of an over-long turn
         rows = [(ids[-keep:], mask[-keep:]) for ids, mask in rows]
         T = max(len(ids) for ids, _ in rows) - 1
-        x = torch.full((len(rows), T), EOT, dtype=torch.long)                     # (B, T) right-padded inputs
-        y = torch.full((len(rows), T), EOT, dtype=torch.long)                     # (B, T) next tokens
-        m = torch.zeros((len(rows), T), dtype=torch.bool)                         # (B, T) reply targets
-        for j, (ids, mask) in enumerate(rows):
-            n = len(ids) - 1
-            x[j, :n], y[j, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-            m[j, :n] = torch.tensor(mask[1:], dtype=torch.bool)
+        pad = lambda a, v: list(a) + [v] * (T - len(a))                          # noqa: E731
+        x = torch.tensor([pad(ids[:-1], EOT) for ids, _ in rows])                # (B, T) right-padded inputs
+        y = torch.tensor([pad(ids[1:], EOT) for ids, _ in rows])                 # (B, T) next tokens
+        m = torch.tensor([pad(mask[1:], 0) for _, mask in rows], dtype=torch.bool)   # (B, T) reply targets
         loss = model(x.to(device), y.to(device), m.to(device))                    # mean nats per reply token
         bits += loss.item() * m.sum().item() / math.log(2)
         chars += sum(len(" " + t["reply"]) for t in turns[i:i + batch])
@@ -421,9 +399,7 @@ def plot(history, path):
         ax.plot(*zip(*train), label="train loss (reply tokens)")
     if val:
         ax.plot(*zip(*val), "o-", label="val loss (held-out plays)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("SFT on Shakespeare dialogue")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="SFT on Shakespeare dialogue")
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path)

@@ -15,12 +15,26 @@ What is here, top to bottom:
 
 It lives under data/ because the design card fixes the top-level files.
 """
+import argparse
 import contextlib
+import errno
+import glob
+import hashlib
+import io
 import math
 import os
+import pathlib
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 try:
     import fcntl                        # file locks (POSIX); none on Windows
@@ -32,14 +46,12 @@ from model import GPT, config_from_dict, with_positions
 
 
 # ----------------------------------------------------------------------------------------------------
-# Settings: every script keeps its settings in a dataclass at the top, one flag() per field:
-#     iters: int = flag(80, ">= 1", "PPO iterations (one rollout batch + its update each)")
-# the default, the values it may take, and its --help. parse_settings() makes a --flag of every field.
+# Settings: every script keeps its settings in a dataclass at the top, one flag() per field (the default,
+# the values it may take, its --help):  iters: int = flag(80, ">= 1", "PPO iterations")
 
 def flag(default, allowed, help):
-    """A settings field: its default, the values it may take and its --help line. `allowed` is "" (any
-    value; a float must be finite), a bound ">= 1" or "> 0" (finite), an interval "[0, 1)" or "(0, inf]"
-    (inf written inside it is allowed: "inf = off"), or choices "reply | all"."""
+    """`allowed` is "" (any value; a float must be finite), a bound ">= 1" or "> 0" (finite), an interval
+    "[0, 1)" or "(0, inf]" (an inf written inside it is allowed: "inf = off"), or choices "reply | all"."""
     return field(default=default, metadata={"allowed": allowed, "help": help})
 
 
@@ -48,25 +60,24 @@ def outside(value, allowed):
     if "|" in allowed:
         choices = [c.strip() for c in allowed.split("|")]
         return None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
-    if isinstance(value, str) or isinstance(value, bool):
+    if isinstance(value, (str, bool)):
         return None
-    if allowed.startswith((">", "[", "(")):
-        if allowed[0] == ">":
-            op, lo = allowed.split()
-            if not math.isfinite(value):
-                return f"must be a finite number {allowed}, got {value}"
-            return None if (value >= float(lo) if op == ">=" else value > float(lo)) else \
-                f"must be {allowed}, got {value}"
+    if allowed.startswith(">"):
+        op, lo = allowed.split()
+        if not math.isfinite(value):
+            return f"must be a finite number {allowed}, got {value}"
+        ok = value >= float(lo) if op == ">=" else value > float(lo)
+        return None if ok else f"must be {allowed}, got {value}"
+    if allowed.startswith(("[", "(")):
         lo, hi = (float(x) for x in allowed[1:-1].split(","))
-        ok = (value >= lo if allowed[0] == "[" else value > lo) and (value <= hi if allowed[-1] == "]" else
-                                                                      value < hi)
-        return None if ok else f"must be in {allowed}, got {value}"
+        above = value >= lo if allowed[0] == "[" else value > lo
+        below = value <= hi if allowed[-1] == "]" else value < hi
+        return None if above and below else f"must be in {allowed}, got {value}"
     return None if math.isfinite(value) else f"must be a finite number, got {value}"
 
 
 def yes_or_no(text):
     """A bool flag's value: true/false, yes/no, on/off, 1/0; anything else is an error, not a silent False."""
-    import argparse
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -75,14 +86,10 @@ def yes_or_no(text):
 
 
 def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
-    """Command-line flags from a settings dataclass: every field becomes `--name value` (also
-    `--name-with-dashes`) with its flag() help; `--flag` alone sets a bool. If `presets` is given (name ->
-    dict of field values) the chosen preset ("auto" = gpu if CUDA is available, else cpu) fills in the
-    fields the command line did not set. Then the settings are checked before any work starts: every field
-    against its allowed values, the device, the output folder (it must be writable: a small file is
-    tried), and check(s), the script's own rules that tie fields together, a list of problems. Any problem
-    is one argparse error line naming the flag (exit status 2)."""
-    import argparse
+    """A settings dataclass from the command line: every field is `--name value` (or `--name-with-dashes`),
+    `--flag` alone sets a bool. The chosen preset of `presets` (name -> field values; "auto" = gpu if CUDA is
+    available, else cpu) fills in the fields not given. Then, before any work, common_problems() and
+    check(s) (the script's own rules, a list of problems): any problem is one argparse error line (exit 2)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)                 # --block_s is no --block_size
     for f in fields(cls):
@@ -112,9 +119,6 @@ def parse_settings(cls, presets=None, argv=None, doc=None, check=None):
 def nested_settings(flag, module, args, out_dir, preset):
     """(settings, problems) of the flags one trainer passes to another it runs first (train_ppo.py's
     --sft_args "..." for train_sft.py), parsed and checked by that trainer's own parser before any work."""
-    import contextlib
-    import io
-    import shlex
     err = io.StringIO()
     try:
         argv = ["--out_dir", out_dir, "--preset", preset] + shlex.split(args)
@@ -129,8 +133,7 @@ def nested_settings(flag, module, args, out_dir, preset):
 
 
 def common_problems(s):
-    """The checks every script needs: each field against its allowed values (flag()), --device, a writable
-    --out_dir."""
+    """Each field against its allowed values (flag()), --device, a writable --out_dir."""
     problems = [f"--{f.name} {why}" for f in fields(s)
                 if (why := outside(getattr(s, f.name), f.metadata.get("allowed", "")))]
     device = getattr(s, "device", "auto")
@@ -166,15 +169,12 @@ def check_writable_dir(path):
 
 def lock_out_dir(path):
     """One run per out_dir at a time: an exclusive lock on PATH/.lock, which names its holder. The kernel
-    releases it when the holder's process ends, however it ends (kill -9 too), so a lock is never stale.
-    Nested runs of one process (train_ppo.py running train_sft.py first) share it; unlock_out_dir() ends one.
-    Where there is no fcntl (Windows), there is no lock."""
+    releases it when the process ends, however (kill -9 too): never stale. Nested runs of one process
+    (train_ppo.py running train_sft.py first) share it. No fcntl (Windows): no lock."""
     key = os.path.realpath(path)
     if key in _out_dir_locks:
         _out_dir_locks[key][1] += 1
     elif fcntl is not None:
-        import sys
-        import time
         f = open(os.path.join(path, ".lock"), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,9 +212,8 @@ _held_out_dirs = []    # the out_dirs of this process's runs, innermost last
 
 # ----------------------------------------------------------------------------------------------------
 # More than one process: `torchrun --standalone --nproc_per_node=N train_sft.py` starts N copies of a script,
-# each with RANK, LOCAL_RANK and WORLD_SIZE in its environment. torch.distributed connects them (NCCL between
-# GPUs, gloo between CPU processes) and DDP averages the gradients of each backward pass across them. A plain
-# `python train_sft.py` is a world of one: every helper below is then a no-op.
+# each with RANK, LOCAL_RANK and WORLD_SIZE in its environment; DDP averages the gradients of each backward
+# pass across them. A plain `python train_sft.py` is a world of one: every helper below is then a no-op.
 
 @dataclass
 class World:
@@ -231,14 +230,12 @@ class World:
         return items[self.rank::self.size]
 
     def wrap(self, model):
-        """model in DDP when there are several processes (its gradients averaged over them in every backward
-        pass; process 0's weights copied to the others), else model itself. The models' only buffers are the
-        fixed positions: not synced at each forward."""
+        """model in DDP when there are several processes (gradients averaged in every backward pass, process
+        0's weights copied to the others), else model. The only buffers (fixed positions) are not synced."""
         if self.size == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        cuda = next(model.parameters()).is_cuda
-        return DDP(model, device_ids=[self.local_rank] if cuda else None, forward_sync_buffers=False)
+        ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def main_process():
@@ -247,15 +244,14 @@ def main_process():
 
 
 def in_shares(fn, items):
-    """fn(list) -> one result per item, run by each process on its share of items (World.shard); every
-    process gets all the results back in the list's order (gather_shards). A world of one: fn(items)."""
+    """fn(list) -> one result per item, run by each process on its share of items; every process gets all
+    the results back in the list's order (gather_shards). A world of one: fn(items)."""
     rank, size = (int(os.environ["RANK"]), world_size()) if world_size() > 1 else (0, 1)
     return gather_shards(fn(items[rank::size]))
 
 
 def start_run(cls, presets, argv, doc, check):
-    """The first lines of every trainer: the settings (all checked before any work), this process's place
-    among the processes of a torchrun run, the device; printed."""
+    """The first lines of every trainer: the checked settings, this process's World, the device; printed."""
     s = parse_settings(cls, presets, argv, doc=doc, check=check)
     w, device = start_world(s.device)
     if w.main:
@@ -267,11 +263,8 @@ def start_run(cls, presets, argv, doc, check):
 
 
 def run_script(main):
-    """`python train_x.py`: run main(); an expected error (a missing or bad file, bad data, a run that
-    diverged) is one `error: ...` line and exit status 1, not a traceback; Ctrl-C is one line and status 130
-    (every checkpoint is written atomically, so the last one saved is whole)."""
-    import signal
-    import sys
+    """Run main(): an expected error (a missing or bad file, bad data, a run that diverged) is one line
+    `error: ...` and exit status 1, not a traceback; Ctrl-C is one line and status 130."""
     signal.signal(signal.SIGINT, signal.default_int_handler)          # imports done: Ctrl-C is main()'s
     try:
         main()
@@ -289,8 +282,7 @@ def run_script(main):
 
 
 def out_of_memory(e):
-    """The first line of an out-of-memory error (MemoryError, or torch's allocator on the CPU or a GPU), else
-    None: what a script says in one line instead of a traceback."""
+    """The first line of an out-of-memory error (MemoryError, or torch's allocator on CPU or GPU), or None."""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
         return f"out of memory ({text[:160]})"
@@ -304,17 +296,13 @@ def world_size():
 
 def start_world(device_setting):
     """(World, device) for this process. Under torchrun: join the process group (nccl on CUDA, gloo on a CPU),
-    drive GPU local_rank, silence print() on every rank but 0, and turn a SIGTERM (torchrun stops the others
-    when one process dies) into a clean exit: a checkpoint is written atomically, so none is half-written."""
+    drive GPU local_rank, silence print() but on rank 0, and turn a SIGTERM (torchrun stops the others when
+    one process dies) into a clean exit."""
     global _world_users
     cuda = torch.cuda.is_available() and device_setting != "cpu"
     device = ("cuda" if cuda else "cpu") if device_setting == "auto" else device_setting
     if world_size() == 1:
         return World(), device
-    import signal
-    import sys
-    from datetime import timedelta
-    import torch.distributed as dist
     w = World(int(os.environ["RANK"]), world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device.startswith("cuda"):
         device = f"cuda:{w.local_rank}"
@@ -336,10 +324,8 @@ def start_world(device_setting):
 
 
 def all_sum(x):
-    """x summed over the processes of a torchrun run (a new tensor); x itself in a plain run. Statistics of a
-    whole batch are sums of the processes' sums and counts: this is where the processes talk, apart from
-    DDP's gradient average (the collectives in ppo.py, train_*.py all come through here)."""
-    import torch.distributed as dist
+    """x summed over the processes of a torchrun run (a new tensor); x itself in a plain run. A whole batch's
+    statistics are sums of the processes' sums and counts: all collectives but DDP's come through here."""
     if dist.is_available() and dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
@@ -347,11 +333,10 @@ def all_sum(x):
 
 
 def gather_shards(shard):
-    """The inverse of World.shard over all processes: every process's results for its share of a list, back in
-    the list's order, on every process (the list itself in a world of one)."""
+    """The inverse of World.shard: every process's results for its share of a list, back in the list's
+    order, on every process (the list itself in a world of one)."""
     if world_size() == 1:
         return list(shard)
-    import torch.distributed as dist
     parts = [None] * world_size()
     dist.all_gather_object(parts, list(shard))
     out = [None] * sum(map(len, parts))
@@ -362,17 +347,14 @@ def gather_shards(shard):
 
 def barrier():
     if world_size() > 1:
-        import torch.distributed as dist
         dist.barrier()
 
 
 def end_world():
-    """The end of a run: release its out_dir (lock_out_dir) and leave the process group (the last of nested
-    start_world calls does)."""
+    """The end of a run: release its out_dir, leave the process group (the last of nested start_worlds)."""
     global _world_users
     unlock_out_dir()
     if world_size() > 1:
-        import torch.distributed as dist
         _world_users -= 1
         if _world_users == 0 and dist.is_initialized():
             dist.destroy_process_group()
@@ -382,17 +364,12 @@ _world_users = 0   # start_world calls not yet ended (train_ppo.py may run train
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: one dict per file; written atomically (to a temp file of the writer's own, then renamed over
-# PATH, so a crash mid-write never leaves a half file) and loaded with weights_only=True (a checkpoint
-# cannot run code).
+# Checkpoints: one dict per file, written atomically and loaded with weights_only=True (it cannot run code).
 
 def atomic_write(path, write):
-    """Write a file atomically: write(tmp) fills a temp file of this process's own (PATH.<pid>.<random>.tmp,
-    in the same folder), which is then renamed over PATH. Two writers never share a temp file, a reader sees
-    the old file or the new one, never a half one, and a kill -9 mid-write leaves PATH as it was; a temp
-    file left by a process that no longer runs is removed by the next write."""
-    import glob
-    import tempfile
+    """write(tmp) fills a temp file of this process's own (PATH.<pid>.<random>.tmp, same folder), then renamed
+    over PATH: a reader sees the old file or the new one, never a half one, even after a kill -9. A temp file
+    left by a process that no longer runs is removed by the next write."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for old in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".*.tmp")):
@@ -415,20 +392,13 @@ def atomic_write(path, write):
 
 def write_text(path, text):
     """Write a text file atomically (atomic_write)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8", newline=""))
 
 
 def file_sha256(path):
     """The sha256 of a file, in hex: which sft.pt and rm.pt a ppo.pt was trained from."""
-    import hashlib
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2 ** 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def pid_alive(pid):
@@ -443,10 +413,8 @@ def pid_alive(pid):
 
 
 def save_checkpoint(obj, path):
-    """Write the dict `obj` to `path` atomically (atomic_write), recording the tokenizer its token ids belong
-    to. A full disk or a folder that cannot be written is an OSError whose message names the path."""
-    import errno
-    import shutil
+    """Write the dict `obj` atomically, with the tokenizer its token ids belong to. A full disk or a folder
+    that cannot be written is an OSError naming the path."""
     try:
         atomic_write(path, lambda tmp: torch.save({**obj, "tokenizer": TOKENIZER_NAME}, tmp))
     except (OSError, RuntimeError) as e:                  # torch.save reports a full disk as a RuntimeError
@@ -481,21 +449,19 @@ def last_good(path):
     """What a run that diverged says about the checkpoint it leaves behind (only finite ones are written)."""
     if not os.path.exists(path):
         return f"No checkpoint was written ({path} does not exist)."
-    made_by = {"sft.pt": "train_sft.py", "rm.pt": "train_rm.py"}.get(os.path.basename(path), "train_ppo.py")
     try:
-        ckpt = load_checkpoint(path, made_by=made_by)
+        ckpt = load_checkpoint(path, made_by=MADE_BY.get(os.path.basename(path), "train_ppo.py"))
     except ValueError as e:
         return f"No good checkpoint is left: {e}."
     at = next((f" ({k} {ckpt[k]})" for k in ("step", "iter") if k in ckpt), "")
     return f"The last good checkpoint is {path}{at}, kept as it was."
 
 
-# What each kind of checkpoint holds beyond model_args and model: the fields it needs to be loaded, and the
-# fields --resume needs too. Every field is checked on load (present, of its type), so a file edited by hand
-# or cut short is one line naming the file and the field, never a KeyError later.
+MADE_BY = {"sft.pt": "train_sft.py", "rm.pt": "train_rm.py", "ppo.pt": "train_ppo.py"}   # who writes what
+# What each kind of checkpoint holds beyond model_args and model, to be loaded and for --resume too. Each is
+# checked on load (present, of its type): a file edited or cut short is one line naming the field.
 NUMBER = (int, float)
-LOAD_FIELDS = {"sft": {}, "ppo": {},
-               "rm": {"head": dict, "reward_mean": NUMBER, "reward_std": NUMBER}}
+LOAD_FIELDS = {"sft": {}, "ppo": {}, "rm": {"head": dict, "reward_mean": NUMBER, "reward_std": NUMBER}}
 RESUME_FIELDS = {"sft": {"optimizer": dict, "rng": dict, "step": int, "best_val_loss": NUMBER,
                          "config": dict},
                  "rm": {"optimizer": dict, "step": int, "config": dict, "history": list},
@@ -504,9 +470,8 @@ RESUME_FIELDS = {"sft": {"optimizer": dict, "rng": dict, "step": int, "best_val_
 
 
 def load_checkpoint(path, made_by, map_location="cpu", kind=None, resume=False):
-    """Load a checkpoint dict; `made_by` names the script that writes it, for the error messages; `kind`
-    ("sft", "rm", "ppo"), if given, is the kind of checkpoint expected, and its fields are checked
-    (LOAD_FIELDS, and RESUME_FIELDS with resume=True): a bad file is a ValueError naming it and the field."""
+    """A checkpoint dict; `made_by`: the script that writes it (for the errors); `kind` ("sft", "rm", "ppo"):
+    the kind expected, its LOAD_FIELDS (and RESUME_FIELDS) checked. A bad file is a ValueError naming it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found: run `python {made_by}` first to create it")
     if os.path.isdir(path):
@@ -536,8 +501,8 @@ def load_checkpoint(path, made_by, map_location="cpu", kind=None, resume=False):
 
 
 def checkpoint_problem(ckpt, needed):
-    """None, or the first thing wrong with a checkpoint dict: a needed field missing or of the wrong type, a
-    model_args that is no GPT's, weights whose names or shapes are not that GPT's, weights not finite."""
+    """None, or the first thing wrong with a checkpoint dict: a needed field missing or mistyped, a model_args
+    that is no GPT's, weights whose names or shapes are not that GPT's, weights not finite."""
     for name, kind in needed.items():
         if name not in ckpt:
             return f"it has no {name!r}"
@@ -579,7 +544,7 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    """Save a matplotlib figure to `path` atomically (a temp file, then a rename) and close it."""
+    """Save a matplotlib figure to `path` atomically and close it."""
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

@@ -11,19 +11,16 @@ Turn Shakespeare's plays into (prompt, reply) dialogue turns, the SFT data of th
 
 What it does, top to bottom:
   1. read the 42 works (`*_gut.txt`) straight out of data/shakespeare.tar.xz (in memory, nothing downloaded);
-  2. parse_play(): drop the front matter and every [stage direction], split the text at ACT / SCENE lines,
-     find the speaker lines and collect each speech (verse line breaks become spaces);
-  3. turns_from_scenes(): two consecutive speeches by different speakers in the same scene make one turn,
-     prompt = the first speech, reply = the second (no turn crosses a scene);
-  4. cut long speeches at sentence boundaries to at most 64 GPT-2 tokens: a prompt keeps its END (the
+  2. parse_play(): drop the front matter and every [stage direction], split at ACT / SCENE lines, collect
+     each speaker's speech; turns_from_scenes(): two consecutive speeches by different speakers in one
+     scene make one turn (prompt = the first, reply = the second);
+  3. cut long speeches at sentence boundaries to at most 64 GPT-2 tokens: a prompt keeps its END (the
      words the reply answers), a reply keeps its BEGINNING;
-  5. split by whole play (held-out plays are never seen in training) and write, per split, data/cache/:
-       {split}.bin         uint16 token stream: format_prompt(prompt) tokens, then encode_reply(reply)
-                           tokens (reply + <|endoftext|>), turn after turn in play order
+  4. split by whole play and write, per split, data/cache/:
+       {split}.bin         uint16 token stream: format_prompt(prompt), then encode_reply(reply) (+ EOT)
        {split}_mask.bin    uint8, 1 on reply tokens incl. the EOT (what SFT trains on), 0 on prompt tokens
-       {split}_turns.jsonl one JSON object per turn: {"work", "scene", "prompt", "reply"} (plain text)
-     and meta.json (counts) last. Every file is written to a temp file and renamed, so an interrupted run
-     never leaves half a file, and meta.json only exists once everything else does.
+       {split}_turns.jsonl one JSON object per turn: {"work", "scene", "prompt", "reply"}
+     and meta.json (counts) last; each file via a temp file and a rename, so none is ever half written.
 
 What it simplifies: a speaker is recognised by the layout of the line alone (no cast list), so a rare
 short speech line can be taken for a speaker or a speaker missed; speeches with no speaker (e.g. Gower's
@@ -37,7 +34,6 @@ import lzma
 import os
 import random
 import re
-import sys
 import tarfile
 import tempfile
 import time
@@ -45,48 +41,34 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
 TARBALL = os.path.join(HERE, "shakespeare.tar.xz")  # the vendored texts (see data/README.md)
 CACHE_DIR = os.path.join(HERE, "cache")             # generated files (git-ignored)
 MAX_TOKENS = 64                                     # longest prompt or reply text, in GPT-2 tokens
 VERSION = 2                                         # bump when the output changes, to rebuild old caches
 
-# Split by whole play, fixed lists. Test plays are well known, so they also give good demo prompts; the
-# held-out prompts used to evaluate the reward model and PPO come from test.
+# Split by whole play. The test plays are well known (demo prompts); RM and PPO evaluate on their prompts.
 VAL_PLAYS = ("macbeth", "much_ado_about_nothing")
 TEST_PLAYS = ("hamlet", "twelfth_night", "tempest")
 SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer: GPT-2's byte-level BPE, built from the vendored file (nothing is ever downloaded) and cut to
-# its first VOCAB_SIZE - 1 ranks, with <|endoftext|> as the last id. A BPE cut after its first N merges is
-# still a complete byte-level BPE: the 256 byte tokens come first, and every merged token is made of tokens
-# of lower rank, so any string round-trips; the later merges (rarer words as one token) are simply not made.
-# Why cut: Shakespeare's turns use only ~16k of GPT-2's 50,257 tokens, and with the full vocabulary a
-# d=128 model spends ~86% of its FLOPs in the output layer, mostly on rows that are never trained.
-# Chosen by measurement (2-core CPU, the cpu preset's model, the same 4.5-minute budget; held-out bits per
-# character on the val plays, lower is better; README "Tokenizer" table):
-#     vocabulary              tokens per turn   tokens/s   SFT steps in 4.5 min   bits per character
-#     50,257 (GPT-2)          1.00x             see README
-#      8,192 (chosen)         1.20x
-#      4,096                  1.30x
+# Tokenizer: GPT-2's byte-level BPE from the vendored file, cut to its first VOCAB_SIZE - 1 ranks, with
+# <|endoftext|> last. A BPE cut after its first N merges still round-trips any string (the 256 byte tokens
+# come first; every merged token is made of lower ranks). Why cut: the turns use only ~16k of GPT-2's
+# 50,257 tokens, and with all of them a d=128 model spends ~86% of its FLOPs in the output layer.
 VOCAB_SIZE = 8192
 EOT = VOCAB_SIZE - 1  # <|endoftext|>: ends every reply (and pads batches)
 TOKENIZER_NAME = f"gpt2-bpe-{VOCAB_SIZE}"   # recorded in every checkpoint: what its token ids mean
 TOKENIZER_FILE = os.path.join(HERE, "gpt2.tiktoken")
 TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_tokenizers = {}
 
 
+@functools.lru_cache(maxsize=None)
 def get_tokenizer(vocab_size=VOCAB_SIZE, path=TOKENIZER_FILE, expected_hash=TOKENIZER_SHA256):
     """tiktoken Encoding of GPT-2's BPE cut to `vocab_size` ids: ranks 0 .. vocab_size - 2, then
     <|endoftext|> = vocab_size - 1. vocab_size=50257 gives GPT-2's own tokenizer."""
-    key = (vocab_size, path)
-    if key in _tokenizers:
-        return _tokenizers[key]
     import hashlib
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
@@ -101,10 +83,8 @@ def get_tokenizer(vocab_size=VOCAB_SIZE, path=TOKENIZER_FILE, expected_hash=TOKE
     if not 257 <= vocab_size <= len(ranks) + 1:
         raise ValueError(f"vocab_size must be in [257, {len(ranks) + 1}], got {vocab_size}")
     kept = {token: rank for token, rank in ranks.items() if rank < vocab_size - 1}
-    enc = tiktoken.Encoding(name=f"gpt2-bpe-{vocab_size}", pat_str=GPT2_PATTERN, mergeable_ranks=kept,
-                            special_tokens={"<|endoftext|>": vocab_size - 1}, explicit_n_vocab=vocab_size)
-    _tokenizers[key] = enc
-    return enc
+    return tiktoken.Encoding(name=f"gpt2-bpe-{vocab_size}", pat_str=GPT2_PATTERN, mergeable_ranks=kept,
+                             special_tokens={"<|endoftext|>": vocab_size - 1}, explicit_n_vocab=vocab_size)
 
 
 # Chat format: Anthropic HH-RLHF transcripts, "\n\nHuman: ...\n\nAssistant: ...". A reply is encoded as
@@ -113,26 +93,20 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 def format_prompt(turns):
-    """turns: list of strings, alternating human, assistant, human, ... ending with a human turn.
-    Returns the transcript text ending in "\\n\\nAssistant:" ready for the model to reply."""
+    """turns (a str, or alternating human, assistant, ... ending with a human turn) -> the transcript,
+    ending in "\\n\\nAssistant:" for the model to reply."""
     if isinstance(turns, str):
         turns = [turns]
-    text = ""
-    for i, t in enumerate(turns):
-        text += (HUMAN if i % 2 == 0 else ASSISTANT) + " " + t.strip()
-    return text + ASSISTANT
+    said = ((HUMAN if i % 2 == 0 else ASSISTANT) + " " + t.strip() for i, t in enumerate(turns))
+    return "".join(said) + ASSISTANT
 
 
 def encode_reply(enc, reply):
     return enc.encode_ordinary(" " + reply.strip()) + [EOT]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Reading the archive
-
 def read_works(path=None):
-    """{work name: text} for every `*_gut.txt` in the archive, e.g. "hamlet" for shakespeare/hamlet_gut.txt.
-    A missing or unreadable archive raises an error that names the file."""
+    """{work name: text} for every `*_gut.txt` in the archive ("hamlet" for shakespeare/hamlet_gut.txt)."""
     path = path or TARBALL
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: it ships with the repo (restore it with "
@@ -153,17 +127,12 @@ def read_works(path=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Parsing one play. Layout of the texts:
-#
+# Parsing one play. Layout of the texts (blank lines between):
 #   ACT I.                                   <- heading: ACT / SCENE / PROLOGUE / EPILOGUE / INDUCTION
-#
 #   Scene I. Elsinore. A platform ...        <- heading
-#
 #   [Francisco at his post. Enter ...]       <- stage direction, dropped (may span lines, or sit inline)
-#
 #   Ber.                                     <- speaker line: after a blank line, before a speech line
 #   Who's there?                             <- speech
-#
 #   KING. Ay, that is ...                    <- some plays: CAPS speaker and speech on one line
 
 ACT_RE = re.compile(r"^(ACT|Act)\s+([IVX]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b")  # ACT I. / ACT FIRST
@@ -183,9 +152,8 @@ BRACKET_RE = re.compile(r"\[[^\[\]]*\]")                         # one [stage di
 
 
 def classify_lines(text):
-    """Split text into lines of (kind, text), kind one of "blank", "direction", "heading", "text", with
-    the stage directions removed: a line that held only a direction becomes kind "direction" with no
-    text. A direction opened with "[" and not closed on its line runs until "]" or a blank line."""
+    """Lines of (kind, text), kind "blank", "direction", "heading" or "text", stage directions removed. A
+    "[" not closed on its line runs until "]" or a blank line."""
     lines, in_direction = [], False
     raw = [line.strip() for line in text.splitlines()]
     for i, line in enumerate(raw):
@@ -206,9 +174,8 @@ def classify_lines(text):
         next_blank = i + 1 >= len(raw) or not raw[i + 1]
         if not line or NUMERAL_RE.match(line):
             lines.append(("direction" if had_direction or line else "blank", ""))
-        elif ACT_RE.match(line) or SCENE_RE.match(line) or (SECTION_RE.match(line) and next_blank):
-            lines.append(("heading", line))
-        elif lines and lines[-1][0] == "heading":                  # a scene heading's second line
+        elif (ACT_RE.match(line) or SCENE_RE.match(line) or (SECTION_RE.match(line) and next_blank)
+              or (lines and lines[-1][0] == "heading")):           # or a scene heading's second line
             lines.append(("heading", line))
         else:
             lines.append(("text", line))
@@ -216,23 +183,15 @@ def classify_lines(text):
 
 
 def speaker_name(line):
-    """The speaker's name if the line looks like one (1-4 words: Title-case ending in '.', or ALL CAPS),
-    else None. Whether it stands where a speaker line can stand is checked by parse_play."""
-    if TITLE_SPEAKER_RE.match(line) or CAPS_SPEAKER_RE.match(line):
-        return line.rstrip(".")
-    return None
+    """The speaker's name if the line looks like one (1-4 words: Title-case ending in '.', or ALL CAPS)."""
+    return line.rstrip(".") if TITLE_SPEAKER_RE.match(line) or CAPS_SPEAKER_RE.match(line) else None
 
 
 def parse_play(text):
-    """List of scenes, each a list of (speaker, speech) in order. The front matter before the first heading
-    (the cast list) is dropped; every heading starts a new scene; consecutive speeches of one speaker (split
-    only by a stage direction) are merged. Text without headings or speakers gives []. A speaker line stands
-    after a blank line (or a stage direction or heading) and
-      - looks like a name (speaker_name) and the next line (directions skipped) is speech, or
-      - is an ALL-CAPS name ending in '.' followed by blank lines / directions and then a line that is
-        speech, not another name (a few plays put a blank line between speaker and speech), or
-      - is "KING. Ay, that is ...": ALL-CAPS name and speech on one line (so a one-line speech like
-        "He." right below its speaker line is never taken for a speaker)."""
+    """List of scenes, each a list of (speaker, speech); the front matter (cast list) is dropped, every
+    heading starts a scene, one speaker's consecutive speeches are merged. A speaker line follows a non-text
+    line and looks like a name with speech next (or, ALL CAPS with '.', after blank lines: a few plays), or
+    is "KING. Ay, that is ...", name and speech on one line."""
     lines = classify_lines(text)
     scenes, scene, speaker, speech, started = [], [], None, [], False
 
@@ -245,10 +204,7 @@ def parse_play(text):
                 scene.append((speaker, words))
 
     def next_line(i, skip):                                        # first line after i of a kind not in skip
-        for j in range(i + 1, len(lines)):
-            if lines[j][0] not in skip:
-                return lines[j]
-        return "blank", ""
+        return next((k_l for k_l in lines[i + 1:] if k_l[0] not in skip), ("blank", ""))
 
     def is_speaker(i, line):
         if speaker_name(line) is None:
@@ -260,7 +216,7 @@ def parse_play(text):
         return (CAPS_SPEAKER_RE.match(line) is not None and line.endswith(".") and kind == "text"
                 and speaker_name(after) is None and CAPS_INLINE_RE.match(after) is None)
 
-    for i, (kind, line) in enumerate(lines):
+    for i, (kind, line) in enumerate(lines + [("heading", "")]):   # a last heading ends the last scene
         if kind == "heading":                                      # ACT / SCENE: the dialogue restarts
             end_speech()
             if scene:
@@ -279,28 +235,18 @@ def parse_play(text):
             speaker, speech = speaker_name(line), []
         elif speaker is not None:                                  # a speech line (lines with no
             speech.append(line)                                    # speaker yet are dropped)
-    end_speech()
-    if scene:
-        scenes.append(scene)
     return scenes
 
 
 def turns_from_scenes(scenes):
     """(prompt, reply, scene index) for every two consecutive speeches by different speakers."""
-    turns = []
-    for s, scene in enumerate(scenes):
-        for (who_a, said_a), (who_b, said_b) in zip(scene, scene[1:]):
-            if who_a != who_b:
-                turns.append((said_a, said_b, s))
-    return turns
+    return [(said_a, said_b, s) for s, scene in enumerate(scenes)
+            for (who_a, said_a), (who_b, said_b) in zip(scene, scene[1:]) if who_a != who_b]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cutting long speeches to at most max_tokens tokens. Length is counted as the text is encoded in the
-# stream, with its leading space: len(enc.encode_ordinary(" " + text)).
-
-# A sentence ends after . ! ? ; or : and a space, maybe with a closing quote ("night.' Go") or a dash
-# ("a fool!--I met") in between.
+# Cutting long speeches to at most max_tokens tokens. A sentence ends after . ! ? ; or : and a space, maybe
+# with a closing quote ("night.' Go") or a dash ("a fool!--I met") in between.
 SENTENCE_END_RE = re.compile(r"(?<=[.!?;:])\s+|(?<=[.!?;:]['\")])\s+|(?<=[.!?;:]--)\s*")
 
 
@@ -353,9 +299,6 @@ def cut_prompt(text, enc, max_tokens=MAX_TOKENS):
     return _cut(text, enc, max_tokens, keep_end=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Token stream and mask
-
 def encode_turn(enc, prompt, reply, transcript=False):
     """Token ids and loss mask of one turn: prompt in chat format (mask 0), reply + EOT (mask 1).
     transcript=True: the prompt is already a whole transcript ending in "\n\nAssistant:"."""
@@ -369,7 +312,7 @@ def split_of(work):
 
 
 def _write_atomic(path, data):
-    """Write bytes to path via a temp file in the same folder and a rename: never a half-written file."""
+    """Write bytes via a temp file in the same folder and a rename: never a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -381,15 +324,11 @@ def _write_atomic(path, data):
             os.remove(tmp)
 
 
-def _outputs(cache_dir):
-    files = [f"{s}{ext}" for s in SPLITS for ext in (".bin", "_mask.bin", "_turns.jsonl")]
-    return [os.path.join(cache_dir, f) for f in files]
-
-
 def prepare(force=False, verbose=True):
     """Build data/cache/ from data/shakespeare.tar.xz unless it is already there; return meta.json."""
     meta_path = os.path.join(CACHE_DIR, "meta.json")
-    if not force and os.path.exists(meta_path) and all(os.path.exists(p) for p in _outputs(CACHE_DIR)):
+    outputs = [f"{s}{ext}" for s in SPLITS for ext in (".bin", "_mask.bin", "_turns.jsonl")]
+    if not force and all(os.path.exists(os.path.join(CACHE_DIR, p)) for p in outputs + ["meta.json"]):
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
@@ -405,9 +344,7 @@ def prepare(force=False, verbose=True):
     if missing:
         raise ValueError(f"{TARBALL} has no play(s) {missing} named in VAL_PLAYS / TEST_PLAYS")
     enc = get_tokenizer()
-
-    # parse every work, cut the speeches, group the turns by split (in play order)
-    turns = {s: [] for s in SPLITS}
+    turns = {s: [] for s in SPLITS}                                # in play order
     turns_per_play = {}
     for work, text in works.items():
         n = 0
@@ -419,13 +356,12 @@ def prepare(force=False, verbose=True):
         if n:
             turns_per_play[work] = n
 
-    # token stream + mask per split; meta.json last (removed first, so a rebuild cut short leaves none)
+    # meta.json last (removed first, so a rebuild cut short leaves none)
     os.makedirs(CACHE_DIR, exist_ok=True)
     if os.path.exists(meta_path):
         os.remove(meta_path)
     meta = {"version": VERSION, "tokenizer": TOKENIZER_NAME, "source": os.path.basename(TARBALL),
-            "max_tokens": MAX_TOKENS,
-            "works_read": len(works), "plays_with_dialogue": len(turns_per_play),
+            "max_tokens": MAX_TOKENS, "works_read": len(works), "plays_with_dialogue": len(turns_per_play),
             "val_plays": list(VAL_PLAYS), "test_plays": list(TEST_PLAYS),
             "turns": {}, "tokens": {}, "reply_tokens": {}, "turns_per_play": turns_per_play}
     for split in SPLITS:
@@ -453,8 +389,7 @@ def load_turns(split):
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     prepare(verbose=False)
-    path = os.path.join(CACHE_DIR, f"{split}_turns.jsonl")
-    with open(path) as f:
+    with open(os.path.join(CACHE_DIR, f"{split}_turns.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
@@ -465,10 +400,8 @@ def unique_prompts(turns, n, seed):
     return prompts if n is None else prompts[:n]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The plays' own word list, for a real-word rate: the share of a reply's words that Shakespeare used.
-# A cheap, honest check that a small model writes words and not BPE fragments glued together ("moonsassert").
-
+# The plays' own word list, for a real-word rate: the share of a reply's words that Shakespeare used, a cheap
+# check that a small model writes words and not BPE fragments glued together ("moonsassert").
 WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")   # a word: letters, maybe with an apostrophe inside ("thou'rt")
 
 
@@ -478,15 +411,13 @@ def words(text):
 
 @functools.lru_cache(maxsize=1)
 def play_words():
-    """Every word that occurs in a prompt or reply of any play (all three splits), lowercased: a frozenset
-    (read once per process)."""
+    """Every word of a prompt or reply of any split, lowercased: a frozenset (read once per process)."""
     return frozenset(w for split in SPLITS for t in load_turns(split)
                      for w in words(t["prompt"] + " " + t["reply"]))
 
 
 def real_word_rate(texts, vocab=None):
-    """Mean over replies (with at least one word) of the share of the reply's words found in `vocab`
-    (default: play_words()). nan if no reply has a word."""
+    """Mean over replies with a word of the share of their words in `vocab` (default play_words()), or nan."""
     vocab = play_words() if vocab is None else vocab
     rates = [sum(w in vocab for w in ws) / len(ws) for ws in map(words, texts) if ws]
     return sum(rates) / len(rates) if rates else float("nan")
