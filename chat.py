@@ -7,48 +7,33 @@ Talk to the Bard, and be the human in RLHF ([实战框架 §5.4.2] 人机交互;
     python train_rm.py --data out/feedback.jsonl --mix_panel   # the reward model learns from what you said
     python chat.py --help                            # every setting below is a --flag
 
-A multi-turn chat in the terminal. Every message is added to a transcript in the chat format the models
-were trained on (data.prepare.format_prompt, HH-RLHF: "\\n\\nHuman: ...\\n\\nAssistant: ..."), and the
-reply is streamed token by token. You can also be the human of RLHF: the four kinds of human feedback of
-[流程与实践 §3.2] 人类反馈收集 are one command each, and every piece of feedback is appended at once (flushed
-and fsynced) to out/feedback.jsonl in the schema of data/README.md, which train_rm.py reads with --data. A
-record's prompt is the transcript the model saw, and it also keeps the checkpoint, the sampling settings
-of the judged replies, the reward model's scores (if any), a timestamp and "source": "chat.py"
-(data.feedback.read_feedback puts these under the record's "meta").
+A multi-turn chat in the format the models were trained on (data.prepare.format_prompt, HH-RLHF:
+"\\n\\nHuman: ...\\n\\nAssistant: ..."), each reply streamed token by token. The four kinds of feedback of
+[流程与实践 §3.2] 人类反馈收集 are one command each, every record appended at once (fsynced) to
+out/feedback.jsonl in the schema of data/README.md (train_rm.py --data): the transcript the model saw is
+its prompt; the checkpoint, sampling settings, reward model's scores, a timestamp and "source": "chat.py"
+go with it (under "meta" in data.feedback.read_feedback).
 
-Commands:
-  /compare     two new replies to your last message; answer 1, 2 or tie       -> a comparison
-  /rank K      K new replies (2..9); answer their order best first, e.g. 3 1 2 -> a ranking
-  /rate N      rate the last reply from 1 (bad) to 5 (good)                    -> a rating
-  /fix         then type a better reply to your last message                   -> a correction
-  /temperature X, /top_k K, /top_p P, /max_new_tokens N   the sampling knobs of sample.Sampling, also by any
-               unambiguous beginning: /temp 0.7, /topk 40, /max 20; /temp 0 is greedy
-  /reset  /help  /exit
-After /compare and /rank the reply you prefer (for a tie: reply 1) becomes the reply in the transcript,
-and after /fix your text does, so the conversation goes on from the reply you wanted. When a reward model
-exists (out/rm.pt, or --rm PATH) its normalised score of each reply is shown AFTER you answer, so you see
-where it and you disagree without its opinion swaying yours.
+Commands (/help lists them): /compare (two new replies to your last message; answer 1, 2 or tie), /rank K
+(K new replies, 2..9; answer their order best first, e.g. 3 1 2), /rate N (the last reply, 1 bad .. 5
+good), /fix (then type a better reply); /temperature X, /top_k K, /top_p P, /max_new_tokens N (the knobs
+of sample.Sampling, also by any unambiguous beginning: /temp 0.7, /topk 40, /max 20; /temp 0 is greedy);
+/reset, /help, /exit. The reply you prefer (a tie: reply 1), or your /fix text, becomes the reply in the
+transcript. A reward model's (out/rm.pt, or --rm PATH) scores are shown AFTER you answer: no swaying.
 
-Scripted mode. When stdin is not a terminal, lines are read from it: a message, a command, or the answer
-the previous command asks for (the choice after /compare, the order after /rank, the text after /fix; a bad
-answer cancels that command). The output has no prompts and no colours: only the replies, each on its own
-line(s) starting with "Bard: ", the numbered replies of /compare and /rank ("[1] ...", one line each), and
-the commands' messages, starting with "* ".
-
-Ctrl-C while the Bard is talking stops the reply: what he said so far is kept, marked [interrupted]
-(feedback on it records "interrupted": true). Ctrl-C or Ctrl-D at the prompt ends the chat. The feedback
-file is checked before the chat starts: a path that cannot be written is refused then, not after you
-have given your feedback.
+Scripted mode (stdin is not a terminal): each line is a message, a command, or the answer the previous
+command asks for (a bad answer cancels it). No prompts, no colours: replies start with "Bard: ", /compare
+and /rank list "[1] ..." one line each, the commands' messages start with "* ".
+Ctrl-C while the Bard talks stops the reply, kept and marked [interrupted] (its feedback records
+"interrupted": true); at the prompt Ctrl-C or Ctrl-D ends the chat. A feedback path that cannot be
+written is refused before the chat starts, not after you have given your feedback.
 
 What it simplifies:
-  - the context window: when the transcript no longer fits (block_size - max_new_tokens tokens), the oldest
-    exchanges (your message and its reply) are dropped, whole; a message too long to fit even alone keeps its
-    BEGINNING (the rest is dropped with a notice): people put what they mean first, and the reply needs
-    room too. (data/prepare.py keeps the end of a prompt: a play's speech leads up to the next one.)
-  - a reply ends at <|endoftext|> or at a blank line ("\\n\\n", which separates the turns of a transcript);
-    no other stop strings, no repetition penalty;
-  - /compare and /rank leave out repeated replies (a preference between two equal texts means nothing) and
-    draw again, up to REDRAWS times;
+  - the context window (block_size - max_new_tokens prompt tokens): the oldest exchanges are dropped,
+    whole; a message too long to fit alone keeps its BEGINNING (people put what they mean first;
+    data/prepare.py keeps a prompt's end: a play's speech leads up to the next one);
+  - a reply ends at <|endoftext|> or a blank line ("\\n\\n", the turn separator); no repetition penalty;
+  - /compare and /rank leave out repeated replies and draw again, up to REDRAWS times;
   - feedback is always on the last reply; one person, one model, no undo (edit the JSONL file if you must).
 """
 if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or two): one line, status 130
@@ -57,6 +42,7 @@ if __name__ == "__main__":    # Ctrl-C while the imports below load (a second or
     signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted (Ctrl-C) while starting\n"),
                                              os._exit(130)))
 import codecs
+import contextlib
 import dataclasses
 import json
 import os
@@ -64,7 +50,6 @@ import re
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -76,7 +61,7 @@ from reward import RewardModel, reply_scores
 from sample import Sampling, decode_replies, encode_prompt, generate, load_model, sampling_args
 
 
-@dataclass
+@dataclasses.dataclass
 class Settings(Sampling):
     ckpt: str = flag("", "", "checkpoint to talk to; empty = out/ppo.pt if it exists, else out/sft.pt")
     rm: str = flag("", "",
@@ -111,29 +96,26 @@ HELP = "\n".join(["commands:"] + [f"  {cmd:<20}{what}" for cmd, what in [
 
 
 def knob_named(cmd):
-    """The sampling knob a command names: its full name or an unambiguous beginning, underscores optional
-    (/temp, /topk, /max_new). None if it names none (or several)."""
+    """The knob a command names in full or by an unambiguous beginning, underscores optional; else None."""
     typed = cmd.lstrip("/").replace("_", "")
     found = [k for k in KNOBS if k.replace("_", "").startswith(typed)] if typed else []
     return found[0] if len(found) == 1 else None
 
 
-# ----------------------------------------------------------------------------------------------------
-# The context window. The prompt is the whole transcript; it must leave max_new_tokens for the reply:
-# room = block_size - max_new_tokens tokens.
+# The context window: the prompt is the whole transcript, in room = block_size - max_new_tokens tokens.
 
 def n_tokens(enc, turns):
-    return len(enc.encode_ordinary(format_prompt(turns)))
+    return len(encode_prompt(enc, turns))
 
 
 def truncate_message(enc, text, room):
-    """Cut a human message so that format_prompt([text]) takes at most `room` tokens, keeping its
-    BEGINNING. Returns (text, n) with n the message's length in tokens if it was cut, else 0."""
+    """The longest BEGINNING of a human message whose format_prompt([text]) fits in `room` tokens.
+    Returns (text, n): n is the message's length in tokens if it was cut, else 0."""
     text = text.strip()
     if n_tokens(enc, [text]) <= room:
         return text, 0
     toks = enc.encode_ordinary(" " + text)
-    for keep in range(min(len(toks), room), 0, -1):                          # the longest beginning that fits
+    for keep in range(min(len(toks), room), 0, -1):
         # decode_bytes + errors="ignore": a cut through a multi-byte character drops its first bytes
         cut = enc.decode_bytes(toks[:keep]).decode("utf-8", errors="ignore").strip()
         if n_tokens(enc, [cut]) <= room:
@@ -142,16 +124,14 @@ def truncate_message(enc, text, room):
 
 
 def trim_history(enc, turns, room):
-    """Drop the oldest exchanges (a human turn and the reply to it) until the transcript of `turns`
-    (alternating human, assistant, ..., ending with a human turn) fits in `room` tokens. The last
-    human turn always stays. Returns (kept turns, number of turns dropped)."""
+    """Drop the oldest exchanges (human turn + reply) until `turns` (ending with a human turn, which always
+    stays) fit in `room` tokens. Returns (kept turns, number of turns dropped)."""
     turns, dropped = list(turns), 0
     while len(turns) > 1 and n_tokens(enc, turns) > room:
         turns, dropped = turns[2:], dropped + 2
     return turns, dropped
 
 
-# ----------------------------------------------------------------------------------------------------
 # Replies
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # control characters except \t and \n
@@ -172,11 +152,10 @@ class _EndOfTurn(Exception):
 
 
 class ReplyStream:
-    """The on_token callback of generate() for one reply (B = 1): decodes incrementally and writes the new
-    text. A token can hold part of a character (GPT-2 BPE works on bytes); the incremental UTF-8 decoder
-    keeps such bytes until the character is complete. Leading spaces are not shown (every reply starts
-    with one) and a trailing newline is held back: it may start a blank line, which ends the reply.
-    Setting `stop` (Ctrl-C does) ends the reply at the next token."""
+    """generate()'s on_token for one reply (B = 1): writes the new text. The incremental UTF-8 decoder keeps
+    a token's part of a character (BPE works on bytes) until it is whole. Leading spaces are not shown and a
+    trailing newline is held back (it may start the blank line that ends the reply). `stop` (set by
+    Ctrl-C) ends the reply at the next token."""
 
     def __init__(self, enc, out):
         self.enc, self.out, self.stop = enc, out, False
@@ -196,11 +175,11 @@ class ReplyStream:
         if t == EOT:
             return
         self.text += self.decoder.decode(self.enc.decode_single_token_bytes(t))
-        if "\n\n" in self.text:
-            self.text = self.text[:self.text.index("\n\n")]
-            self.show(self.text)
-            raise _EndOfTurn
+        ended = "\n\n" in self.text
+        self.text = self.text.split("\n\n")[0]
         self.show(self.text)
+        if ended:
+            raise _EndOfTurn
 
     def finish(self):
         self.text += self.decoder.decode(b"", final=True)                     # an unfinished character
@@ -208,12 +187,9 @@ class ReplyStream:
 
 
 def stream_reply(model, enc, prompt_ids, s, generator, out):
-    """Generate one reply to prompt_ids (a list of token ids), writing it to `out` as it is sampled.
-    Returns (reply, interrupted): Ctrl-C stops the reply and keeps what was shown so far.
-
-    Ctrl-C (SIGINT) only sets a flag, which the next on_token call turns into a KeyboardInterrupt: a
-    KeyboardInterrupt at an arbitrary moment could fall between writing a piece of text and counting
-    it as shown, and the reply kept would then differ from the reply the human saw and judges."""
+    """One reply to prompt_ids, written to `out` as it is sampled. Returns (reply, interrupted).
+    Ctrl-C only sets a flag, turned into a KeyboardInterrupt at the next token: one at an arbitrary moment
+    could fall between writing text and counting it as shown, and the reply kept would not be the one seen."""
     stream = ReplyStream(enc, out)
     main_thread = threading.current_thread() is threading.main_thread()      # where signal handlers live
     if main_thread:
@@ -232,11 +208,19 @@ def stream_reply(model, enc, prompt_ids, s, generator, out):
     return clean_reply(stream.text), False
 
 
-def sample_replies(model, enc, prompt_ids, k, s, generator):
-    """k replies to one prompt, in one batch (the same prompt k times), not streamed."""
-    seq, pad, resp_mask = generate(model, [prompt_ids] * k, s.max_new_tokens,
+def sample_replies(model, enc, prompts_ids, s, generator):
+    """One reply to each prompt (lists of token ids), in one batch, not streamed."""
+    seq, pad, resp_mask = generate(model, prompts_ids, s.max_new_tokens,
                                    **sampling_args(s, model.config.block_size), generator=generator)
     return [clean_reply(r) for r in decode_replies(enc, seq, resp_mask)]
+
+
+def rm_scores(rm, enc, turns, replies):
+    """The reward model's normalised score of each reply after the transcript `turns`; None without one."""
+    if rm is None:
+        return None
+    with torch.no_grad():
+        return reply_scores(rm, enc, [format_prompt(turns)] * len(replies), replies, normalised=True).tolist()
 
 
 def parse_choice(text):
@@ -265,8 +249,8 @@ def parse_order(text, k):
 
 
 def rm_verdict(scores, order=None, tie=False):
-    """One line: the reward model's scores, and whether it orders the replies as the human did (order:
-    the human's, reply indices best first; None if the human gave none)."""
+    """The reward model's scores, and whether it orders the replies as the human did (order: reply indices
+    best first; None if the human gave none)."""
     line = "reward model scores: " + "  ".join(f"[{i + 1}] {x:+.3f}" for i, x in enumerate(scores))
     if order is None:
         return line
@@ -281,7 +265,6 @@ def rm_verdict(scores, order=None, tie=False):
                    f"{agree} of {len(pairs)} pairs")
 
 
-# ----------------------------------------------------------------------------------------------------
 # The terminal: lines in, text out; prompts and colours only when a person is typing
 
 class Terminal:
@@ -300,8 +283,8 @@ class Terminal:
         self.say("* " + text, "2")                                            # dim
 
     def read(self, prompt):
-        """One line of input (without its newline), bytes that are not UTF-8 replaced by U+FFFD (so that
-        anything typed can be saved as feedback). EOFError at the end of input."""
+        """One line without its newline, non-UTF-8 bytes replaced by U+FFFD (anything typed can be saved).
+        EOFError at the end of input."""
         if self.interactive:
             if self.color:  # \001 \002 tell readline the colour codes take no room on the screen
                 prompt = f"\001\033[1;32m\002{prompt}\001\033[0m\002"
@@ -313,8 +296,8 @@ class Terminal:
         return line.rstrip("\r\n").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
     def ask(self, prompt, parse):
-        """The answer to a command: parse(line), or None if cancelled. In a terminal a bad answer is
-        asked again (an empty line cancels); in scripted mode it cancels the command."""
+        """parse(answer), or None if cancelled: an empty line, or a bad answer in scripted mode (a terminal
+        asks again)."""
         while True:
             try:
                 line = self.read(prompt)
@@ -332,7 +315,6 @@ class Terminal:
                     return None
 
 
-# ----------------------------------------------------------------------------------------------------
 # The chat: the conversation, the settings, and the loop
 
 class Chat:
@@ -429,33 +411,27 @@ class Chat:
         self.s = new
         self.term.info(f"{name} = {value}")
 
-    # ---- the transcript -----------------------------------------------------------------------------
-    def room(self):
-        return self.model.config.block_size - self.s.max_new_tokens           # prompt tokens that fit
-
     def fit(self, turns):
         """Fit a transcript ending with a human turn in the context window (notices say what went)."""
-        turns, dropped = trim_history(self.enc, turns, self.room())
+        room = self.model.config.block_size - self.s.max_new_tokens           # prompt tokens that fit
+        turns, dropped = trim_history(self.enc, turns, room)
         if dropped:
             self.term.info(f"the conversation outgrew the context window: forgot its {dropped // 2} oldest "
                            "exchange(s)")
-        last, n = truncate_message(self.enc, turns[-1], self.room())
+        last, n = truncate_message(self.enc, turns[-1], room)
         if n:
-            self.term.info(f"your message is {n} tokens, more than fit in the context window ({self.room()} "
+            self.term.info(f"your message is {n} tokens, more than fit in the context window ({room} "
                            f"tokens = block_size {self.model.config.block_size} - max_new_tokens "
                            f"{self.s.max_new_tokens}, with the chat markers): kept its beginning, "
                            f"{len(self.enc.encode_ordinary(' ' + last))} tokens")
         return turns[:-1] + [last]
-
-    def prompt_ids(self, turns):
-        return self.enc.encode_ordinary(format_prompt(turns))
 
     def chat(self, message):
         turns = self.fit(self.turns + [message])
         out = self.term.out
         out.write(self.term.paint("Bard:", "1;34") + " ")
         out.flush()
-        ids = self.prompt_ids(turns)
+        ids = encode_prompt(self.enc, turns)
         reply, interrupted = stream_reply(self.model, self.enc, ids, self.s, self.generator, out)
         if interrupted:
             out.write(" [interrupted]" if reply else "[interrupted]")
@@ -469,9 +445,8 @@ class Chat:
         return {k: getattr(self.s, k) for k in KNOBS}
 
     def save(self, record, extra):
-        """Append one record, with where it came from, to the feedback file (write_feedback checks it
-        against the schema, mends a cut-short last line, and fsyncs). The extra keys end up in the
-        record's "meta" for train_rm.py."""
+        """Append a record, with where it came from (under "meta" for train_rm.py), to the feedback file
+        (write_feedback checks the schema, mends a cut-short last line, fsyncs)."""
         record = {**record, "checkpoint": self.ckpt_path, **extra,
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": "chat.py"}
         try:
@@ -486,12 +461,11 @@ class Chat:
         return True
 
 
-# ----------------------------------------------------------------------------------------------------
 # The feedback commands ([流程与实践 §3.2]): comparison, ranking, rating, correction
 
 def offer(chat, k, ranking):
-    """/compare (k = 2, ranking False) and /rank k (ranking True): k fresh replies to the last human
-    message, sampled in one batch; the human orders them; the best becomes the reply in the transcript."""
+    """/compare (k = 2) and /rank k: k fresh replies to the last human message; the human orders them and
+    the best becomes the reply in the transcript."""
     what, term = "rank" if ranking else "compare", chat.term
     if not chat.turns:
         term.info(f"there is nothing to {what} yet: say something first; nothing changed")
@@ -501,8 +475,7 @@ def offer(chat, k, ranking):
                   "changed")
         return
     turns = chat.fit(chat.turns[:-1])                                      # the transcript up to your message
-    prompt_ids = chat.prompt_ids(turns)
-    cands = distinct_replies(chat, prompt_ids, k)
+    cands = distinct_replies(chat, encode_prompt(chat.enc, turns), k)
     n = len(cands)
     if n < 2:
         term.info(f"the replies were all the same, {REDRAWS + 1} times: nothing to {what}; try a higher "
@@ -517,17 +490,19 @@ def offer(chat, k, ranking):
         answer = term.ask(f"Their order, best first (e.g. {example}): ", lambda t: parse_order(t, n))
     else:
         answer = term.ask("Which is better? 1, 2 or tie: ", parse_choice)
-    # the reward model's opinion comes after the human's, so it cannot sway it
-    scores = None
-    if chat.rm is not None:
-        with torch.no_grad():
-            scores = reply_scores(chat.rm, chat.enc, [format_prompt(turns)] * n, cands,
-                                  normalised=True).tolist()
+    scores = rm_scores(chat.rm, chat.enc, turns, cands)     # after the human's answer, so it cannot sway it
+    order, tie = None, answer == "tie"
     if answer is None:
         term.info("cancelled: nothing saved, the transcript is unchanged")
-        if scores is not None:
-            term.info(rm_verdict(scores))
-        return
+    else:
+        order = save_order(chat, turns, cands, answer, ranking, scores)
+    if scores is not None:
+        term.info(rm_verdict(scores, order, tie))
+
+
+def save_order(chat, turns, cands, answer, ranking, scores):
+    """Save the human's answer to offer() as a ranking or a comparison; the best reply goes on the
+    transcript. Returns the order, reply indices best first."""
     prompt, tie = format_prompt(turns), answer == "tie"
     if ranking:
         order = answer                                                        # reply indices, best first
@@ -543,18 +518,17 @@ def offer(chat, k, ranking):
     if scores is not None:
         extra.update(rm=chat.rm_path, rm_scores=[round(scores[i], 4) for i in order])  # in the record's order
     if chat.save(record, extra):
-        term.info(f"saved a {record['kind']}: {said}; the conversation goes on from reply {order[0] + 1}")
+        chat.term.info(f"saved a {record['kind']}: {said}; the conversation goes on from reply "
+                       f"{order[0] + 1}")
     chat.turns, chat.reply_info = turns + [cands[order[0]]], {**chat.settings(), "interrupted": False}
-    if scores is not None:
-        term.info(rm_verdict(scores, order, tie))
+    return order
 
 
 def distinct_replies(chat, prompt_ids, k):
-    """Up to k distinct replies (a ranking cannot repeat a reply), drawn k at a time, at most REDRAWS + 1
-    times."""
+    """Up to k distinct replies (a ranking cannot repeat one), k at a time, at most REDRAWS + 1 times."""
     cands = []
     for _ in range(REDRAWS + 1):
-        for r in sample_replies(chat.model, chat.enc, prompt_ids, k, chat.s, chat.generator):
+        for r in sample_replies(chat.model, chat.enc, [prompt_ids] * k, chat.s, chat.generator):
             if r not in cands and len(cands) < k:
                 cands.append(r)
         if len(cands) == k:
@@ -594,8 +568,6 @@ def fix(chat):
     chat.reply_info = {**chat.reply_info, "edited_by_human": True}
 
 
-# ----------------------------------------------------------------------------------------------------
-
 def load_reward_model(path, device):
     """(RewardModel, path), or (None, None): no --rm and no out/rm.pt, or --rm none."""
     if path == "none" or (path == "" and not os.path.exists("out/rm.pt")):
@@ -621,9 +593,7 @@ def classroom(s, model, rm, ckpt_path):
         room = model.config.block_size - s.max_new_tokens       # a long typed prompt keeps its end
         ids = [encode_prompt(enc, p)[-room:] for p in prompts for _ in range(s.replies)]
         with lock, torch.no_grad():               # the generator thread and a student's own prompt
-            seq, _, resp_mask = generate(model, ids, s.max_new_tokens, generator=generator,
-                                         **sampling_args(s, model.config.block_size))
-        texts = [clean_reply(r) for r in decode_replies(enc, seq, resp_mask)]
+            texts = sample_replies(model, enc, ids, s, generator)
         return [texts[i:i + s.replies] for i in range(0, len(texts), s.replies)]
 
     def judge(chosen, rejected):                  # does the panel's gold order agree with the class?
@@ -631,18 +601,15 @@ def classroom(s, model, rm, ckpt_path):
         return None if abs(diff) < GOLD_EPS else diff > 0
 
     def scores(prompt, texts):
-        if rm is None:
-            return None
-        with lock, torch.no_grad():
-            return reply_scores(rm, enc, [format_prompt(prompt)] * len(texts), texts,
-                                normalised=True).tolist()
+        with lock:
+            return rm_scores(rm, enc, prompt, texts)
 
     code = (s.class_code or class_code()).upper()             # the page upper-cases what students type
     if not re.fullmatch(r"[A-Za-z0-9]{4,40}", code):
         raise ValueError(f"--class_code must be 4 to 40 letters or digits, got {code!r}")
     prompts = unique_prompts(load_turns("test"), None, s.seed)
-    return Classroom(replies, prompts, s.class_file, code, k=s.replies, judge=judge, scores=scores,
-                     checkpoint=ckpt_path)
+    return Classroom(replies, prompts, s.class_file, code, k=s.replies, judge=judge,
+                     scores=None if rm is None else scores, checkpoint=ckpt_path)
 
 
 def main(argv=None):
@@ -665,10 +632,8 @@ def main(argv=None):
         return serve(room, s.host, s.port)
     interactive = sys.stdin.isatty()
     if interactive:
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401  line editing and history for input()
-        except ImportError:
-            pass
     sys.stdout.reconfigure(errors="replace")                            # any text prints, whatever the locale
     sys.stdin.reconfigure(errors="surrogateescape")  # any bytes are read: Terminal.read replaces bad ones
     return Chat(model, get_tokenizer(), s, ckpt_path, rm, rm_path, Terminal(interactive)).run()

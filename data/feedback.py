@@ -10,17 +10,14 @@ for the four kinds, and Anthropic HH-RLHF files ([实战框架 §7.2.3]) read as
 
 The schema, with an example of each kind, is in data/README.md. Every line becomes a record
     {"kind", "prompt": transcript ending in "\\n\\nAssistant:", "replies": best first (a rating: [reply]),
-     "prompts": the transcript each reply answers (one per reply), "tie": bool,
-     "meta": {the line's other keys, as written}, "source": "file:line"}     (+ "rating", "scale")
-"prompts" is "prompt" repeated, except for an HH-RLHF pair whose two transcripts part before the last
-reply: then each reply is scored after its own transcript (a comparison of two whole conversations).
+     "prompts": the transcript each reply answers, "tie": bool, "meta": {the line's other keys},
+     "source": "file:line"}     (+ "rating", "scale")
+"prompts" is "prompt" repeated, except for an HH-RLHF pair whose transcripts part before the last reply.
 A correction becomes replies [corrected, original]: a comparison, and sft_examples() gives its SFT pair.
 An empty reply is a reply (the model said nothing: just its <|endoftext|>); an empty prompt is an error.
 
-Nothing is lost: write_feedback() appends one flushed and fsynced line under an exclusive lock on the file
-(several writers, one file: two chat.py sessions, say), readers take a shared one; a partial last
-line left by a crash is moved aside to FILE.partial (kept, and reported) before the new line goes in, and
-check_writable() lets chat.py refuse a feedback path it could not write before the human says a word.
+Nothing is lost: write_feedback() appends one fsynced line under an exclusive lock (several writers, one
+file), readers take a shared one; a crash's partial last line is moved aside to FILE.partial first.
 """
 import argparse
 import contextlib
@@ -181,8 +178,7 @@ def check_paths(paths):
 
 @contextlib.contextmanager
 def open_feedback(path):
-    """A feedback file for reading, as bytes: plain, or gzip-compressed (Anthropic ships HH-RLHF as
-    .jsonl.gz), told by its first two bytes; under a shared lock, so no write is seen half done."""
+    """A feedback file's bytes, plain or gzip (HH-RLHF ships as .jsonl.gz), under a shared lock."""
     with locked(open(path, "rb"), exclusive=False) as f:
         gzipped = f.read(2) == GZIP_MAGIC
         f.seek(0)
@@ -194,11 +190,8 @@ def open_feedback(path):
 
 
 def read_feedback(paths, skip_bad=False, errors=None):
-    """Read feedback JSONL file(s) -> (records, n_skipped): the normalised records (see above) in file
-    order, and the number of bad lines skipped. A bad line raises ValueError("file:line: what is
-    wrong"); with skip_bad=True it is skipped instead, a warning shows the first message, and all the
-    messages are appended to the list `errors` if one is given. Blank lines are ignored. No record at
-    all is an error."""
+    """Feedback JSONL file(s) -> (records in file order, n_skipped). A bad line raises ValueError("file:line:
+    what is wrong"); skip_bad=True skips it, warns with the first message, appends all to `errors`."""
     paths = check_paths(paths)
     records, bad = [], []
     for path in paths:
@@ -255,54 +248,41 @@ def check_writable(path):
 
 
 def locked(f, exclusive):
-    """Hold a lock on the open file f until it is closed: exclusive for a writer (one at a time), shared for
-    readers (any number, never during a write). Every writer of a feedback file takes it, so a line without
-    its newline seen under the lock is a crash's leftover, never another writer's line in progress.
-    Where there is no fcntl (Windows) there is no lock: one writer at a time is then up to the user."""
+    """Lock the open file f until it is closed: exclusive for a writer, shared for readers. Every writer
+    takes it, so a line without its newline seen under it is a crash's leftover (no fcntl: no lock)."""
     if fcntl is not None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     return f
 
 
 def heal(f, path):
-    """Under the writer's lock, before an append to f (open "a+b"): if the file's last line has no newline (a
-    program stopped while writing it), it is either a complete record (the newline is added) or a fragment,
-    which is moved to PATH.partial (appended there, kept for the human to look at) and cut from the file.
-    Returns a message, or None."""
-    size = f.seek(0, os.SEEK_END)
-    if size == 0:
-        return None
+    """Under the writer's lock, before an append to f (open "a+b"): a last line without its newline is a
+    complete record (the newline is added) or a fragment, moved to PATH.partial. Returns a message or None."""
     f.seek(0)
     data = f.read()
-    if data.endswith(b"\n"):
+    if not data or data.endswith(b"\n"):
         return None
     start = data.rfind(b"\n") + 1
     tail = data[start:]
     try:
         _parse_line(tail, 1 if start == 0 else 2)
-        complete = True
     except ValueError:
-        complete = False
-    if complete:
-        f.write(b"\n")
-    else:
         with open(path + ".partial", "ab") as side:                          # kept first, then cut
             side.write(tail + b"\n")
             side.flush()
             os.fsync(side.fileno())
         f.truncate(start)
+        os.fsync(f.fileno())
+        return (f"{path}: its last line was cut short ({len(tail)} bytes, a program stopped while writing "
+                f"it); moved to {path}.partial")
+    f.write(b"\n")
     os.fsync(f.fileno())
-    if complete:
-        return f"{path}: its last line had no newline; added one"
-    return (f"{path}: its last line was cut short ({len(tail)} bytes, a program stopped while writing it); "
-            f"moved to {path}.partial")
+    return f"{path}: its last line had no newline; added one"
 
 
 def write_feedback(path, record):
-    """Append one feedback object as a JSON line, flushed and fsynced (a crash loses at most this line),
-    under an exclusive lock on the file (several writers, one file: none loses or splits another's line).
-    The object is checked against the schema first, so a bad record never reaches the file. Returns the
-    message of heal() (None if the file was whole)."""
+    """Append one feedback object, checked against the schema first, as an fsynced JSON line under an
+    exclusive lock. Returns heal()'s message (None if the file was whole)."""
     parse_feedback(record)
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")   # fails here, before any write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
