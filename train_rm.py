@@ -33,6 +33,7 @@ import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
+from itertools import combinations
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from data.feedback import read_feedback
 from data.prepare import format_prompt, get_tokenizer, load_turns, unique_prompts, words
 from model import clip_and_step, lr_at, param_groups
 from data.plumbing import (all_sum, barrier, end_world, flag, gather_shards, in_shares, last_good,
-                           load_checkpoint, main_process, nested_settings, pyplot, run_script,
+                           load_checkpoint, nested_settings, pyplot, run_script,
                            save_checkpoint, save_figure, start_run, weights_problem, write_text)
 from data.panel import GOLD_EPS, TEMPERATURE, Panel, gold_accuracy
 from reward import RewardModel, bradley_terry_loss, plackett_luce_loss, rating_loss, reply_scores
@@ -126,9 +127,9 @@ def main(argv=None):
         load_checkpoint(os.path.join(s.out_dir, "rm.pt"), made_by="train_rm.py", kind="rm")
     sft_path, policy = load_sft(s, device)                                          # 2.
     rng = np.random.default_rng(s.seed + w.rank)
-    panel_records = panel_labels(s, policy, panel, rng) if not s.data or s.mix_panel else []      # 3.
+    panel_records = panel_labels(s, w, policy, panel, rng) if not s.data or s.mix_panel else []      # 3.
     train_items, eval_items = split(s, file_records, panel_records)
-    eval_items = eval_items or panel_labels(s, policy, panel, rng, heldout=True)
+    eval_items = eval_items or panel_labels(s, w, policy, panel, rng, heldout=True)
     rm, optimizer, start_step, history = new_or_resumed(s, sft_path, device)        # 4.
     max_iters = train(s, w, rm, optimizer, train_items, eval_items, start_step, history, panel)
     ev = evaluate(s, rm, eval_items, panel)                                         # 5.
@@ -145,8 +146,8 @@ def main(argv=None):
             f"pairs {fmt(ev['context_acc'])} vs bag of words {fmt(ev['bow_context_acc'])}"
             if ev["gold_pairs"] else
             "gold accuracy: none (the held-out labels are not the panel's: its gold order is not theirs)")
-    print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy {label_acc(ev)}, {gold} "
-          f"-> {os.path.join(s.out_dir, 'rm.pt')}")
+    print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy "
+          f"{fmt(ev['acc'], NO_PAIRS)}, {gold} -> {os.path.join(s.out_dir, 'rm.pt')}")
     return ev
 
 
@@ -207,7 +208,7 @@ def rank_with_panel(prompts, replies, panel, rng):
     return records
 
 
-def panel_labels(s, policy, panel, rng, heldout=False):
+def panel_labels(s, w, policy, panel, rng, heldout=False):
     """The panel's rankings of K SFT samples per prompt, saved as JSONL and read back: n_prompts prompts of
     the training plays, or (heldout=True) n_heldout of the test plays, which no training split contains. Under
     torchrun each process samples and ranks its share of the prompts; process 0 writes the file."""
@@ -222,7 +223,7 @@ def panel_labels(s, policy, panel, rng, heldout=False):
     t0 = time.time()
     ranked = in_shares(lambda mine: rank_with_panel(mine, sample_replies(s, policy, mine, s.k), panel, rng),
                        prompts)                                  # torchrun: each its share; a list per prompt
-    if main_process():
+    if w.main:
         write_text(path, "".join(json.dumps(r) + "\n" for per_prompt in ranked for r in per_prompt))
     barrier()                                                                 # the file is written
     records, _ = read_feedback([path])
@@ -321,8 +322,8 @@ def item_losses(s, rm, batch, counts=None):
         loss = loss + plackett_luce_loss(table, mask) * len(lists) / n_ranked
     if rated:
         r_scores = torch.cat([sc for _, sc in rated])                            # (nR,)
-        ratings, lo, hi = (torch.tensor([float(f(r)) for r, _ in rated], device=device)
-                           for f in (lambda r: r["rating"], lambda r: r["scale"][0], lambda r: r["scale"][1]))
+        ratings, lo, hi = torch.tensor([[r["rating"], *r["scale"]] for r, _ in rated], dtype=torch.float32,
+                                       device=device).T                           # (nR,) each
         loss = loss + s.rating_weight * rating_loss(r_scores, ratings, lo, hi) * len(rated) / n_rated
     return loss * scale, [sc.detach().tolist() for sc in scores]
 
@@ -362,7 +363,7 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
                                      f"check the data. {last_good(os.path.join(s.out_dir, 'rm.pt'))}")
         clip_and_step(optimizer, rm.parameters(), s.grad_clip)
         done = step + 1
-        right = [a > b for sc in gather_shards(scores) for i, a in enumerate(sc) for b in sc[i + 1:]]
+        right = [a > b for sc in gather_shards(scores) for a, b in combinations(sc, 2)]
         train_acc = float(np.mean(right)) if right else math.nan            # pairs ordered like the labels
         history.append({"step": done, "train_loss": loss.item(), "train_acc": train_acc})
         if done % 10 == 0:
@@ -376,8 +377,8 @@ def train(s, w, rm, optimizer, train_items, eval_items, start_step, history, pan
             gold = (f" | gold acc {ev['gold_acc']:.3f} (single rater {ev['rater_ceiling']:.3f}, "
                     f"{ev['gold_pairs']} pairs; context pairs {fmt(ev['context_acc'])})"
                     if ev["gold_pairs"] else "")
-            print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc {label_acc(ev)}{gold}",
-                  flush=True)
+            print(f"step {done:4d} | held-out loss {ev['loss']:.4f} | label acc "
+                  f"{fmt(ev['acc'], NO_PAIRS)}{gold}", flush=True)
             refuse_diverged(s, rm, done)                                      # every process: all stop
             if w.main:
                 save(s, rm, optimizer, done, history, os.path.join(s.out_dir, "sft.pt"))
@@ -399,13 +400,11 @@ def save(s, rm, optimizer, step, history, sft_path, final=False):
 
 
 # ---- 5. held-out evaluation --------------------------------------------------------------------------------
-def fmt(acc):
-    return "n/a" if acc is None else f"{acc:.3f}"                      # no context pairs: nothing to count
+NO_PAIRS = "n/a (the held-out items are ratings: no pairs)"
 
 
-def label_acc(ev):
-    no_pairs = "n/a (the held-out items are ratings: no pairs)"
-    return f"{ev['acc']:.3f}" if math.isfinite(ev["acc"]) else no_pairs
+def fmt(acc, nothing="n/a"):
+    return nothing if acc is None or math.isnan(acc) else f"{acc:.3f}"      # None or nan: nothing to count
 
 
 @torch.no_grad()
@@ -424,7 +423,7 @@ def evaluate(s, rm, items, panel):
     rm.train(was_training)
     pairs = [(r["replies"][a], sc[a], r["replies"][b], sc[b])   # (better, its score, worse, its score)
              for batch, _, scores in scored for r, sc in zip(batch, scores) if r["kind"] != "rating"
-             for a in range(len(sc)) for b in range(a + 1, len(sc))]
+             for a, b in combinations(range(len(sc)), 2)]
     ev = {"loss": sum(loss for _, loss, _ in scored) / len(batches),
           "acc": float(np.mean([p[1] > p[3] for p in pairs])) if pairs else math.nan, "gold_acc": math.nan,
           "rater_ceiling": math.nan, "gold_pairs": 0, "context_acc": None, "context_pairs": 0}
@@ -459,25 +458,26 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {v: i for i, v in enumerate(sorted({v for r in ranked for x in r["replies"] for v in words(x)}))}
 
-    def features(items):   # f(theta): theta . f per reply (f: 1 per word it uses); (better, worse) pairs;
-        # index_select, not theta[word]: its backward is an index_add, twice as fast as indexing's on a CPU
-        texts, pairs = [], []
-        for r in items:
-            n, k = len(texts), len(r["replies"])
-            pairs += [(n + i, n + j) for i in range(k) for j in range(i + 1, k)]
-            texts += r["replies"]
+    def pair_scores(items):   # theta -> the (better, worse) scores theta . f of every ordered pair, (P,)
+        # each (f: 1 per word a reply uses); and the pairs' (better, worse) texts. index_select, not
+        # theta[word]: its backward is an index_add, twice as fast as indexing's on a CPU
+        texts = [x for r in items for x in r["replies"]]
+        firsts = np.cumsum([0] + [len(r["replies"]) for r in items])       # where each item's replies start
+        pairs = [p for r, n in zip(items, firsts) for p in combinations(range(n, n + len(r["replies"])), 2)]
+        a, b = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T                  # (P,) better, worse
         cells = [(n, vocab[v]) for n, x in enumerate(texts) for v in sorted(set(words(x))) if v in vocab]
         reply, word = torch.tensor(cells, dtype=torch.long).reshape(-1, 2).T           # (C,) each: a cell
-        a, b = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T                  # (P,) better, worse
-        f = lambda theta: torch.zeros(len(texts)).index_add(0, reply, theta.index_select(0, word))
-        return f, a, b, texts
+
+        def score(theta):
+            sc = torch.zeros(len(texts)).index_add(0, reply, theta.index_select(0, word))   # (n_replies,)
+            return sc.index_select(0, a), sc.index_select(0, b)
+        return score, [texts[i] for i in a], [texts[i] for i in b]
 
     def fit(items, l2):
-        (f, a, b, _), theta = features(items), torch.zeros(len(vocab), requires_grad=True)   # (V,)
+        score, theta = pair_scores(items)[0], torch.zeros(len(vocab), requires_grad=True)   # (V,)
         opt = torch.optim.Adam([theta], lr=lr)
         for _ in range(steps):
-            sc = f(theta)                                                                  # (n_replies,)
-            loss = bradley_terry_loss(sc.index_select(0, a), sc.index_select(0, b)) + l2 * (theta ** 2).sum()
+            loss = bradley_terry_loss(*score(theta)) + l2 * (theta ** 2).sum()
             opt.zero_grad(), loss.backward(), opt.step()
         return theta.detach()
 
@@ -485,13 +485,13 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
     kept = [r for r in ranked if hash_unit(r["prompt"], 0) >= 0.1]
     label_acc = {l2s[len(l2s) // 2]: 1.0}                               # too few labels to choose: the middle
     if held and kept:
+        score = pair_scores(held)[0]
         for l2 in l2s:
-            (f, a, b, _), theta = features(held), fit(kept, l2)
-            sc = f(theta)
-            label_acc[l2] = float((sc[a] > sc[b]).float().mean())
-    f, a, b, texts = features([r for r in eval_items if r["kind"] != "rating"])
-    sc = f(fit(ranked, max(label_acc, key=lambda l2: label_acc[l2])))                # (n_replies,)
-    return gold_verdict(panel, [texts[i] for i in a], [texts[i] for i in b], sc[a].numpy(), sc[b].numpy())
+            better, worse = score(fit(kept, l2))
+            label_acc[l2] = float((better > worse).float().mean())
+    score, better, worse = pair_scores([r for r in eval_items if r["kind"] != "rating"])
+    sc_better, sc_worse = score(fit(ranked, max(label_acc, key=label_acc.get)))
+    return gold_verdict(panel, better, worse, sc_better.numpy(), sc_worse.numpy())
 
 
 # ---- 6. normalisation --------------------------------------------------------------------------------------

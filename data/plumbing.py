@@ -172,9 +172,7 @@ def lock_out_dir(path):
     releases it when the process ends, however (kill -9 too): never stale. Nested runs of one process
     (train_ppo.py running train_sft.py first) share it. No fcntl (Windows): no lock."""
     key = os.path.realpath(path)
-    if key in _out_dir_locks:
-        _out_dir_locks[key][1] += 1
-    elif fcntl is not None:
+    if key not in _out_dir_locks and fcntl is not None:
         f = open(os.path.join(path, ".lock"), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -188,7 +186,7 @@ def lock_out_dir(path):
         f.write(f"{os.path.basename(sys.argv[0]) or 'python'} (pid {os.getpid()}, since "
                 f"{time.strftime('%H:%M:%S')})\n")
         f.flush()
-        _out_dir_locks[key] = [f, 1]
+        _out_dir_locks[key] = f
     _held_out_dirs.append(key)
 
 
@@ -196,18 +194,14 @@ def unlock_out_dir(everything=False):
     """End the innermost run's hold on its out_dir (everything=True: all of this process's holds)."""
     while _held_out_dirs:
         key = _held_out_dirs.pop()
-        entry = _out_dir_locks.get(key)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] == 0:
-                entry[0].close()                                              # closing the file unlocks it
-                del _out_dir_locks[key]
+        if key not in _held_out_dirs and key in _out_dir_locks:                 # its outermost run ended
+            _out_dir_locks.pop(key).close()                                   # closing the file unlocks it
         if not everything:
             return
 
 
-_out_dir_locks = {}    # realpath -> [the open .lock file, how many nested runs hold it]
-_held_out_dirs = []    # the out_dirs of this process's runs, innermost last
+_out_dir_locks = {}    # realpath -> the open .lock file
+_held_out_dirs = []    # the out_dirs of this process's runs, innermost last (a nested run's again)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,11 +230,6 @@ class World:
             return model
         ids = [self.local_rank] if next(model.parameters()).is_cuda else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-
-
-def main_process():
-    """True in process 0 of a torchrun run (the one that writes files) and in a plain run."""
-    return int(os.environ.get("RANK", "0")) == 0 or world_size() == 1
 
 
 def in_shares(fn, items):
@@ -435,11 +424,9 @@ MAX_WEIGHT = 1e3   # a trained model's weights stay far below this (here: below 
 def weights_problem(module):
     """None when every weight is finite and smaller than MAX_WEIGHT; else what is wrong with them. The
     trainers check this before every save, so a diverged run never replaces a checkpoint."""
-    biggest = 0.0
-    for p in module.parameters():
-        if not bool(torch.isfinite(p).all()):
-            return "not finite"
-        biggest = max(biggest, float(p.detach().abs().max()))
+    biggest = float(torch.stack([p.detach().abs().max() for p in module.parameters()]).max())   # nan: any is
+    if not math.isfinite(biggest):
+        return "not finite"
     if biggest > MAX_WEIGHT:
         return f"as large as {biggest:.3g} (a trained model's stay far below {MAX_WEIGHT:g})"
     return None
@@ -508,8 +495,7 @@ def checkpoint_problem(ckpt, needed):
             return f"it has no {name!r}"
         if not isinstance(ckpt[name], kind) or isinstance(ckpt[name], bool):
             return f"its {name!r} is a {type(ckpt[name]).__name__}"
-    for name in ("reward_mean", "reward_std", "best_val_loss", "kl_coef"):
-        if name in needed and not math.isfinite(ckpt[name]):
+        if kind is NUMBER and not math.isfinite(ckpt[name]):
             return f"its {name!r} is {ckpt[name]}"
     if "reward_std" in needed and not ckpt["reward_std"] > 0:
         return f"its 'reward_std' is {ckpt['reward_std']} (a spread of scores is > 0)"
