@@ -198,13 +198,10 @@ def rank_with_panel(prompts, replies, panel, rng):
     records = []
     for p, rs in zip(prompts, replies):
         rs = list(dict.fromkeys(x.strip() for x in rs))
-        if len(rs) < 2:
-            records.append([])
-            continue
-        order, rater = panel.rank(rs, rng)
+        order, rater = panel.rank(rs, rng) if len(rs) > 1 else ([], None)        # one reply ranks nothing
         records.append([{"kind": "ranking", "prompt": p, "replies": [rs[i] for i in order],
                          "rater": int(rater), "gold": [round(float(panel.gold(rs[i])), 4) for i in order],
-                         "source": "panel"}])
+                         "source": "panel"}] if order else [])
     return records
 
 
@@ -235,17 +232,17 @@ def panel_labels(s, w, policy, panel, rng, heldout=False):
 def split(s, file_records, panel_records):
     """Split by prompt, so no held-out prompt is trained on: --data files 90/10 by a hash of the prompt (the
     panel's held-out prompts come from other plays). Ties are kept in the files but not trained on."""
-    counts = {kind: sum(r["kind"] == kind for r in file_records + panel_records)
-              for kind in ("comparison", "ranking", "rating", "correction")}
-    print("feedback kinds: " + ", ".join(f"{k}={v}" for k, v in counts.items())
-          + f"; ties (kept, not trained on): {sum(r['tie'] for r in file_records + panel_records)}")
+    records = file_records + panel_records
+    kinds = {kind: sum(r["kind"] == kind for r in records)
+             for kind in ("comparison", "ranking", "rating", "correction")}
+    print("feedback kinds: " + ", ".join(f"{k}={v}" for k, v in kinds.items())
+          + f"; ties (kept, not trained on): {sum(r['tie'] for r in records)}")
     held = {r["prompt"] for r in file_records if hash_unit(r["prompt"], s.seed) < 0.1}
     trainable = panel_records + [r for r in file_records if r["prompt"] not in held]
     train_items = [r for r in trainable if not r["tie"]]
     eval_items = [r for r in file_records if r["prompt"] in held and not r["tie"]]
     if not train_items:
-        raise ValueError(f"no usable feedback to train on ({len(file_records) + len(panel_records)} records; "
-                         "ties are not trained on)")
+        raise ValueError(f"no usable feedback to train on ({len(records)} records; ties are not trained on)")
     print(f"train items: {len(train_items)}, held-out items: "
           + (f"{len(eval_items)} (from the --data files)" if eval_items else "the panel's (test plays)"))
     return train_items, eval_items
@@ -421,17 +418,17 @@ def evaluate(s, rm, items, panel):
         return batch, loss.item(), scores
     scored = in_shares(lambda mine: [score_batch(b) for b in mine], batches)   # torchrun: each its share
     rm.train(was_training)
-    pairs = [(r["replies"][a], sc[a], r["replies"][b], sc[b])   # (better, its score, worse, its score)
+    pairs = [(r["replies"][a], r["replies"][b], sc[a], sc[b])   # (better, worse, their scores)
              for batch, _, scores in scored for r, sc in zip(batch, scores) if r["kind"] != "rating"
              for a, b in combinations(range(len(sc)), 2)]
+    better, worse, s_better, s_worse = map(list, zip(*pairs)) if pairs else ([], [], [], [])
     ev = {"loss": sum(loss for _, loss, _ in scored) / len(batches),
-          "acc": float(np.mean([p[1] > p[3] for p in pairs])) if pairs else math.nan, "gold_acc": math.nan,
+          "acc": float(np.mean(np.greater(s_better, s_worse))) if pairs else math.nan, "gold_acc": math.nan,
           "rater_ceiling": math.nan, "gold_pairs": 0, "context_acc": None, "context_pairs": 0}
-    if pairs and all(r["meta"].get("source") == "panel" for r in items):     # gold means something here
-        better, worse = [p[0] for p in pairs], [p[2] for p in pairs]
-        if (np.abs(panel.golds(better) - panel.golds(worse)) > 0).any():
-            ev.update(gold_verdict(panel, better, worse, [p[1] for p in pairs], [p[3] for p in pairs]))
-            ev["rater_ceiling"], _ = panel.single_rater_ceiling(list(zip(better, worse)))
+    if pairs and all(r["meta"].get("source") == "panel" for r in items) \
+            and (np.abs(panel.golds(better) - panel.golds(worse)) > 0).any():          # gold means something
+        ev.update(gold_verdict(panel, better, worse, s_better, s_worse))
+        ev["rater_ceiling"], _ = panel.single_rater_ceiling(list(zip(better, worse)))
     return ev
 
 

@@ -143,20 +143,17 @@ def common_problems(s):
         problems.append(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
                         "False); use --device cpu")
     if hasattr(s, "out_dir"):
-        try:
-            check_writable_dir(s.out_dir)
-        except OSError as e:
-            problems.append(f"--out_dir {e}")
+        problems += [f"--out_dir {why}" for why in [out_dir_problem(s.out_dir)] if why]
         problems += [f"--out_dir {s.out_dir}: {name} is a folder, not the checkpoint file the run reads or "
                      "writes" for name in ("sft.pt", "rm.pt", "ppo.pt")
                      if os.path.isdir(os.path.join(s.out_dir, name))]
     return problems
 
 
-def check_writable_dir(path):
-    """Create the folder if needed and write (then remove) a small file in it: OSError says why not."""
+def out_dir_problem(path):
+    """Why `path` cannot be an out_dir (created if needed, a small file written and removed), or None."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise OSError(f"{path} is a file, not a folder")
+        return f"{path} is a file, not a folder"
     probe = os.path.join(path, f".write_probe.{os.getpid()}")                # one per process (torchrun)
     try:
         os.makedirs(path, exist_ok=True)
@@ -164,7 +161,8 @@ def check_writable_dir(path):
             f.write("probe")
         os.remove(probe)
     except OSError as e:
-        raise OSError(f"{path} is not writable ({e.strerror or e})") from None
+        return f"{path} is not writable ({e.strerror or e})"
+    return None
 
 
 def lock_out_dir(path):
