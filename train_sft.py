@@ -270,11 +270,10 @@ def get_batch(s, split_data, starts, device):
     """The windows that start at `starts`: inputs x, next-token targets y, and the loss mask m (reply tokens,
     or every token with --train_on all), each (B, T)."""
     tokens, mask = split_data
-    window = lambda a, i: torch.from_numpy(a[i:i + s.block_size].astype(np.int64))   # noqa: E731
-    x = torch.stack([window(tokens, i) for i in starts.tolist()])                          # (B, T)
-    y = torch.stack([window(tokens, i + 1) for i in starts.tolist()])                      # (B, T)
+    pos = (starts[:, None] + torch.arange(s.block_size)).numpy()              # (B, T) the inputs' positions
+    x, y = (torch.from_numpy(tokens[p].astype(np.int64)) for p in (pos, pos + 1))         # (B, T) each
     m = torch.ones_like(y, dtype=torch.bool) if s.train_on == "all" else \
-        torch.stack([window(mask, i + 1) for i in starts.tolist()]).bool()                # (B, T)
+        torch.from_numpy(mask[pos + 1] > 0)                                                 # (B, T)
     return x.to(device), y.to(device), m.to(device)
 
 
