@@ -123,14 +123,14 @@ def main(argv=None):
     torch.manual_seed(s.seed)
     panel = Panel(preference=s.preference, temperature=s.rater_temperature)
     file_records = read_files(s)                                                    # 1.
-    if s.resume:                                          # a wrong rm.pt is refused before any sampling
-        load_checkpoint(os.path.join(s.out_dir, "rm.pt"), made_by="train_rm.py", kind="rm")
+    rm_path = os.path.join(s.out_dir, "rm.pt")            # --resume: a wrong rm.pt is refused before sampling
+    resumed = load_checkpoint(rm_path, made_by="train_rm.py", kind="rm", resume=True) if s.resume else None
     sft_path, policy = load_sft(s, device)                                          # 2.
     rng = np.random.default_rng(s.seed + w.rank)
     panel_records = panel_labels(s, w, policy, panel, rng) if not s.data or s.mix_panel else []      # 3.
     train_items, eval_items = split(s, file_records, panel_records)
     eval_items = eval_items or panel_labels(s, w, policy, panel, rng, heldout=True)
-    rm, optimizer, start_step, history = new_or_resumed(s, sft_path, device)        # 4.
+    rm, optimizer, start_step, history = new_or_resumed(s, sft_path, device, resumed)   # 4.
     max_iters = train(s, w, rm, optimizer, train_items, eval_items, start_step, history, panel)
     ev = evaluate(s, rm, eval_items, panel)                                         # 5.
     if ev["gold_pairs"]:
@@ -147,7 +147,7 @@ def main(argv=None):
             if ev["gold_pairs"] else
             "gold accuracy: none (the held-out labels are not the panel's: its gold order is not theirs)")
     print(f"done in {(time.time() - t_start) / 60:.1f} min: held-out label accuracy "
-          f"{fmt(ev['acc'], NO_PAIRS)}, {gold} -> {os.path.join(s.out_dir, 'rm.pt')}")
+          f"{fmt(ev['acc'], NO_PAIRS)}, {gold} -> {rm_path}")
     return ev
 
 
@@ -253,17 +253,15 @@ def hash_unit(text, seed):
 
 
 # ---- 4. the reward model and its training loop -------------------------------------------------------------
-def new_or_resumed(s, sft_path, device):
-    """(reward model, AdamW, first step, history): from the SFT checkpoint, or from rm.pt with --resume."""
-    if s.resume:
-        rm_path = os.path.join(s.out_dir, "rm.pt")
-        ckpt = load_checkpoint(rm_path, made_by="train_rm.py", kind="rm", resume=True)
+def new_or_resumed(s, sft_path, device, ckpt):
+    """(reward model, AdamW, first step, history): from the SFT checkpoint, or from rm.pt's dict `ckpt`."""
+    if ckpt is not None:
         rm = RewardModel.from_checkpoint(ckpt).to(device)
-        print(f"resuming from {rm_path} at step {ckpt['step']}")
+        print(f"resuming from {os.path.join(s.out_dir, 'rm.pt')} at step {ckpt['step']}")
     else:
         sft = load_checkpoint(sft_path, made_by="train_sft.py", kind="sft")
         torch.manual_seed(s.seed)                      # the same fresh head, whatever sampling came before
-        ckpt, rm = None, RewardModel.from_sft(sft, s.readout).to(device)
+        rm = RewardModel.from_sft(sft, s.readout).to(device)
     optimizer = torch.optim.AdamW(rm_param_groups(s, rm), lr=s.lr, fused=torch.device(device).type == "cuda")
     if ckpt is None:
         return rm, optimizer, 0, []
