@@ -162,8 +162,8 @@ class ReplyStream:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.shown = "", ""                                        # decoded so far; written so far
 
-    def show(self, text):
-        visible = text.rstrip("\n").lstrip()                                  # always extends self.shown
+    def show(self):
+        visible = self.text.rstrip("\n").lstrip()                             # always extends self.shown
         self.out.write(printable(visible[len(self.shown):]))
         self.out.flush()
         self.shown = visible
@@ -174,16 +174,15 @@ class ReplyStream:
         t = int(tokens[0])
         if t == EOT:
             return
-        self.text += self.decoder.decode(self.enc.decode_single_token_bytes(t))
-        ended = "\n\n" in self.text
-        self.text = self.text.split("\n\n")[0]
-        self.show(self.text)
-        if ended:
+        new = self.decoder.decode(self.enc.decode_single_token_bytes(t))
+        self.text, *after = (self.text + new).split("\n\n", 1)             # after: what follows a blank line
+        self.show()
+        if after:
             raise _EndOfTurn
 
     def finish(self):
         self.text += self.decoder.decode(b"", final=True)                     # an unfinished character
-        self.show(self.text)
+        self.show()
 
 
 def stream_reply(model, enc, prompt_ids, s, generator, out):
@@ -241,8 +240,8 @@ def parse_order(text, k):
     try:
         order = [int(p) - 1 for p in parts]
     except ValueError:
-        order = None
-    if order is None or sorted(order) != list(range(k)):
+        order = []
+    if sorted(order) != list(range(k)):
         raise ValueError(f"type each of the numbers 1..{k} once, best first (e.g. "
                          f"{' '.join(str(i) for i in range(k, 0, -1))}), not {text.strip()!r}")
     return order
@@ -283,8 +282,8 @@ class Terminal:
         self.say("* " + text, "2")                                            # dim
 
     def read(self, prompt):
-        """One line without its newline, non-UTF-8 bytes replaced by U+FFFD (anything typed can be saved); None
-        at the end of input or on Ctrl-C."""
+        """One line without its newline, non-UTF-8 bytes replaced by U+FFFD (anything typed can be saved);
+        None at the end of input or on Ctrl-C."""
         try:
             if not self.interactive:
                 line = sys.stdin.readline()
@@ -301,8 +300,8 @@ class Terminal:
         return line.rstrip("\r\n").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
     def ask(self, prompt, parse):
-        """parse(answer), or None if cancelled (and said so): an empty line, or a bad answer in scripted mode (a
-        terminal asks again)."""
+        """parse(answer), or None if cancelled (and said so): an empty line, or a bad answer in scripted mode
+        (a terminal asks again)."""
         while True:
             line = self.read(prompt)
             if line is None or not line.strip():
