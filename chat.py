@@ -282,8 +282,8 @@ class Terminal:
         self.say("* " + text, "2")                                            # dim
 
     def read(self, prompt):
-        """One line without its newline, non-UTF-8 bytes replaced by U+FFFD (anything typed can be saved);
-        None at the end of input or on Ctrl-C."""
+        """One line, stripped, non-UTF-8 bytes replaced by U+FFFD (anything typed can be saved); None at the
+        end of input or on Ctrl-C."""
         try:
             if not self.interactive:
                 line = sys.stdin.readline()
@@ -297,14 +297,14 @@ class Terminal:
             if self.interactive:
                 print(file=self.out)
             return None
-        return line.rstrip("\r\n").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
 
     def ask(self, prompt, parse):
         """parse(answer), or None if cancelled (and said so): an empty line, or a bad answer in scripted mode
         (a terminal asks again)."""
         while True:
             line = self.read(prompt)
-            if line is None or not line.strip():
+            if not line:                                                      # None, or an empty line
                 break
             try:
                 return parse(line)
@@ -339,11 +339,8 @@ class Chat:
             line = term.read("You: ")
             if line is None:
                 break
-            line = line.strip()
-            if not line:
-                continue
             try:
-                if not self.handle(line):
+                if line and not self.handle(line):
                     break
             except KeyboardInterrupt:  # Ctrl-C while sampling /compare or /rank replies
                 print(file=term.out)

@@ -179,10 +179,7 @@ def open_feedback(path):
     with locked(open(path, "rb"), exclusive=False) as f:
         gzipped = f.read(2) == GZIP_MAGIC
         f.seek(0)
-        if not gzipped:
-            yield f
-            return
-        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+        with gzip.GzipFile(fileobj=f, mode="rb") if gzipped else contextlib.nullcontext(f) as g:
             yield g
 
 
