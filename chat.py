@@ -538,8 +538,8 @@ def fix(chat):
     chat.reply_info = {**chat.reply_info, "edited_by_human": True}
 
 
-# Each feedback command: the arguments it takes (joined by spaces), what there is not before the Bard's first
-# reply, its usage, and what it does (given the arguments as numbers)
+# Each feedback command: the arguments it takes (joined by spaces); what is missing before the Bard's first
+# reply ("there is ... yet"); its usage; and what it does, given the arguments as numbers
 FEEDBACK = {"/compare": ([""], "nothing to compare", "/compare takes no arguments",
                          lambda chat: offer(chat, 2, ranking=False)),
             "/rank": ([str(k) for k in range(2, MAX_RANK + 1)], "nothing to rank",
