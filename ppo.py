@@ -58,15 +58,13 @@ def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=F
     hidden = model.hidden_states(seq, pad)                                    # (B, P+R, d)
     h = hidden[:, P - 1:-1]                                               # (B, R, d) states before the tokens
     tokens = seq[:, P:]                                                       # (B, R)
+    resp_mask = torch.ones_like(tokens, dtype=torch.bool) if resp_mask is None else resp_mask  # (B, R)
     W = model.lm_head.weight                                                  # (V, d) tied to the embedding
-    n_rows = int(resp_mask.sum()) if resp_mask is not None else tokens.numel()
-    if chunk_size is None and n_rows * W.size(0) * 4 > CHUNKED_ABOVE:         # bytes of (N, V) float32 logits
+    if chunk_size is None and int(resp_mask.sum()) * W.size(0) * 4 > CHUNKED_ABOVE:  # bytes of (N, V) logits
         chunk_size = 1024
-    logprobs = (functools.partial(logprobs_plain, with_entropy=with_entropy) if chunk_size is None else
-                functools.partial(logprobs_from_hidden, chunk_size=chunk_size, with_entropy=with_entropy))
-    if resp_mask is None:
-        return logprobs(h, W, tokens, temperature)                            # (B, R) [, (B, R)]
-    out = logprobs(h[resp_mask], W, tokens[resp_mask], temperature)           # (N_valid,) [, (N_valid,)]
+    logprobs = logprobs_plain if chunk_size is None else functools.partial(logprobs_from_hidden,
+                                                                           chunk_size=chunk_size)
+    out = logprobs(h[resp_mask], W, tokens[resp_mask], temperature, with_entropy=with_entropy)  # (N_valid,)
     out = out if with_entropy else (out,)
     full = [x.new_zeros(tokens.shape).masked_scatter_(resp_mask, x) for x in out]   # (B, R) 0 after EOT
     return tuple(full) if with_entropy else full[0]
@@ -218,8 +216,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, re
     pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, R)
     pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), m)    # () -L^CLIP, [实战框架 §4.2.2]
 
-    values = torch.where(m, values, 0.0)                                      # (B, R)
-    old_values, returns = torch.where(m, old_values, 0.0), torch.where(m, returns, 0.0)  # (B, R)
+    values, old_values, returns = (torch.where(m, x, 0.0) for x in (values, old_values, returns))  # (B, R)
     vf_losses = (values - returns) ** 2                                       # (B, R)
     if vf_clip is None:
         vf_loss = 0.5 * masked_mean(vf_losses, m)                             # ()
@@ -280,8 +277,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, tokens, temperature, chunk_size, with_entropy):  # h (N, d), tokens (N,)
         ctx.save_for_backward(h, weight, tokens)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
-        logp = torch.zeros(h.size(0), device=h.device)                        # (N,) float32
-        entropy = torch.zeros(h.size(0), device=h.device)                     # (N,) float32 (0 if not asked)
+        logp, entropy = torch.zeros(2, h.size(0), device=h.device)            # (N,) each; entropy 0 if not asked
         for c in _chunks(h.size(0), chunk_size):
             logp_all = _chunk_log_softmax(h[c], weight, temperature)          # (n, V)
             logp[c] = logp_all.gather(1, tokens[c, None]).squeeze(1)          # (n,) log pi(token)
