@@ -277,7 +277,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, tokens, temperature, chunk_size, with_entropy):  # h (N, d), tokens (N,)
         ctx.save_for_backward(h, weight, tokens)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
-        logp, entropy = torch.zeros(2, h.size(0), device=h.device)  # (N,), (N,) float32; entropy 0 if not asked
+        logp, entropy = torch.zeros(2, h.size(0), device=h.device)  # (N,), (N,); entropy 0 if not asked
         for c in _chunks(h.size(0), chunk_size):
             logp_all = _chunk_log_softmax(h[c], weight, temperature)          # (n, V)
             logp[c] = logp_all.gather(1, tokens[c, None]).squeeze(1)          # (n,) log pi(token)
