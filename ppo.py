@@ -218,21 +218,16 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, re
 
     values, old_values, returns = (torch.where(m, x, 0.0) for x in (values, old_values, returns))  # (B, R)
     vf_losses = (values - returns) ** 2                                       # (B, R)
-    if vf_clip is None:
-        vf_loss = 0.5 * masked_mean(vf_losses, m)                             # ()
-        value_clipfrac = torch.zeros((), device=values.device)
-    else:
+    value_clipfrac = torch.zeros((), device=values.device)
+    if vf_clip is not None:
         values_clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)  # (B, R)
-        vf_losses_clipped = (values_clipped - returns) ** 2                   # (B, R)
-        vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), m)  # () L^V
+        vf_losses = torch.max(vf_losses, (values_clipped - returns) ** 2)     # (B, R)
         value_clipfrac = masked_mean(((values - old_values).abs() > vf_clip).float(), m)
+    vf_loss = 0.5 * masked_mean(vf_losses, m)                                 # () L^V
 
-    if entropy is None:
-        if ent_coef != 0.0:
-            raise ValueError("ent_coef != 0 needs the entropy (response_logprobs(..., with_entropy=True))")
-        entropy_mean = torch.zeros((), device=logprobs.device)
-    else:
-        entropy_mean = masked_mean(entropy, m)                                # ()
+    if entropy is None and ent_coef != 0.0:
+        raise ValueError("ent_coef != 0 needs the entropy (response_logprobs(..., with_entropy=True))")
+    entropy_mean = torch.zeros((), device=logprobs.device) if entropy is None else masked_mean(entropy, m)
     loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy_mean              # ()
 
     with torch.no_grad():
