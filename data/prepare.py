@@ -201,8 +201,7 @@ def parse_play(text):
     def is_speaker(i, line):
         if speaker_name(line) is None:
             return False
-        kind, after = next_line(i, skip=("direction",))
-        if kind == "text":                                         # "Ber." / "Who's there?"
+        if next_line(i, skip=("direction",))[0] == "text":         # "Ber." / "Who's there?"
             return True
         kind, after = next_line(i, skip=("direction", "blank"))   # "NESTOR." / "" / "[Aside]" / "And yet..."
         return (CAPS_SPEAKER_RE.match(line) is not None and line.endswith(".") and kind == "text"
