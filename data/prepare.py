@@ -114,14 +114,11 @@ def read_works(path=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: it ships with the repo (restore it with "
                                 f"`git checkout -- data/shakespeare.tar.xz`); see data/README.md")
-    works = {}
     try:
         with tarfile.open(path, "r:xz") as tar:
-            for member in tar.getmembers():
-                name = os.path.basename(member.name)
-                if member.isfile() and name.endswith("_gut.txt"):
-                    raw = tar.extractfile(member).read()
-                    works[name[:-len("_gut.txt")]] = raw.decode("utf-8", errors="replace")
+            texts = [m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")]
+            works = {os.path.basename(m.name).removesuffix("_gut.txt"):
+                     tar.extractfile(m).read().decode("utf-8", errors="replace") for m in texts}
     except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable .tar.xz archive ({type(e).__name__}: {e})") from None
     if not works:
