@@ -263,17 +263,14 @@ def _chunk_log_softmax(h, weight, temperature):
         return F.log_softmax(logits, dim=-1)                                  # (n, V)
 
 
-def _chunks(N, chunk_size):
-    return [slice(i, i + chunk_size) for i in range(0, N, chunk_size)]
-
-
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, tokens, temperature, chunk_size, with_entropy):  # h (N, d), tokens (N,)
         ctx.save_for_backward(h, weight, tokens)
-        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        ctx.chunks = [slice(i, i + chunk_size) for i in range(0, h.size(0), chunk_size)]  # rows of each chunk
         logp, entropy = torch.zeros(2, h.size(0), device=h.device)  # (N,), (N,); entropy 0 if not asked
-        for c in _chunks(h.size(0), chunk_size):
+        for c in ctx.chunks:
             logp_all = _chunk_log_softmax(h[c], weight, temperature)          # (n, V)
             logp[c] = logp_all.gather(1, tokens[c, None]).squeeze(1)          # (n,) log pi(token)
             if with_entropy:
@@ -287,7 +284,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.zeros(h.shape, device=h.device) if need_h else None     # (N, d) float32
         grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None  # (V, d) float32
-        for c in _chunks(h.size(0), ctx.chunk_size):
+        for c in ctx.chunks:
             logp_all = _chunk_log_softmax(h[c], weight, ctx.temperature)      # (n, V) recomputed
             p = logp_all.exp()                                                # (n, V) pi
             g = grad_logp[c, None]                                            # (n, 1)
@@ -318,9 +315,8 @@ def logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=102
         raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
     if hidden.shape[:-1] != tokens.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and tokens {tuple(tokens.shape)} do not line up")
-    h = hidden.reshape(-1, hidden.size(-1))                                   # (N, d)
-    logp, entropy = _ChunkedLogprobs.apply(h, weight, tokens.reshape(-1), temperature, chunk_size,
-                                           with_entropy)                      # (N,), (N,)
+    logp, entropy = _ChunkedLogprobs.apply(hidden.reshape(-1, hidden.size(-1)), weight, tokens.reshape(-1),
+                                           temperature, chunk_size, with_entropy)  # (N,), (N,) from (N, d)
     logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)       # (...), (...)
     return (logp, entropy) if with_entropy else logp
 
