@@ -55,7 +55,7 @@ def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=F
     P = _prompt_len(seq, resp_len)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
-    h = model.hidden_states(seq, pad)[:, P - 1:-1]                # (B, R, d) of (B, P+R, d): before the tokens
+    h = model.hidden_states(seq, pad)[:, P - 1:-1]               # (B, R, d) of (B, P+R, d): before the tokens
     tokens = seq[:, P:]                                                       # (B, R)
     resp_mask = torch.ones_like(tokens, dtype=torch.bool) if resp_mask is None else resp_mask  # (B, R)
     W = model.lm_head.weight                                                  # (V, d) tied to the embedding
