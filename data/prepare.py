@@ -98,8 +98,7 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 def format_prompt(turns):
     """turns (a str, or alternating human, assistant, ... ending with a human turn) -> the transcript,
     ending in "\\n\\nAssistant:" for the model to reply."""
-    if isinstance(turns, str):
-        turns = [turns]
+    turns = [turns] if isinstance(turns, str) else turns
     said = ((HUMAN if i % 2 == 0 else ASSISTANT) + " " + t.strip() for i, t in enumerate(turns))
     return "".join(said) + ASSISTANT
 
