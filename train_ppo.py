@@ -38,7 +38,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from data.prepare import (EOT, format_prompt, get_tokenizer, load_turns, play_words, real_word_rate,
                           unique_prompts, words)
@@ -125,12 +124,12 @@ class Models:
     optimizer: torch.optim.Optimizer  # Adam over the policy's and the critic's parameters
     gae: Callable                    # ppo.gae, compiled with --compile
     ppo_loss: Callable               # ppo.ppo_loss, compiled with --compile
-    actor_critic: nn.Module     # ActorCritic(policy, critic): what update() runs (DDP-wrapped under torchrun)
+    actor_critic: torch.nn.Module  # ActorCritic(policy, critic): what update() runs (in DDP under torchrun)
     world: World                     # this process's rank among the processes of the run (torchrun)
     started_from: dict = None        # the sha256 of sft.pt and rm.pt (setup()): ppo.pt records them
 
 
-class ActorCritic(nn.Module):
+class ActorCritic(torch.nn.Module):
     """The two models PPO trains ([流程与实践 §4.3] Actor-Critic算法: the policy and its value function) as one
     module, so that one DDP wrapper averages both models' gradients under torchrun."""
 
@@ -258,10 +257,9 @@ def main(argv=None):
 
 
 def print_eval(it, ev):
-    print(f"eval   {it:3d} | held-out: rm {ev['rm_score']:+.3f} (SFT {ev['rm_score_sft']:+.3f}) | gold "
-          f"{ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate vs SFT "
-          f"{ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real {ev['real_word_rate']:.2f}",
-          flush=True)
+    print("eval   {it:3d} | held-out: rm {rm_score:+.3f} (SFT {rm_score_sft:+.3f}) | gold {gold:+.3f} (SFT "
+          "{gold_sft:+.3f}) | KL {kl:.2f} nats | win rate vs SFT {win_rate:.1%} | words {reply_words:.1f}, "
+          "real {real_word_rate:.2f}".format(it=it, **ev), flush=True)
 
 
 def resume(s, m, kl_ctl, path):
@@ -459,13 +457,12 @@ def log_row(it, exp, stats, panel, enc, times):
 
 
 def print_row(row, iters):
-    print(f"iter {row['iter']:3d}/{iters} | rm {row['rm_score']:+.3f} | gold {row['gold']:+.3f} | KL "
-          f"{row['kl']:.2f} nats (k3 {row['kl_k3']:.2f}) | beta {row['beta']:.3f} | len "
-          f"{row['reply_len']:.1f} | ended {row['ended']:.0%} | pg {row['pg_loss']:+.3f} vf "
-          f"{row['vf_loss']:.3f} | clip {row['clipfrac']:.2f} | approx_kl {row['approx_kl']:.3f} | H "
-          f"{row['entropy']:.2f} | EV {row['explained_var']:+.2f} | "
-          f"{row['t_gen'] + row['t_score'] + row['t_update']:.1f}s (gen {row['t_gen']:.1f} / score "
-          f"{row['t_score']:.1f} / update {row['t_update']:.1f})", flush=True)
+    t = row["t_gen"] + row["t_score"] + row["t_update"]
+    print("iter {iter:3d}/{iters} | rm {rm_score:+.3f} | gold {gold:+.3f} | KL {kl:.2f} nats (k3 {kl_k3:.2f})"
+          " | beta {beta:.3f} | len {reply_len:.1f} | ended {ended:.0%} | pg {pg_loss:+.3f} vf {vf_loss:.3f}"
+          " | clip {clipfrac:.2f} | approx_kl {approx_kl:.3f} | H {entropy:.2f} | EV {explained_var:+.2f} | "
+          "{t:.1f}s (gen {t_gen:.1f} / score {t_score:.1f} / update {t_update:.1f})"
+          .format(**row, iters=iters, t=t), flush=True)
 
 
 def save(s, m, kl_ctl, it, history, path):
@@ -535,18 +532,14 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
     rep.update(examples=list(zip(prompts, sft_side["text"], ppo_side["text"])),
                minutes_total=(time.time() - t_start) / 60, minutes_ppo=(time.time() - t_ppo) / 60,
                device=device, iters=s.iters, preset=s.preset, processes=m.world.size)
-    if m.world.main:
-        write_report(rep, os.path.join(s.out_dir, "ppo_report"))
-    print(f"\nfinal report on {len(prompts)} held-out prompts (plays never trained on), replies sampled at "
-          "temperature 1:")
-    print(f"  reward-model score  SFT {rep['rm_score_sft']:+.3f} -> PPO {rep['rm_score']:+.3f}"
-          f"   (shaped reward, beta = 0: SFT {rep['reward_sft']:+.3f} -> PPO {rep['reward']:+.3f})")
-    print(f"  panel gold score    SFT {rep['gold_sft']:+.3f} -> PPO {rep['gold']:+.3f}")
-    print(f"  KL(PPO || SFT)      {rep['kl']:.2f} nats per reply (k3 estimate {rep['kl_k3']:.2f})")
-    print(f"  win rate vs SFT     {rep['win_rate']:.1%} (gold; ties count half)   panel vote "
-          f"{rep['vote_rate']:.1%}")
-    print(f"  reply length        SFT {rep['reply_words_sft']:.1f} -> PPO {rep['reply_words']:.1f} words; "
-          f"real-word rate SFT {rep['real_word_rate_sft']:.3f} -> PPO {rep['real_word_rate']:.3f}")
+    print("\nfinal report on {n} held-out prompts (plays never trained on), replies sampled at temperature 1:"
+          "\n  reward-model score  SFT {rm_score_sft:+.3f} -> PPO {rm_score:+.3f}"
+          "   (shaped reward, beta = 0: SFT {reward_sft:+.3f} -> PPO {reward:+.3f})"
+          "\n  panel gold score    SFT {gold_sft:+.3f} -> PPO {gold:+.3f}"
+          "\n  KL(PPO || SFT)      {kl:.2f} nats per reply (k3 estimate {kl_k3:.2f})"
+          "\n  win rate vs SFT     {win_rate:.1%} (gold; ties count half)   panel vote {vote_rate:.1%}"
+          "\n  reply length        SFT {reply_words_sft:.1f} -> PPO {reply_words:.1f} words;"
+          " real-word rate SFT {real_word_rate_sft:.3f} -> PPO {real_word_rate:.3f}".format(**rep))
     for p, a, c in rep["examples"][:4]:
         print(f"\n  Human: {p}\n    SFT: {a}\n    PPO: {c}")
     runs = {f"{s.out_dir} ({beta_setting(asdict(s))})": history}
@@ -554,27 +547,26 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
         ck = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py", kind="ppo")
         runs[f"{d} ({beta_setting(ck['config'])})"] = ck["history"]
     if m.world.main:
+        write_report(rep, os.path.join(s.out_dir, "ppo_report"))
         plot_overoptimisation(runs, os.path.join(s.out_dir, "overoptimisation.png"))
     return rep
 
 
 def write_report(rep, stem):
     write_text(stem + ".json", json.dumps(rep, indent=1))
-    lines = [f"# PPO vs SFT on {rep['n']} held-out prompts ({rep['device']}, preset {rep['preset']}, "
-             f"{rep['iters']} iterations)", "", "| | SFT | PPO |", "|---|---|---|",
-             f"| reward-model score (normalised) | {rep['rm_score_sft']:+.3f} | {rep['rm_score']:+.3f} |",
-             f"| shaped reward, beta = 0 | {rep['reward_sft']:+.3f} | {rep['reward']:+.3f} |",
-             f"| panel gold score | {rep['gold_sft']:+.3f} | {rep['gold']:+.3f} |",
-             f"| reply length (words) | {rep['reply_words_sft']:.1f} | {rep['reply_words']:.1f} |",
-             f"| real-word rate | {rep['real_word_rate_sft']:.3f} | {rep['real_word_rate']:.3f} |", "",
-             f"KL(PPO || SFT) per reply: {rep['kl']:.2f} nats (k3 estimate {rep['kl_k3']:.2f}).  ",
-             f"Win rate of PPO over SFT (panel gold, ties half): {rep['win_rate']:.1%}; panel vote: "
-             f"{rep['vote_rate']:.1%}.  ",
-             f"Time: {rep['minutes_total']:.1f} min in all, PPO {rep['minutes_ppo']:.1f} min.", "",
-             "## Examples", ""]
+    md = ("# PPO vs SFT on {n} held-out prompts ({device}, preset {preset}, {iters} iterations)\n\n"
+          "| | SFT | PPO |\n|---|---|---|\n"
+          "| reward-model score (normalised) | {rm_score_sft:+.3f} | {rm_score:+.3f} |\n"
+          "| shaped reward, beta = 0 | {reward_sft:+.3f} | {reward:+.3f} |\n"
+          "| panel gold score | {gold_sft:+.3f} | {gold:+.3f} |\n"
+          "| reply length (words) | {reply_words_sft:.1f} | {reply_words:.1f} |\n"
+          "| real-word rate | {real_word_rate_sft:.3f} | {real_word_rate:.3f} |\n\n"
+          "KL(PPO || SFT) per reply: {kl:.2f} nats (k3 estimate {kl_k3:.2f}).  \n"
+          "Win rate of PPO over SFT (panel gold, ties half): {win_rate:.1%}; panel vote: {vote_rate:.1%}.  \n"
+          "Time: {minutes_total:.1f} min in all, PPO {minutes_ppo:.1f} min.\n\n## Examples\n").format(**rep)
     for p, a, c in rep["examples"][:12]:
-        lines += [f"**Human:** {p}  ", f"**SFT:** {a}  ", f"**PPO:** {c}", ""]
-    write_text(stem + ".md", "\n".join(lines))
+        md += f"\n**Human:** {p}  \n**SFT:** {a}  \n**PPO:** {c}\n"
+    write_text(stem + ".md", md)
 
 
 def plot(history, path):
