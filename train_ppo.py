@@ -39,8 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.prepare import (EOT, format_prompt, get_tokenizer, load_turns, play_words, real_word_rate,
-                          unique_prompts, words)
+from data.prepare import EOT, get_tokenizer, load_turns, real_word_rate, unique_prompts, words
 from model import GPT, clip_and_step, with_positions
 from data.plumbing import (World, all_sum, end_world, file_sha256, flag, gather_shards, last_good,
                            load_checkpoint, nested_settings, pyplot, run_script, save_checkpoint, save_figure,
@@ -50,7 +49,7 @@ from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  response_values, whiten)
 from data.panel import GOLD_EPS, TEMPERATURE, Panel
 from reward import RewardModel
-from sample import decode_replies, generate, load_model
+from sample import decode_replies, encode_prompt, generate, load_model
 
 
 @dataclass
@@ -222,11 +221,10 @@ def main(argv=None):
     start_iter, history = resume(s, m, kl_ctl, paths["ppo"]) if s.resume else (0, [])
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    order = random.Random(s.seed).sample(range(len(train_prompts)), len(train_prompts))
+    shuffled = random.Random(s.seed).sample(train_prompts, len(train_prompts))
     for it in range(start_iter, s.iters):
         t0 = time.time()
-        batch_prompts = [train_prompts[order[(it * s.batch_size + j) % len(order)]]
-                         for j in range(s.batch_size)]
+        batch_prompts = [shuffled[(it * s.batch_size + j) % len(shuffled)] for j in range(s.batch_size)]
         roll = rollout(m, m.policy, w.shard(batch_prompts))                    # 1. this process's share
         t1 = time.time()
         exp = score(m, roll, kl_ctl.value)                                     # 2.
@@ -347,13 +345,12 @@ def build_models(s, device, policy, ref, rm, critic, world=World()):
     for module in (policy, ref, rm, critic):
         module.eval()                                          # dropout off everywhere, also while training
         module.requires_grad_(module is policy or module is critic)
+        if s.compile:  # fused kernels: each model's forward (here), GAE and the PPO loss (below)
+            body = module.body if isinstance(module, RewardModel) else module
+            body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": s.lr},
                                   {"params": list(critic.parameters()), "lr": s.critic_lr}],
                                  fused=torch.device(device).type == "cuda")    # one kernel for all parameters
-    if s.compile:  # fused kernels: each model's forward, GAE and the PPO loss
-        for module in (policy, ref, rm, critic):
-            body = module.body if isinstance(module, RewardModel) else module
-            body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     actor_critic = world.wrap(ActorCritic(policy, critic))              # torchrun: DDP averages gradients
     return Models(s, get_tokenizer(), device, autocast, policy, ref, rm, critic, optimizer,
@@ -365,10 +362,9 @@ def build_models(s, device, policy, ref, rm, critic, world=World()):
 @torch.no_grad()
 def rollout(m, model, prompts, generator=None):
     """`model` (the policy, or the SFT reference for comparison) replies to each prompt by pure sampling."""
-    ids = [m.enc.encode_ordinary(format_prompt(p)) for p in prompts]
+    ids = [encode_prompt(m.enc, p) for p in prompts]
     with m.autocast:  # bf16 with --dtype bfloat16; the sampling itself is in float32 (sample.filter_logits)
-        seq, pad, resp_mask = generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator)
-    return Rollout(seq, pad, resp_mask)
+        return Rollout(*generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator))
 
 
 # ---- 2. score: the reward, advantages ----------------------------------------------------------------------
@@ -391,9 +387,8 @@ def score(m, roll, beta, advantages=True):
     """RM score, log-probs under the policy and the reference, values, shaped rewards, then (unless
     advantages=False, as in evaluation) GAE ([实战框架 §4.2.3]), advantages whitened over the whole batch."""
     s, seq, pad, resp_mask = m.s, roll.seq, roll.pad, roll.resp_mask          # (B, P+R), (B,), (B, R)
-    B, R = resp_mask.shape
-    last = seq.size(1) - R + resp_mask.sum(1) - 1                      # (B,) index of each reply's last token
-    ended = seq[torch.arange(B), last] == EOT                                 # (B,) emitted <|endoftext|>
+    R = resp_mask.size(1)
+    ended = (seq[:, -R:] == EOT).logical_and(resp_mask).any(1)               # (B,) emitted <|endoftext|>
     with m.autocast:
         logprobs = response_logprobs(m.policy, seq, pad, R, resp_mask=resp_mask)   # (B, R) log pi_old(a|s)
         ref_logprobs = response_logprobs(m.ref, seq, pad, R, resp_mask=resp_mask)  # (B, R) log pi_ref(a|s)
@@ -416,7 +411,7 @@ def update(m, exp):
     (ppo.ppo_loss), one Adam step each. Returns the mean of each loss statistic, and explained variance."""
     s, roll, w = m.s, exp.roll, m.world
     B = roll.resp_mask.size(0)                                             # this process's share of the batch
-    sums, n = {}, 0
+    rows = []                                                              # each minibatch's statistics
     for epoch in range(s.ppo_epochs):
         for mb in torch.randperm(B).split(s.minibatch_size // w.size):      # mb: (M,) episode indices
             with m.autocast:
@@ -431,11 +426,10 @@ def update(m, exp):
                                          "the KL coefficient")
             loss.backward()
             clip_and_step(m.optimizer, m.actor_critic.parameters(), s.grad_clip)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-    means = all_sum(torch.tensor([v / n for v in sums.values()], dtype=torch.float64, device=m.device))
-    out = dict(zip(sums, (means / w.size).tolist()))                          # the mean over the processes
+            rows.append([float(v) for v in stats.values()])
+    means = [sum(col) / len(rows) for col in zip(*rows)]               # each statistic's mean in this process
+    means = all_sum(torch.tensor(means, dtype=torch.float64, device=m.device))
+    out = dict(zip(stats, (means / w.size).tolist()))                         # the mean over the processes
     out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask, all_sum).item()
     return out
 
@@ -510,7 +504,6 @@ def judge(m, panel, model, prompts, seed):
 def compare(ppo_side, sft_side, panel):
     """The held-out verdict: means of both sides, the PPO replies' KL, the gold win rate (ties half) and the
     vote (P[a random rater prefers the PPO reply])."""
-    vocab = play_words()
     wins = np.where(np.abs(ppo_side["gold"] - sft_side["gold"]) < GOLD_EPS, 0.5,
                     (ppo_side["gold"] > sft_side["gold"]).astype(float))
     votes = [panel.vote(a, c) for a, c in zip(sft_side["text"], ppo_side["text"])]
@@ -519,7 +512,7 @@ def compare(ppo_side, sft_side, panel):
     for suffix, side in (("", ppo_side), ("_sft", sft_side)):
         out.update({f"{k}{suffix}": float(np.mean(side[k])) for k in ("rm_score", "reward", "gold")})
         out[f"reply_words{suffix}"] = float(np.mean([len(words(t)) for t in side["text"]]))
-        out[f"real_word_rate{suffix}"] = real_word_rate(side["text"], vocab)
+        out[f"real_word_rate{suffix}"] = real_word_rate(side["text"])
     return out
 
 
@@ -604,10 +597,9 @@ def plot_overoptimisation(runs, path):
         if not ev:
             continue
         x = [0.0] + [max(h["eval_kl"], 0.0) ** 0.5 for h in ev]
-        ax.plot(x, [ev[0]["eval_rm_score_sft"]] + [h["eval_rm_score"] for h in ev], "o-", c=colour,
-                label=f"{name}: reward model")
-        ax.plot(x, [ev[0]["eval_gold_sft"]] + [h["eval_gold"] for h in ev], "s--", c=colour,
-                label=f"{name}: gold")
+        for key, style, what in (("rm_score", "o-", "reward model"), ("gold", "s--", "gold")):
+            ax.plot(x, [ev[0][f"eval_{key}_sft"]] + [h[f"eval_{key}"] for h in ev], style, c=colour,
+                    label=f"{name}: {what}")
     ax.set(xlabel="sqrt(KL(policy || SFT)), sqrt(nats per reply)", ylabel="held-out score",
            title="Over-optimisation: proxy vs gold against sqrt(KL)")
     ax.grid(alpha=0.3)
