@@ -563,10 +563,9 @@ def write_report(rep, stem):
 
 
 def plot(history, path):
-    plt = pyplot()
     tr = [h for h in history if "rm_score" in h]
     ev = [h for h in history if "eval_rm_score" in h]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = pyplot().subplots(2, 2, figsize=(10, 7))
     panels = [("rm_score", "reward-model score (normalised)"), ("gold", "panel gold score"),
               ("kl", "KL(policy || SFT), nats per reply"), ("vf_loss", "value loss")]
     for ax, (key, title) in zip(axes.flat, panels):
