@@ -162,8 +162,8 @@ class ReplyStream:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.shown = "", ""                                        # decoded so far; written so far
 
-    def show(self, text):
-        visible = text.rstrip("\n").lstrip()                                  # always extends self.shown
+    def show(self):
+        visible = self.text.rstrip("\n").lstrip()                             # always extends self.shown
         self.out.write(printable(visible[len(self.shown):]))
         self.out.flush()
         self.shown = visible
@@ -174,16 +174,15 @@ class ReplyStream:
         t = int(tokens[0])
         if t == EOT:
             return
-        self.text += self.decoder.decode(self.enc.decode_single_token_bytes(t))
-        ended = "\n\n" in self.text
-        self.text = self.text.split("\n\n")[0]
-        self.show(self.text)
-        if ended:
+        new = self.decoder.decode(self.enc.decode_single_token_bytes(t))
+        self.text, *after = (self.text + new).split("\n\n", 1)             # after: what follows a blank line
+        self.show()
+        if after:
             raise _EndOfTurn
 
     def finish(self):
         self.text += self.decoder.decode(b"", final=True)                     # an unfinished character
-        self.show(self.text)
+        self.show()
 
 
 def stream_reply(model, enc, prompt_ids, s, generator, out):
@@ -241,8 +240,8 @@ def parse_order(text, k):
     try:
         order = [int(p) - 1 for p in parts]
     except ValueError:
-        order = None
-    if order is None or sorted(order) != list(range(k)):
+        order = []
+    if sorted(order) != list(range(k)):
         raise ValueError(f"type each of the numbers 1..{k} once, best first (e.g. "
                          f"{' '.join(str(i) for i in range(k, 0, -1))}), not {text.strip()!r}")
     return order
@@ -283,36 +282,37 @@ class Terminal:
         self.say("* " + text, "2")                                            # dim
 
     def read(self, prompt):
-        """One line without its newline, non-UTF-8 bytes replaced by U+FFFD (anything typed can be saved).
-        EOFError at the end of input."""
-        if self.interactive:
-            if self.color:  # \001 \002 tell readline the colour codes take no room on the screen
-                prompt = f"\001\033[1;32m\002{prompt}\001\033[0m\002"
-            line = input(prompt)
-        else:
-            line = sys.stdin.readline()
-            if not line:
-                raise EOFError
-        return line.rstrip("\r\n").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        """One line, stripped, non-UTF-8 bytes replaced by U+FFFD (anything typed can be saved); None at the
+        end of input or on Ctrl-C."""
+        try:
+            if not self.interactive:
+                line = sys.stdin.readline()
+                if not line:
+                    raise EOFError
+            elif self.color:  # \001 \002 tell readline the colour codes take no room on the screen
+                line = input(f"\001\033[1;32m\002{prompt}\001\033[0m\002")
+            else:
+                line = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            if self.interactive:
+                print(file=self.out)
+            return None
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
 
     def ask(self, prompt, parse):
-        """parse(answer), or None if cancelled: an empty line, or a bad answer in scripted mode (a terminal
-        asks again)."""
+        """parse(answer), or None if cancelled (and said so): an empty line, or a bad answer in scripted mode
+        (a terminal asks again)."""
         while True:
-            try:
-                line = self.read(prompt)
-            except (EOFError, KeyboardInterrupt):
-                if self.interactive:
-                    print(file=self.out)
-                return None
-            if not line.strip():
-                return None
+            line = self.read(prompt)
+            if not line:                                                      # None, or an empty line
+                break
             try:
                 return parse(line)
             except ValueError as e:
                 self.info(str(e))
                 if not self.interactive:
-                    return None
+                    break
+        self.info("cancelled: nothing saved, the transcript is unchanged")
 
 
 # The chat: the conversation, the settings, and the loop
@@ -336,16 +336,11 @@ class Chat:
                       "no reward model (out/rm.pt, made by train_rm.py): /compare and /rank show no scores")
             term.info("/help lists the commands; Ctrl-D or /exit to leave")
         while True:
-            try:
-                line = term.read("You: ").strip()
-            except (EOFError, KeyboardInterrupt):
-                if term.interactive:
-                    print(file=term.out)
+            line = term.read("You: ")
+            if line is None:
                 break
-            if not line:
-                continue
             try:
-                if not self.handle(line):
+                if line and not self.handle(line):
                     break
             except KeyboardInterrupt:  # Ctrl-C while sampling /compare or /rank replies
                 print(file=term.out)
@@ -361,27 +356,21 @@ class Chat:
             return True
         cmd, *args = line.split()
         cmd = cmd.lower()
-        usage = {"/compare": "/compare takes no arguments",
-                 "/rank": f"/rank needs the number of replies K, from 2 to {MAX_RANK}, e.g. /rank 3",
-                 "/rate": f"/rate needs a whole number from {SCALE[0]} to {SCALE[1]}, e.g. /rate 4",
-                 "/fix": "/fix takes no arguments: type the corrected reply on the next line"}
         if cmd in ("/exit", "/quit"):
             return False
-        if cmd == "/help":
+        if cmd in FEEDBACK:
+            allowed, missing, usage, run = FEEDBACK[cmd]
+            if " ".join(args) not in allowed:
+                self.term.info(f"{usage} (got {line!r}); nothing changed")
+            elif not self.turns:
+                self.term.info(f"there is {missing} yet: say something first; nothing changed")
+            else:
+                run(self, *map(int, args))
+        elif cmd == "/help":
             self.term.say(HELP)
         elif cmd == "/reset":
             self.turns, self.reply_info = [], {}
             self.term.info("the conversation is forgotten; say something new")
-        elif cmd == "/compare" and not args:
-            offer(self, 2, ranking=False)
-        elif cmd == "/rank" and len(args) == 1 and args[0] in [str(k) for k in range(2, MAX_RANK + 1)]:
-            offer(self, int(args[0]), ranking=True)
-        elif cmd == "/rate" and len(args) == 1 and args[0] in [str(n) for n in range(SCALE[0], SCALE[1] + 1)]:
-            rate(self, int(args[0]))
-        elif cmd == "/fix" and not args:
-            fix(self)
-        elif cmd in usage:
-            self.term.info(f"{usage[cmd]} (got {line!r}); nothing changed")
         elif knob_named(cmd):
             self.set(knob_named(cmd), args)
         else:
@@ -444,9 +433,9 @@ class Chat:
     def settings(self):
         return {k: getattr(self.s, k) for k in KNOBS}
 
-    def save(self, record, extra):
+    def save(self, record, extra, said):
         """Append a record, with where it came from (under "meta" for train_rm.py), to the feedback file
-        (write_feedback checks the schema, mends a cut-short last line, fsyncs)."""
+        (write_feedback checks the schema, mends a cut-short last line, fsyncs): "saved a {kind}{said}"."""
         record = {**record, "checkpoint": self.ckpt_path, **extra,
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": "chat.py"}
         try:
@@ -454,11 +443,11 @@ class Chat:
         except (ValueError, OSError) as e:
             self.term.info(f"NOT saved ({e}); your feedback is this line, to keep by hand: "
                            f"{json.dumps(record)}")
-            return False
+            return
         if healed:
             self.term.info(healed)
         self.saved += 1
-        return True
+        self.term.info(f"saved a {record['kind']}{said}")
 
 
 # The feedback commands ([流程与实践 §3.2]): comparison, ranking, rating, correction
@@ -467,9 +456,6 @@ def offer(chat, k, ranking):
     """/compare (k = 2) and /rank k: k fresh replies to the last human message; the human orders them and
     the best becomes the reply in the transcript."""
     what, term = "rank" if ranking else "compare", chat.term
-    if not chat.turns:
-        term.info(f"there is nothing to {what} yet: say something first; nothing changed")
-        return
     if chat.s.temperature == 0:
         term.info(f"with /temp 0 (greedy) every reply is the same: set /temp above 0 to {what}; nothing "
                   "changed")
@@ -491,13 +477,9 @@ def offer(chat, k, ranking):
     else:
         answer = term.ask("Which is better? 1, 2 or tie: ", parse_choice)
     scores = rm_scores(chat.rm, chat.enc, turns, cands)     # after the human's answer, so it cannot sway it
-    order, tie = None, answer == "tie"
-    if answer is None:
-        term.info("cancelled: nothing saved, the transcript is unchanged")
-    else:
-        order = save_order(chat, turns, cands, answer, ranking, scores)
+    order = None if answer is None else save_order(chat, turns, cands, answer, ranking, scores)
     if scores is not None:
-        term.info(rm_verdict(scores, order, tie))
+        term.info(rm_verdict(scores, order, tie=answer == "tie"))
 
 
 def save_order(chat, turns, cands, answer, ranking, scores):
@@ -517,9 +499,7 @@ def save_order(chat, turns, cands, answer, ranking, scores):
     extra = chat.settings()
     if scores is not None:
         extra.update(rm=chat.rm_path, rm_scores=[round(scores[i], 4) for i in order])  # in the record's order
-    if chat.save(record, extra):
-        chat.term.info(f"saved a {record['kind']}: {said}; the conversation goes on from reply "
-                       f"{order[0] + 1}")
+    chat.save(record, extra, f": {said}; the conversation goes on from reply {order[0] + 1}")
     chat.turns, chat.reply_info = turns + [cands[order[0]]], {**chat.settings(), "interrupted": False}
     return order
 
@@ -528,9 +508,8 @@ def distinct_replies(chat, prompt_ids, k):
     """Up to k distinct replies (a ranking cannot repeat one), k at a time, at most REDRAWS + 1 times."""
     cands = []
     for _ in range(REDRAWS + 1):
-        for r in sample_replies(chat.model, chat.enc, [prompt_ids] * k, chat.s, chat.generator):
-            if r not in cands and len(cands) < k:
-                cands.append(r)
+        drawn = sample_replies(chat.model, chat.enc, [prompt_ids] * k, chat.s, chat.generator)
+        cands = list(dict.fromkeys(cands + drawn))[:k]                       # the first of each, in order
         if len(cands) == k:
             break
     return cands
@@ -538,34 +517,38 @@ def distinct_replies(chat, prompt_ids, k):
 
 def rate(chat, rating):
     """/rate N: a rating of the last reply on SCALE."""
-    if not chat.turns:
-        chat.term.info("there is no reply to rate yet: say something first; nothing changed")
-        return
     record = {"kind": "rating", "prompt": format_prompt(chat.turns[:-1]), "reply": chat.turns[-1],
               "rating": rating, "scale": list(SCALE)}
-    if chat.save(record, chat.reply_info):
-        chat.term.info(f"saved a rating: {rating} of {SCALE[0]}..{SCALE[1]}")
+    chat.save(record, chat.reply_info, f": {rating} of {SCALE[0]}..{SCALE[1]}")
 
 
 def fix(chat):
     """/fix: the human writes the reply the Bard should have given; it replaces the last reply."""
-    if not chat.turns:
-        chat.term.info("there is no reply to correct yet: say something first; nothing changed")
-        return
     reply = chat.turns[-1]
     corrected = chat.term.ask("Corrected reply: ", lambda t: t.strip())
     if corrected is None:
-        chat.term.info("cancelled: nothing saved, the transcript is unchanged")
         return
     if corrected == reply:
         chat.term.info("that is the reply as it was: nothing to save")
         return
     record = {"kind": "correction", "prompt": format_prompt(chat.turns[:-1]), "reply": reply,
               "corrected": corrected}
-    if chat.save(record, chat.reply_info):
-        chat.term.info("saved a correction; the conversation goes on from your reply")
+    chat.save(record, chat.reply_info, "; the conversation goes on from your reply")
     chat.turns = chat.turns[:-1] + [corrected]
     chat.reply_info = {**chat.reply_info, "edited_by_human": True}
+
+
+# Each feedback command: the arguments it takes (joined by spaces); what is missing before the Bard's first
+# reply ("there is ... yet"); its usage; and what it does, given the arguments as numbers
+FEEDBACK = {"/compare": ([""], "nothing to compare", "/compare takes no arguments",
+                         lambda chat: offer(chat, 2, ranking=False)),
+            "/rank": ([str(k) for k in range(2, MAX_RANK + 1)], "nothing to rank",
+                      f"/rank needs the number of replies K, from 2 to {MAX_RANK}, e.g. /rank 3",
+                      lambda chat, k: offer(chat, k, ranking=True)),
+            "/rate": ([str(n) for n in range(SCALE[0], SCALE[1] + 1)], "no reply to rate",
+                      f"/rate needs a whole number from {SCALE[0]} to {SCALE[1]}, e.g. /rate 4", rate),
+            "/fix": ([""], "no reply to correct",
+                     "/fix takes no arguments: type the corrected reply on the next line", fix)}
 
 
 def load_reward_model(path, device):

@@ -118,10 +118,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None, cache=None):
         B, T, C = x.shape                                                     # (B, T, d)
         hs = C // self.n_head
-        q, k, v = self.qkv(x).split(C, dim=2)                                 # 3 x (B, T, d)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)                     # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)                     # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)                     # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2)              # 3 x (B, nh, T, hs), from
+                   for t in self.qkv(x).split(C, dim=2))                      # 3 x (B, T, d)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                             # (B, nh, T_k, hs), T_k >= T
         p = self.dropout if self.training else 0.0
@@ -241,9 +239,8 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, pad, cache)                               # (B, T, d)
         if targets is None:
             return self.lm_head(h)                                            # (B, T, V)
-        if loss_mask is None:
-            loss_mask = torch.ones_like(targets, dtype=torch.bool)
-        loss_mask = loss_mask.bool()  # a 0/1 integer mask (the uint8 *_mask.bin data) would index, not select
+        # .bool(): a 0/1 integer mask (the uint8 *_mask.bin data) would index, not select
+        loss_mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
         logits = self.lm_head(h[loss_mask])                                   # (N, V) N = trained tokens
         return F.cross_entropy(logits.float(), targets[loss_mask])            # scalar
 
@@ -260,9 +257,8 @@ def param_groups(module, weight_decay):
     """AdamW groups: decay matrices; no decay on gains, biases (1-D) or the (tied) token embedding."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():                                 # a tied weight comes once
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "wte" not in name else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "wte" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -279,18 +275,15 @@ def clip_and_step(optimizer, parameters, grad_clip):
 def config_from_dict(d):
     """A GPTConfig from a checkpoint's model_args, every field checked (a whole number >= 1, dropout in
     [0, 1), bias a bool; n_embd even and a multiple of n_head): ValueError says which not."""
-    known = {f.name: f.type for f in fields(GPTConfig)}
+    valid = {bool: lambda v: isinstance(v, bool),
+             float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+             int: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1}
+    known = {f.name: valid[f.type] for f in fields(GPTConfig)}
     unknown = set(d) - set(known)
     if unknown:
         raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
     for k, v in d.items():
-        if known[k] is bool:
-            ok = isinstance(v, bool)
-        elif known[k] is float:                                               # dropout
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
-        else:
-            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
-        if not ok:
+        if not known[k](v):
             raise ValueError(f"model_args {k} = {v!r} is not a valid value")
     cfg = GPTConfig(**d)
     if cfg.n_embd % cfg.n_head or cfg.n_embd % 2:

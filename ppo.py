@@ -55,18 +55,15 @@ def response_logprobs(model, seq, pad, resp_len, temperature=1.0, with_entropy=F
     P = _prompt_len(seq, resp_len)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
-    hidden = model.hidden_states(seq, pad)                                    # (B, P+R, d)
-    h = hidden[:, P - 1:-1]                                               # (B, R, d) states before the tokens
+    h = model.hidden_states(seq, pad)[:, P - 1:-1]               # (B, R, d) of (B, P+R, d): before the tokens
     tokens = seq[:, P:]                                                       # (B, R)
+    resp_mask = torch.ones_like(tokens, dtype=torch.bool) if resp_mask is None else resp_mask  # (B, R)
     W = model.lm_head.weight                                                  # (V, d) tied to the embedding
-    n_rows = int(resp_mask.sum()) if resp_mask is not None else tokens.numel()
-    if chunk_size is None and n_rows * W.size(0) * 4 > CHUNKED_ABOVE:         # bytes of (N, V) float32 logits
+    if chunk_size is None and int(resp_mask.sum()) * W.size(0) * 4 > CHUNKED_ABOVE:  # bytes of (N, V) logits
         chunk_size = 1024
-    logprobs = (functools.partial(logprobs_plain, with_entropy=with_entropy) if chunk_size is None else
-                functools.partial(logprobs_from_hidden, chunk_size=chunk_size, with_entropy=with_entropy))
-    if resp_mask is None:
-        return logprobs(h, W, tokens, temperature)                            # (B, R) [, (B, R)]
-    out = logprobs(h[resp_mask], W, tokens[resp_mask], temperature)           # (N_valid,) [, (N_valid,)]
+    logprobs = logprobs_plain if chunk_size is None else functools.partial(logprobs_from_hidden,
+                                                                           chunk_size=chunk_size)
+    out = logprobs(h[resp_mask], W, tokens[resp_mask], temperature, with_entropy=with_entropy)  # (N_valid,)
     out = out if with_entropy else (out,)
     full = [x.new_zeros(tokens.shape).masked_scatter_(resp_mask, x) for x in out]   # (B, R) 0 after EOT
     return tuple(full) if with_entropy else full[0]
@@ -218,24 +215,18 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, re
     pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, R)
     pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), m)    # () -L^CLIP, [实战框架 §4.2.2]
 
-    values = torch.where(m, values, 0.0)                                      # (B, R)
-    old_values, returns = torch.where(m, old_values, 0.0), torch.where(m, returns, 0.0)  # (B, R)
+    values, old_values, returns = (torch.where(m, x, 0.0) for x in (values, old_values, returns))  # (B, R)
     vf_losses = (values - returns) ** 2                                       # (B, R)
-    if vf_clip is None:
-        vf_loss = 0.5 * masked_mean(vf_losses, m)                             # ()
-        value_clipfrac = torch.zeros((), device=values.device)
-    else:
+    value_clipfrac = torch.zeros((), device=values.device)
+    if vf_clip is not None:
         values_clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)  # (B, R)
-        vf_losses_clipped = (values_clipped - returns) ** 2                   # (B, R)
-        vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), m)  # () L^V
+        vf_losses = torch.max(vf_losses, (values_clipped - returns) ** 2)     # (B, R)
         value_clipfrac = masked_mean(((values - old_values).abs() > vf_clip).float(), m)
+    vf_loss = 0.5 * masked_mean(vf_losses, m)                                 # () L^V
 
-    if entropy is None:
-        if ent_coef != 0.0:
-            raise ValueError("ent_coef != 0 needs the entropy (response_logprobs(..., with_entropy=True))")
-        entropy_mean = torch.zeros((), device=logprobs.device)
-    else:
-        entropy_mean = masked_mean(entropy, m)                                # ()
+    if entropy is None and ent_coef != 0.0:
+        raise ValueError("ent_coef != 0 needs the entropy (response_logprobs(..., with_entropy=True))")
+    entropy_mean = torch.zeros((), device=logprobs.device) if entropy is None else masked_mean(entropy, m)
     loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy_mean              # ()
 
     with torch.no_grad():
@@ -271,18 +262,14 @@ def _chunk_log_softmax(h, weight, temperature):
         return F.log_softmax(logits, dim=-1)                                  # (n, V)
 
 
-def _chunks(N, chunk_size):
-    return [slice(i, i + chunk_size) for i in range(0, N, chunk_size)]
-
-
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, tokens, temperature, chunk_size, with_entropy):  # h (N, d), tokens (N,)
         ctx.save_for_backward(h, weight, tokens)
-        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
-        logp = torch.zeros(h.size(0), device=h.device)                        # (N,) float32
-        entropy = torch.zeros(h.size(0), device=h.device)                     # (N,) float32 (0 if not asked)
-        for c in _chunks(h.size(0), chunk_size):
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        ctx.chunks = [slice(i, i + chunk_size) for i in range(0, h.size(0), chunk_size)]  # rows of each chunk
+        logp, entropy = torch.zeros(2, h.size(0), device=h.device)  # (N,), (N,); entropy 0 if not asked
+        for c in ctx.chunks:
             logp_all = _chunk_log_softmax(h[c], weight, temperature)          # (n, V)
             logp[c] = logp_all.gather(1, tokens[c, None]).squeeze(1)          # (n,) log pi(token)
             if with_entropy:
@@ -296,7 +283,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.zeros(h.shape, device=h.device) if need_h else None     # (N, d) float32
         grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None  # (V, d) float32
-        for c in _chunks(h.size(0), ctx.chunk_size):
+        for c in ctx.chunks:
             logp_all = _chunk_log_softmax(h[c], weight, ctx.temperature)      # (n, V) recomputed
             p = logp_all.exp()                                                # (n, V) pi
             g = grad_logp[c, None]                                            # (n, 1)
@@ -327,9 +314,8 @@ def logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=102
         raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
     if hidden.shape[:-1] != tokens.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and tokens {tuple(tokens.shape)} do not line up")
-    h = hidden.reshape(-1, hidden.size(-1))                                   # (N, d)
-    logp, entropy = _ChunkedLogprobs.apply(h, weight, tokens.reshape(-1), temperature, chunk_size,
-                                           with_entropy)                      # (N,), (N,)
+    logp, entropy = _ChunkedLogprobs.apply(hidden.reshape(-1, hidden.size(-1)), weight, tokens.reshape(-1),
+                                           temperature, chunk_size, with_entropy)  # (N,), (N,) from (N, d)
     logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)       # (...), (...)
     return (logp, entropy) if with_entropy else logp
 

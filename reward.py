@@ -53,14 +53,12 @@ class RewardModel(nn.Module):
         self.reward_mean, self.reward_std = 0.0, 1.0
 
     def values(self, idx, pad=None):
-        """The head at every position, (B, T): the PPO critic's V(s_t)."""
-        return self.scalar_head(self.body.hidden_states(idx, pad))            # (B, T, d) -> (B, T)
-
-    def scalar_head(self, h):
-        """(..., d) -> (...,) in float32, also under bf16 autocast: bf16 keeps 8 bits (1.15 and 1.16 round
-        alike), and score differences are what the ranking losses and PPO's advantages are made of."""
+        """The head at every position, (B, T): the PPO critic's V(s_t). In float32, also under bf16 autocast:
+        bf16 keeps 8 bits (1.15 and 1.16 round alike), and score differences are what the ranking losses and
+        PPO's advantages are made of."""
+        h = self.body.hidden_states(idx, pad)                                 # (B, T, d)
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(h.float()).squeeze(-1)                           # (...,)
+            return self.head(h.float()).squeeze(-1)                           # (B, T)
 
     def forward(self, idx, reply_mask, pad=None):
         """Raw scores (B,): the head's mean (or sum) over the reply (reply_mask (B, T), True on it)."""

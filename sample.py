@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from model import gpt_from_checkpoint
 from data.prepare import EOT, format_prompt, get_tokenizer
@@ -118,8 +119,7 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_logits, order = logits.sort(dim=-1, descending=True)           # (B, V), (B, V)
         probs = F.softmax(sorted_logits, dim=-1)                              # (B, V) most probable first
         before = probs.cumsum(dim=-1) - probs                               # (B, V) mass of the tokens before
-        drop_sorted = before >= top_p                                         # (B, V) set already reached p
-        drop_sorted[:, 0] = False                                             # always keep the top token
+        drop_sorted = before >= top_p          # (B, V) set already reached p; top token (before = 0) stays
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V) back in vocab order
         logits = logits.masked_fill(drop, float("-inf"))                      # (B, V)
     return logits
@@ -157,15 +157,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     was_training = model.training
     model.eval()                                                              # no dropout while sampling
     cache = model.new_cache(B, P + max_new_tokens)
-
-    def next_logits(new_ids):  # only the last position goes through lm_head: the prefill builds no (B, P, V)
-        return model.lm_head(model.hidden_states(new_ids, pad, cache)[:, -1, :])  # (B, V), cache.pos advances
-
+    new_ids = idx                                           # (B, P) first the prefill: the whole prompt
+    done = torch.zeros(B, dtype=torch.bool, device=device)                    # (B,) row has emitted EOT
+    tokens, masks = [], []
     try:
-        logits = next_logits(idx)                                           # (B, V) prefill: the whole prompt
-        done = torch.zeros(B, dtype=torch.bool, device=device)                # (B,) row has emitted EOT
-        tokens, masks = [], []
         for step in range(max_new_tokens):
+            h = model.hidden_states(new_ids, pad, cache)                      # (B, T, d), cache.pos += T
+            logits = model.lm_head(h[:, -1, :])               # (B, V) the last position only: no (B, P, V)
             if greedy:
                 nxt = logits.argmax(dim=-1)                                   # (B,)
             else:
@@ -177,9 +175,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
             done = done | (nxt == EOT)
             if on_token is not None:
                 on_token(step, nxt)
-            if done.all() or step == max_new_tokens - 1:
+            if done.all():
                 break
-            logits = next_logits(nxt[:, None])                                # (B, V) one new position
+            new_ids = nxt[:, None]                                            # (B, 1) one new position
     finally:
         model.train(was_training)                                             # as the caller had it
     seq = torch.cat([idx, torch.stack(tokens, dim=1)], dim=1)                 # (B, P + R)
@@ -194,13 +192,11 @@ def left_padded(prompts, room, vocab_size, device):
         warnings.warn(f"prompt longer than {room} tokens (block_size - max_new_tokens): truncated from the "
                       "left, its first tokens are dropped", stacklevel=3)
         prompts = [p[-room:] for p in prompts]
-    B, P = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, P), EOT, dtype=torch.long)                           # (B, P) left padding with EOT
-    for i, p in enumerate(prompts):
-        idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    idx = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True,
+                       padding_value=EOT, padding_side="left")                # (B, P) left padding with EOT
     if idx.min() < 0 or idx.max() >= vocab_size:
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-    pad = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)  # (B,)
+    pad = torch.tensor([idx.size(1) - len(p) for p in prompts], dtype=torch.long, device=device)  # (B,)
     return idx.to(device), pad
 
 

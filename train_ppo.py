@@ -38,10 +38,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from data.prepare import (EOT, format_prompt, get_tokenizer, load_turns, play_words, real_word_rate,
-                          unique_prompts, words)
+from data.prepare import EOT, get_tokenizer, load_turns, real_word_rate, unique_prompts, words
 from model import GPT, clip_and_step, with_positions
 from data.plumbing import (World, all_sum, end_world, file_sha256, flag, gather_shards, last_good,
                            load_checkpoint, nested_settings, pyplot, run_script, save_checkpoint, save_figure,
@@ -51,7 +49,7 @@ from ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                  response_values, whiten)
 from data.panel import GOLD_EPS, TEMPERATURE, Panel
 from reward import RewardModel
-from sample import decode_replies, generate, load_model
+from sample import decode_replies, encode_prompt, generate, load_model
 
 
 @dataclass
@@ -125,12 +123,12 @@ class Models:
     optimizer: torch.optim.Optimizer  # Adam over the policy's and the critic's parameters
     gae: Callable                    # ppo.gae, compiled with --compile
     ppo_loss: Callable               # ppo.ppo_loss, compiled with --compile
-    actor_critic: nn.Module     # ActorCritic(policy, critic): what update() runs (DDP-wrapped under torchrun)
+    actor_critic: torch.nn.Module  # ActorCritic(policy, critic): what update() runs (in DDP under torchrun)
     world: World                     # this process's rank among the processes of the run (torchrun)
     started_from: dict = None        # the sha256 of sft.pt and rm.pt (setup()): ppo.pt records them
 
 
-class ActorCritic(nn.Module):
+class ActorCritic(torch.nn.Module):
     """The two models PPO trains ([流程与实践 §4.3] Actor-Critic算法: the policy and its value function) as one
     module, so that one DDP wrapper averages both models' gradients under torchrun."""
 
@@ -223,11 +221,10 @@ def main(argv=None):
     start_iter, history = resume(s, m, kl_ctl, paths["ppo"]) if s.resume else (0, [])
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    order = random.Random(s.seed).sample(range(len(train_prompts)), len(train_prompts))
+    shuffled = random.Random(s.seed).sample(train_prompts, len(train_prompts))
     for it in range(start_iter, s.iters):
         t0 = time.time()
-        batch_prompts = [train_prompts[order[(it * s.batch_size + j) % len(order)]]
-                         for j in range(s.batch_size)]
+        batch_prompts = [shuffled[(it * s.batch_size + j) % len(shuffled)] for j in range(s.batch_size)]
         roll = rollout(m, m.policy, w.shard(batch_prompts))                    # 1. this process's share
         t1 = time.time()
         exp = score(m, roll, kl_ctl.value)                                     # 2.
@@ -258,10 +255,9 @@ def main(argv=None):
 
 
 def print_eval(it, ev):
-    print(f"eval   {it:3d} | held-out: rm {ev['rm_score']:+.3f} (SFT {ev['rm_score_sft']:+.3f}) | gold "
-          f"{ev['gold']:+.3f} (SFT {ev['gold_sft']:+.3f}) | KL {ev['kl']:.2f} nats | win rate vs SFT "
-          f"{ev['win_rate']:.1%} | words {ev['reply_words']:.1f}, real {ev['real_word_rate']:.2f}",
-          flush=True)
+    print("eval   {it:3d} | held-out: rm {rm_score:+.3f} (SFT {rm_score_sft:+.3f}) | gold {gold:+.3f} (SFT "
+          "{gold_sft:+.3f}) | KL {kl:.2f} nats | win rate vs SFT {win_rate:.1%} | words {reply_words:.1f}, "
+          "real {real_word_rate:.2f}".format(it=it, **ev), flush=True)
 
 
 def resume(s, m, kl_ctl, path):
@@ -349,13 +345,12 @@ def build_models(s, device, policy, ref, rm, critic, world=World()):
     for module in (policy, ref, rm, critic):
         module.eval()                                          # dropout off everywhere, also while training
         module.requires_grad_(module is policy or module is critic)
+        if s.compile:  # fused kernels: each model's forward (here), GAE and the PPO loss (below)
+            body = module.body if isinstance(module, RewardModel) else module
+            body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": s.lr},
                                   {"params": list(critic.parameters()), "lr": s.critic_lr}],
                                  fused=torch.device(device).type == "cuda")    # one kernel for all parameters
-    if s.compile:  # fused kernels: each model's forward, GAE and the PPO loss
-        for module in (policy, ref, rm, critic):
-            body = module.body if isinstance(module, RewardModel) else module
-            body.hidden_states = torch.compile(body.hidden_states, dynamic=True)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
     actor_critic = world.wrap(ActorCritic(policy, critic))              # torchrun: DDP averages gradients
     return Models(s, get_tokenizer(), device, autocast, policy, ref, rm, critic, optimizer,
@@ -367,10 +362,9 @@ def build_models(s, device, policy, ref, rm, critic, world=World()):
 @torch.no_grad()
 def rollout(m, model, prompts, generator=None):
     """`model` (the policy, or the SFT reference for comparison) replies to each prompt by pure sampling."""
-    ids = [m.enc.encode_ordinary(format_prompt(p)) for p in prompts]
+    ids = [encode_prompt(m.enc, p) for p in prompts]
     with m.autocast:  # bf16 with --dtype bfloat16; the sampling itself is in float32 (sample.filter_logits)
-        seq, pad, resp_mask = generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator)
-    return Rollout(seq, pad, resp_mask)
+        return Rollout(*generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator))
 
 
 # ---- 2. score: the reward, advantages ----------------------------------------------------------------------
@@ -393,9 +387,8 @@ def score(m, roll, beta, advantages=True):
     """RM score, log-probs under the policy and the reference, values, shaped rewards, then (unless
     advantages=False, as in evaluation) GAE ([实战框架 §4.2.3]), advantages whitened over the whole batch."""
     s, seq, pad, resp_mask = m.s, roll.seq, roll.pad, roll.resp_mask          # (B, P+R), (B,), (B, R)
-    B, R = resp_mask.shape
-    last = seq.size(1) - R + resp_mask.sum(1) - 1                      # (B,) index of each reply's last token
-    ended = seq[torch.arange(B), last] == EOT                                 # (B,) emitted <|endoftext|>
+    R = resp_mask.size(1)
+    ended = (seq[:, -R:] == EOT).logical_and(resp_mask).any(1)               # (B,) emitted <|endoftext|>
     with m.autocast:
         logprobs = response_logprobs(m.policy, seq, pad, R, resp_mask=resp_mask)   # (B, R) log pi_old(a|s)
         ref_logprobs = response_logprobs(m.ref, seq, pad, R, resp_mask=resp_mask)  # (B, R) log pi_ref(a|s)
@@ -418,7 +411,7 @@ def update(m, exp):
     (ppo.ppo_loss), one Adam step each. Returns the mean of each loss statistic, and explained variance."""
     s, roll, w = m.s, exp.roll, m.world
     B = roll.resp_mask.size(0)                                             # this process's share of the batch
-    sums, n = {}, 0
+    rows = []                                                              # each minibatch's statistics
     for epoch in range(s.ppo_epochs):
         for mb in torch.randperm(B).split(s.minibatch_size // w.size):      # mb: (M,) episode indices
             with m.autocast:
@@ -433,11 +426,10 @@ def update(m, exp):
                                          "the KL coefficient")
             loss.backward()
             clip_and_step(m.optimizer, m.actor_critic.parameters(), s.grad_clip)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-    means = all_sum(torch.tensor([v / n for v in sums.values()], dtype=torch.float64, device=m.device))
-    out = dict(zip(sums, (means / w.size).tolist()))                          # the mean over the processes
+            rows.append([float(v) for v in stats.values()])
+    means = [sum(col) / len(rows) for col in zip(*rows)]               # each statistic's mean in this process
+    means = all_sum(torch.tensor(means, dtype=torch.float64, device=m.device))
+    out = dict(zip(stats, (means / w.size).tolist()))                         # the mean over the processes
     out["explained_var"] = explained_variance(exp.values, exp.returns, roll.resp_mask, all_sum).item()
     return out
 
@@ -459,13 +451,12 @@ def log_row(it, exp, stats, panel, enc, times):
 
 
 def print_row(row, iters):
-    print(f"iter {row['iter']:3d}/{iters} | rm {row['rm_score']:+.3f} | gold {row['gold']:+.3f} | KL "
-          f"{row['kl']:.2f} nats (k3 {row['kl_k3']:.2f}) | beta {row['beta']:.3f} | len "
-          f"{row['reply_len']:.1f} | ended {row['ended']:.0%} | pg {row['pg_loss']:+.3f} vf "
-          f"{row['vf_loss']:.3f} | clip {row['clipfrac']:.2f} | approx_kl {row['approx_kl']:.3f} | H "
-          f"{row['entropy']:.2f} | EV {row['explained_var']:+.2f} | "
-          f"{row['t_gen'] + row['t_score'] + row['t_update']:.1f}s (gen {row['t_gen']:.1f} / score "
-          f"{row['t_score']:.1f} / update {row['t_update']:.1f})", flush=True)
+    t = row["t_gen"] + row["t_score"] + row["t_update"]
+    print("iter {iter:3d}/{iters} | rm {rm_score:+.3f} | gold {gold:+.3f} | KL {kl:.2f} nats (k3 {kl_k3:.2f})"
+          " | beta {beta:.3f} | len {reply_len:.1f} | ended {ended:.0%} | pg {pg_loss:+.3f} vf {vf_loss:.3f}"
+          " | clip {clipfrac:.2f} | approx_kl {approx_kl:.3f} | H {entropy:.2f} | EV {explained_var:+.2f} | "
+          "{t:.1f}s (gen {t_gen:.1f} / score {t_score:.1f} / update {t_update:.1f})"
+          .format(**row, iters=iters, t=t), flush=True)
 
 
 def save(s, m, kl_ctl, it, history, path):
@@ -513,7 +504,6 @@ def judge(m, panel, model, prompts, seed):
 def compare(ppo_side, sft_side, panel):
     """The held-out verdict: means of both sides, the PPO replies' KL, the gold win rate (ties half) and the
     vote (P[a random rater prefers the PPO reply])."""
-    vocab = play_words()
     wins = np.where(np.abs(ppo_side["gold"] - sft_side["gold"]) < GOLD_EPS, 0.5,
                     (ppo_side["gold"] > sft_side["gold"]).astype(float))
     votes = [panel.vote(a, c) for a, c in zip(sft_side["text"], ppo_side["text"])]
@@ -522,7 +512,7 @@ def compare(ppo_side, sft_side, panel):
     for suffix, side in (("", ppo_side), ("_sft", sft_side)):
         out.update({f"{k}{suffix}": float(np.mean(side[k])) for k in ("rm_score", "reward", "gold")})
         out[f"reply_words{suffix}"] = float(np.mean([len(words(t)) for t in side["text"]]))
-        out[f"real_word_rate{suffix}"] = real_word_rate(side["text"], vocab)
+        out[f"real_word_rate{suffix}"] = real_word_rate(side["text"])
     return out
 
 
@@ -535,18 +525,14 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
     rep.update(examples=list(zip(prompts, sft_side["text"], ppo_side["text"])),
                minutes_total=(time.time() - t_start) / 60, minutes_ppo=(time.time() - t_ppo) / 60,
                device=device, iters=s.iters, preset=s.preset, processes=m.world.size)
-    if m.world.main:
-        write_report(rep, os.path.join(s.out_dir, "ppo_report"))
-    print(f"\nfinal report on {len(prompts)} held-out prompts (plays never trained on), replies sampled at "
-          "temperature 1:")
-    print(f"  reward-model score  SFT {rep['rm_score_sft']:+.3f} -> PPO {rep['rm_score']:+.3f}"
-          f"   (shaped reward, beta = 0: SFT {rep['reward_sft']:+.3f} -> PPO {rep['reward']:+.3f})")
-    print(f"  panel gold score    SFT {rep['gold_sft']:+.3f} -> PPO {rep['gold']:+.3f}")
-    print(f"  KL(PPO || SFT)      {rep['kl']:.2f} nats per reply (k3 estimate {rep['kl_k3']:.2f})")
-    print(f"  win rate vs SFT     {rep['win_rate']:.1%} (gold; ties count half)   panel vote "
-          f"{rep['vote_rate']:.1%}")
-    print(f"  reply length        SFT {rep['reply_words_sft']:.1f} -> PPO {rep['reply_words']:.1f} words; "
-          f"real-word rate SFT {rep['real_word_rate_sft']:.3f} -> PPO {rep['real_word_rate']:.3f}")
+    print("\nfinal report on {n} held-out prompts (plays never trained on), replies sampled at temperature 1:"
+          "\n  reward-model score  SFT {rm_score_sft:+.3f} -> PPO {rm_score:+.3f}"
+          "   (shaped reward, beta = 0: SFT {reward_sft:+.3f} -> PPO {reward:+.3f})"
+          "\n  panel gold score    SFT {gold_sft:+.3f} -> PPO {gold:+.3f}"
+          "\n  KL(PPO || SFT)      {kl:.2f} nats per reply (k3 estimate {kl_k3:.2f})"
+          "\n  win rate vs SFT     {win_rate:.1%} (gold; ties count half)   panel vote {vote_rate:.1%}"
+          "\n  reply length        SFT {reply_words_sft:.1f} -> PPO {reply_words:.1f} words;"
+          " real-word rate SFT {real_word_rate_sft:.3f} -> PPO {real_word_rate:.3f}".format(**rep))
     for p, a, c in rep["examples"][:4]:
         print(f"\n  Human: {p}\n    SFT: {a}\n    PPO: {c}")
     runs = {f"{s.out_dir} ({beta_setting(asdict(s))})": history}
@@ -554,34 +540,32 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
         ck = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py", kind="ppo")
         runs[f"{d} ({beta_setting(ck['config'])})"] = ck["history"]
     if m.world.main:
+        write_report(rep, os.path.join(s.out_dir, "ppo_report"))
         plot_overoptimisation(runs, os.path.join(s.out_dir, "overoptimisation.png"))
     return rep
 
 
 def write_report(rep, stem):
     write_text(stem + ".json", json.dumps(rep, indent=1))
-    lines = [f"# PPO vs SFT on {rep['n']} held-out prompts ({rep['device']}, preset {rep['preset']}, "
-             f"{rep['iters']} iterations)", "", "| | SFT | PPO |", "|---|---|---|",
-             f"| reward-model score (normalised) | {rep['rm_score_sft']:+.3f} | {rep['rm_score']:+.3f} |",
-             f"| shaped reward, beta = 0 | {rep['reward_sft']:+.3f} | {rep['reward']:+.3f} |",
-             f"| panel gold score | {rep['gold_sft']:+.3f} | {rep['gold']:+.3f} |",
-             f"| reply length (words) | {rep['reply_words_sft']:.1f} | {rep['reply_words']:.1f} |",
-             f"| real-word rate | {rep['real_word_rate_sft']:.3f} | {rep['real_word_rate']:.3f} |", "",
-             f"KL(PPO || SFT) per reply: {rep['kl']:.2f} nats (k3 estimate {rep['kl_k3']:.2f}).  ",
-             f"Win rate of PPO over SFT (panel gold, ties half): {rep['win_rate']:.1%}; panel vote: "
-             f"{rep['vote_rate']:.1%}.  ",
-             f"Time: {rep['minutes_total']:.1f} min in all, PPO {rep['minutes_ppo']:.1f} min.", "",
-             "## Examples", ""]
+    md = ("# PPO vs SFT on {n} held-out prompts ({device}, preset {preset}, {iters} iterations)\n\n"
+          "| | SFT | PPO |\n|---|---|---|\n"
+          "| reward-model score (normalised) | {rm_score_sft:+.3f} | {rm_score:+.3f} |\n"
+          "| shaped reward, beta = 0 | {reward_sft:+.3f} | {reward:+.3f} |\n"
+          "| panel gold score | {gold_sft:+.3f} | {gold:+.3f} |\n"
+          "| reply length (words) | {reply_words_sft:.1f} | {reply_words:.1f} |\n"
+          "| real-word rate | {real_word_rate_sft:.3f} | {real_word_rate:.3f} |\n\n"
+          "KL(PPO || SFT) per reply: {kl:.2f} nats (k3 estimate {kl_k3:.2f}).  \n"
+          "Win rate of PPO over SFT (panel gold, ties half): {win_rate:.1%}; panel vote: {vote_rate:.1%}.  \n"
+          "Time: {minutes_total:.1f} min in all, PPO {minutes_ppo:.1f} min.\n\n## Examples\n").format(**rep)
     for p, a, c in rep["examples"][:12]:
-        lines += [f"**Human:** {p}  ", f"**SFT:** {a}  ", f"**PPO:** {c}", ""]
-    write_text(stem + ".md", "\n".join(lines))
+        md += f"\n**Human:** {p}  \n**SFT:** {a}  \n**PPO:** {c}\n"
+    write_text(stem + ".md", md)
 
 
 def plot(history, path):
-    plt = pyplot()
     tr = [h for h in history if "rm_score" in h]
     ev = [h for h in history if "eval_rm_score" in h]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = pyplot().subplots(2, 2, figsize=(10, 7))
     panels = [("rm_score", "reward-model score (normalised)"), ("gold", "panel gold score"),
               ("kl", "KL(policy || SFT), nats per reply"), ("vf_loss", "value loss")]
     for ax, (key, title) in zip(axes.flat, panels):
@@ -612,10 +596,9 @@ def plot_overoptimisation(runs, path):
         if not ev:
             continue
         x = [0.0] + [max(h["eval_kl"], 0.0) ** 0.5 for h in ev]
-        ax.plot(x, [ev[0]["eval_rm_score_sft"]] + [h["eval_rm_score"] for h in ev], "o-", c=colour,
-                label=f"{name}: reward model")
-        ax.plot(x, [ev[0]["eval_gold_sft"]] + [h["eval_gold"] for h in ev], "s--", c=colour,
-                label=f"{name}: gold")
+        for key, style, what in (("rm_score", "o-", "reward model"), ("gold", "s--", "gold")):
+            ax.plot(x, [ev[0][f"eval_{key}_sft"]] + [h[f"eval_{key}"] for h in ev], style, c=colour,
+                    label=f"{name}: {what}")
     ax.set(xlabel="sqrt(KL(policy || SFT)), sqrt(nats per reply)", ylabel="held-out score",
            title="Over-optimisation: proxy vs gold against sqrt(KL)")
     ax.grid(alpha=0.3)

@@ -40,9 +40,12 @@ if os.path.dirname(HERE) not in sys.path:  # `python data/feedback.py` finds the
 from data.prepare import ASSISTANT, HUMAN, format_prompt  # noqa: E402
 
 GZIP_MAGIC = b"\x1f\x8b"   # the first two bytes of a gzip file
-KINDS = ("comparison", "ranking", "rating", "correction")
+# each kind's fields (a line's other keys go under "meta"), and those holding its replies, best first: a
+# correction's edited reply is preferred to the original
 FIELDS = {"comparison": ("prompt", "chosen", "rejected", "tie"), "ranking": ("prompt", "replies"),
           "rating": ("prompt", "reply", "rating", "scale"), "correction": ("prompt", "reply", "corrected")}
+REPLIES = {"comparison": ("chosen", "rejected"), "rating": ("reply",), "correction": ("corrected", "reply")}
+KINDS = tuple(FIELDS)
 
 
 def _string(v, what):
@@ -51,16 +54,16 @@ def _string(v, what):
     return v.strip()
 
 
-def _field(obj, key):
-    if key not in obj:
-        raise ValueError(f"missing field {key!r}")
-    return _string(obj[key], f"field {key!r}")
-
-
 def _number(v, what):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{what} must be a finite number, got {v!r}")
     return float(v)
+
+
+def _field(obj, key, check=_string):
+    if key not in obj:
+        raise ValueError(f"missing field {key!r}")
+    return check(obj[key], f"field {key!r}")
 
 
 def _prompt(obj):
@@ -90,9 +93,7 @@ def _rating(obj):
     if not isinstance(scale, list) or len(scale) != 2:
         raise ValueError(f"field 'scale' must be [lowest, highest], got {scale!r}")
     lo, hi = (_number(x, "a scale bound") for x in scale)
-    if "rating" not in obj:
-        raise ValueError("missing field 'rating'")
-    r = _number(obj["rating"], "field 'rating'")
+    r = _field(obj, "rating", _number)
     if not lo < hi or not lo <= r <= hi:
         raise ValueError(f"rating {obj['rating']!r} is not within scale [{lo:g}, {hi:g}]")
     return r, [lo, hi]
@@ -114,26 +115,22 @@ def parse_feedback(obj):
         raise ValueError(f"unknown kind {kind!r}: expected one of {list(KINDS)}")
     else:
         rec, used = {"kind": kind, "prompt": _prompt(obj)}, ("kind",) + FIELDS[kind]
-        if kind == "comparison":
-            rec["replies"] = [_field(obj, "chosen"), _field(obj, "rejected")]
-            if not isinstance(obj.get("tie", False), bool):
-                raise ValueError(f"field 'tie' must be true or false, got {obj['tie']!r}")
-        elif kind == "ranking":
+        if kind == "ranking":
             rs = obj.get("replies")
             if not isinstance(rs, list) or len(rs) < 2:
                 raise ValueError("field 'replies' must be a list of at least 2 replies, best first")
             rec["replies"] = [_string(r, f"replies[{i}]") for i, r in enumerate(rs)]
             if len(set(rec["replies"])) < len(rs):
                 raise ValueError("field 'replies' repeats a reply")
-        elif kind == "rating":
-            rec["replies"] = [_field(obj, "reply")]
+        else:
+            rec["replies"] = [_field(obj, key) for key in REPLIES[kind]]
+        if kind == "comparison" and not isinstance(obj.get("tie", False), bool):
+            raise ValueError(f"field 'tie' must be true or false, got {obj['tie']!r}")
+        if kind == "rating":
             rec["rating"], rec["scale"] = _rating(obj)
-        else:  # correction: the edited reply is preferred to the original
-            rec["replies"] = [_field(obj, "corrected"), _field(obj, "reply")]
         rec["prompts"] = [rec["prompt"]] * len(rec["replies"])
     # two identical replies after identical transcripts (HH-RLHF has some) carry no preference: a tie
-    same = rec["kind"] in ("comparison", "correction") and rec["replies"][0] == rec["replies"][1] \
-        and rec["prompts"][0] == rec["prompts"][1]
+    same = len(set(zip(rec["prompts"], rec["replies"]))) < len(rec["replies"])
     rec["tie"] = same or (kind == "comparison" and obj.get("tie", False))
     rec["meta"] = {k: v for k, v in obj.items() if k not in used}
     return rec
@@ -182,10 +179,7 @@ def open_feedback(path):
     with locked(open(path, "rb"), exclusive=False) as f:
         gzipped = f.read(2) == GZIP_MAGIC
         f.seek(0)
-        if not gzipped:
-            yield f
-            return
-        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+        with gzip.GzipFile(fileobj=f, mode="rb") if gzipped else contextlib.nullcontext(f) as g:
             yield g
 
 
@@ -228,9 +222,8 @@ def check_writable(path):
         try:
             if not os.path.isfile(path) or not os.access(path, os.W_OK):
                 raise PermissionError(13, "not a writable file")
-            with open(path, "ab"):                                           # e.g. a read-only mount, /proc
-                pass
-            with open(path, "rb") as f:
+            with open(path, "a+b") as f:                                     # e.g. a read-only mount, /proc
+                f.seek(0)
                 if f.read(2) == GZIP_MAGIC:
                     raise PermissionError(13, "gzip-compressed: feedback is appended to a plain JSONL file")
         except OSError as e:

@@ -28,7 +28,10 @@ choruses in Pericles) are dropped, and unbracketed stage directions (a few in th
 kept as speech. A turn is one exchange: no longer dialogue history is kept.
 """
 import argparse
+import collections
+import contextlib
 import functools
+import itertools
 import json
 import lzma
 import os
@@ -95,8 +98,7 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 def format_prompt(turns):
     """turns (a str, or alternating human, assistant, ... ending with a human turn) -> the transcript,
     ending in "\\n\\nAssistant:" for the model to reply."""
-    if isinstance(turns, str):
-        turns = [turns]
+    turns = [turns] if isinstance(turns, str) else turns
     said = ((HUMAN if i % 2 == 0 else ASSISTANT) + " " + t.strip() for i, t in enumerate(turns))
     return "".join(said) + ASSISTANT
 
@@ -111,14 +113,11 @@ def read_works(path=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: it ships with the repo (restore it with "
                                 f"`git checkout -- data/shakespeare.tar.xz`); see data/README.md")
-    works = {}
     try:
         with tarfile.open(path, "r:xz") as tar:
-            for member in tar.getmembers():
-                name = os.path.basename(member.name)
-                if member.isfile() and name.endswith("_gut.txt"):
-                    raw = tar.extractfile(member).read()
-                    works[name[:-len("_gut.txt")]] = raw.decode("utf-8", errors="replace")
+            texts = [m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")]
+            works = {os.path.basename(m.name).removesuffix("_gut.txt"):
+                     tar.extractfile(m).read().decode("utf-8", errors="replace") for m in texts}
     except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable .tar.xz archive ({type(e).__name__}: {e})") from None
     if not works:
@@ -162,11 +161,8 @@ def classify_lines(text):
             in_direction = False                                   # an unclosed "[" ends at a blank line
             continue
         had_direction = in_direction or "[" in line or "]" in line
-        if in_direction:                                           # inside a multi-line [direction]
-            if "]" not in line:
-                lines.append(("direction", ""))
-                continue
-            line, in_direction = line.split("]", 1)[1], False      # keep what follows the "]"
+        if in_direction:                                           # inside a multi-line [direction]:
+            line, in_direction = line.partition("]")[2], "]" not in line   # keep what follows "]", if any
         line = BRACKET_RE.sub(" ", line)                           # inline [directions]
         if "[" in line:                                            # a direction that goes on below
             line, in_direction = line.split("[", 1)[0], True
@@ -193,15 +189,7 @@ def parse_play(text):
     line and looks like a name with speech next (or, ALL CAPS with '.', after blank lines: a few plays), or
     is "KING. Ay, that is ...", name and speech on one line."""
     lines = classify_lines(text)
-    scenes, scene, speaker, speech, started = [], [], None, [], False
-
-    def end_speech():
-        if speaker is not None and speech:
-            words = " ".join(speech)
-            if scene and scene[-1][0] == speaker:                  # same speaker again: one speech
-                scene[-1] = (speaker, scene[-1][1] + " " + words)
-            else:
-                scene.append((speaker, words))
+    scenes, speeches = [], None                    # this scene's [(speaker, [line, ...])]; None: front matter
 
     def next_line(i, skip):                                        # first line after i of a kind not in skip
         return next((k_l for k_l in lines[i + 1:] if k_l[0] not in skip), ("blank", ""))
@@ -209,8 +197,7 @@ def parse_play(text):
     def is_speaker(i, line):
         if speaker_name(line) is None:
             return False
-        kind, after = next_line(i, skip=("direction",))
-        if kind == "text":                                         # "Ber." / "Who's there?"
+        if next_line(i, skip=("direction",))[0] == "text":         # "Ber." / "Who's there?"
             return True
         kind, after = next_line(i, skip=("direction", "blank"))   # "NESTOR." / "" / "[Aside]" / "And yet..."
         return (CAPS_SPEAKER_RE.match(line) is not None and line.endswith(".") and kind == "text"
@@ -218,23 +205,22 @@ def parse_play(text):
 
     for i, (kind, line) in enumerate(lines + [("heading", "")]):   # a last heading ends the last scene
         if kind == "heading":                                      # ACT / SCENE: the dialogue restarts
-            end_speech()
+            runs = itertools.groupby((s for s in speeches or [] if s[1]), key=lambda s: s[0])  # by speaker
+            scene = [(who, " ".join(part for _, said in run for part in said)) for who, run in runs]
             if scene:
                 scenes.append(scene)
-            scene, speaker, speech, started = [], None, [], True
+            speeches = []
             continue
-        if not started or kind != "text":                          # front matter; blank or direction
+        if speeches is None or kind != "text":                     # front matter; blank or direction
             continue
         at_start = i == 0 or lines[i - 1][0] != "text"             # after a blank/direction/heading line
         inline = CAPS_INLINE_RE.match(line)
         if inline:                                                 # "KING. Ay, that is ..."
-            end_speech()
-            speaker, speech = inline["name"], [inline["speech"]]
+            speeches.append((inline["name"], [inline["speech"]]))
         elif at_start and is_speaker(i, line):                     # "Ber." then the speech below
-            end_speech()
-            speaker, speech = speaker_name(line), []
-        elif speaker is not None:                                  # a speech line (lines with no
-            speech.append(line)                                    # speaker yet are dropped)
+            speeches.append((speaker_name(line), []))
+        elif speeches:                                             # a speech line (lines with no
+            speeches[-1][1].append(line)                           # speaker yet are dropped)
     return scenes
 
 
@@ -261,27 +247,17 @@ def _cut(text, enc, max_tokens, keep_end):
     if n_tokens(enc, text) <= max_tokens:
         return text
     bounds = list(SENTENCE_END_RE.finditer(text))   # each match sits between two sentences
-    if keep_end:                                    # suffixes, longest first: the first that fits
-        for m in bounds:
-            if m.end() < len(text) and n_tokens(enc, text[m.end():]) <= max_tokens:
-                return text[m.end():]
-    else:                                           # prefixes, shortest first: the last that fits
-        best = None
-        for m in bounds:
-            if n_tokens(enc, text[:m.start()]) > max_tokens:
-                break
-            best = text[:m.start()]
-        if best:
-            return best
+    pieces = ((text[m.end():] for m in bounds) if keep_end        # suffixes or prefixes of whole sentences,
+              else (text[:m.start()] for m in reversed(bounds)))  # longest first: the first that fits
+    best = next((piece for piece in pieces if piece and n_tokens(enc, piece) <= max_tokens), None)
+    if best:
+        return best
     # Not even one sentence fits: cut by tokens, then drop the word the cut went through (if it did not
     # fall on a space), and more words in the rare case that re-encoding the cut text grew it.
     tokens = enc.encode_ordinary(" " + text)
-    if keep_end:
-        kept = enc.decode(tokens[-max_tokens:])
-        partial = not kept.startswith(" ")                                     # "...lov|'d him half"
-    else:
-        kept = enc.decode(tokens[:max_tokens])
-        partial = not enc.decode(tokens[max_tokens:]).startswith(" ")          # "...the cuck|old"
+    kept = enc.decode(tokens[-max_tokens:] if keep_end else tokens[:max_tokens])
+    after_cut = kept if keep_end else enc.decode(tokens[max_tokens:])  # what follows the cut
+    partial = not after_cut.startswith(" ")                    # "...lov|'d him half" / "...the cuck|old"
     words = kept.split()
     while len(words) > 1 and (partial or n_tokens(enc, " ".join(words)) > max_tokens):
         words = words[1:] if keep_end else words[:-1]
@@ -311,9 +287,10 @@ def split_of(work):
     return "test" if work in TEST_PLAYS else "val" if work in VAL_PLAYS else "train"
 
 
-def _write_atomic(path, data):
-    """Write bytes via a temp file in the same folder and a rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path), suffix=".tmp")
+def _write_atomic(name, data):
+    """Write bytes to CACHE_DIR/name via a temp file there and a rename: never a half-written file."""
+    path = os.path.join(CACHE_DIR, name)
+    fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, prefix=name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -329,13 +306,11 @@ def prepare(force=False, verbose=True):
     meta_path = os.path.join(CACHE_DIR, "meta.json")
     outputs = [f"{s}{ext}" for s in SPLITS for ext in (".bin", "_mask.bin", "_turns.jsonl")]
     if not force and all(os.path.exists(os.path.join(CACHE_DIR, p)) for p in outputs + ["meta.json"]):
-        try:
+        with contextlib.suppress(OSError, ValueError):             # unreadable meta.json: rebuild
             with open(meta_path) as f:
                 meta = json.load(f)
             if meta.get("version") == VERSION and meta.get("tokenizer") == TOKENIZER_NAME:
                 return meta
-        except (OSError, ValueError):
-            pass                                                   # unreadable meta.json: rebuild
     t0 = time.time()
     if verbose:
         print(f"building {CACHE_DIR} from {TARBALL} ...")
@@ -344,17 +319,14 @@ def prepare(force=False, verbose=True):
     if missing:
         raise ValueError(f"{TARBALL} has no play(s) {missing} named in VAL_PLAYS / TEST_PLAYS")
     enc = get_tokenizer()
-    turns = {s: [] for s in SPLITS}                                # in play order
-    turns_per_play = {}
+    all_turns = []                                                 # in play order
     for work, text in works.items():
-        n = 0
         for prompt, reply, scene in turns_from_scenes(parse_play(text)):
             prompt, reply = cut_prompt(prompt, enc), cut_reply(reply, enc)
             if prompt and reply:                                   # skip turns emptied by cleaning
-                turns[split_of(work)].append({"work": work, "scene": scene, "prompt": prompt, "reply": reply})
-                n += 1
-        if n:
-            turns_per_play[work] = n
+                all_turns.append({"work": work, "scene": scene, "prompt": prompt, "reply": reply})
+    turns = {s: [t for t in all_turns if split_of(t["work"]) == s] for s in SPLITS}
+    turns_per_play = dict(collections.Counter(t["work"] for t in all_turns))   # in play order too
 
     # meta.json last (removed first, so a rebuild cut short leaves none)
     os.makedirs(CACHE_DIR, exist_ok=True)
@@ -365,20 +337,17 @@ def prepare(force=False, verbose=True):
             "val_plays": list(VAL_PLAYS), "test_plays": list(TEST_PLAYS),
             "turns": {}, "tokens": {}, "reply_tokens": {}, "turns_per_play": turns_per_play}
     for split in SPLITS:
-        ids, mask = [], []
-        for t in turns[split]:
-            i, m = encode_turn(enc, t["prompt"], t["reply"])
-            ids += i
-            mask += m
-        _write_atomic(os.path.join(CACHE_DIR, f"{split}.bin"), np.array(ids, dtype=np.uint16).tobytes())
-        _write_atomic(os.path.join(CACHE_DIR, f"{split}_mask.bin"), np.array(mask, dtype=np.uint8).tobytes())
-        lines = "".join(json.dumps(t) + "\n" for t in turns[split])
-        _write_atomic(os.path.join(CACHE_DIR, f"{split}_turns.jsonl"), lines.encode("utf-8"))
+        encoded = [encode_turn(enc, t["prompt"], t["reply"]) for t in turns[split]]
+        ids = [i for turn_ids, _ in encoded for i in turn_ids]
+        mask = [m for _, turn_mask in encoded for m in turn_mask]
+        _write_atomic(f"{split}.bin", np.array(ids, dtype=np.uint16).tobytes())
+        _write_atomic(f"{split}_mask.bin", np.array(mask, dtype=np.uint8).tobytes())
+        _write_atomic(f"{split}_turns.jsonl", "".join(json.dumps(t) + "\n" for t in turns[split]).encode())
         meta["turns"][split] = len(turns[split])
         meta["tokens"][split] = len(ids)
         meta["reply_tokens"][split] = int(sum(mask))
     meta["seconds"] = round(time.time() - t0, 1)
-    _write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    _write_atomic("meta.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
     if verbose:
         print_counts(meta)
     return meta

@@ -185,3 +185,127 @@ def test_the_heading_check_catches_a_wrong_heading():
         assert wrong(text), text
     assert len(wrong(bad[1])) == 2
     assert [p.split(":")[1] for p in wrong("ok\n[实战框架 §4.2.2] 信赖域方法\n[实战框架 §4.2.2] 重要性采样")] == ["3"]
+
+
+# ---- the Chinese guide (tests/README_zh.md): its map, its errata and the code it names --------------------------
+
+ZH = open(os.path.join(ROOT, "tests", "README_zh.md"), encoding="utf-8").read()
+
+
+def _section(text, heading):
+    """The text of the `## heading...` section of `text`, up to the next `## `."""
+    start = text.index("\n## " + heading)
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def _rows(text):
+    """The data rows of every table in `text`, as lists of cells (header and separator rows left out)."""
+    rows, header = [], None
+    for line in text.split("\n"):
+        if not line.lstrip().startswith("|"):
+            header = None
+            continue
+        if header is None:
+            header = line
+            continue
+        if not set(line.strip()) <= set("|-: "):
+            rows.append(_cells(line))
+    return rows
+
+
+def test_the_chinese_map_has_all_five_chapters_and_the_rows_it_promises():
+    """读书地图: one table per chapter, and the rows the map was asked for (each a row of its own, first cell the
+    citation alone): reward shaping, evaluation, REINFORCE, the initial policy, data preparation, the policy and
+    value nets against train_ppo.ActorCritic, and the MDP's definitions."""
+    map_text = _section(ZH, "读书地图")
+    for tag in TAGS:
+        assert f"\n### {tag} — " in map_text, tag
+    first_cells = {cells[0]: cells for cells in _rows(map_text)}
+    promised = {"[流程与实践 §3.3]": "shape_rewards", "[流程与实践 §3.4]": "judge", "[强化对齐 §4.2.2]": "--ppo_epochs 1",
+                "[实战框架 §3.3.1]": "setup", "[实战框架 §5.1]": "data/prepare.py", "[强化对齐 §5.1.2]": "ActorCritic",
+                "[难点和问题 §4.1]": "ppo.py", "[强化对齐 §4.1.1]": "ppo.py", "[强化对齐 §4.1.2]": "per_token_rewards",
+                "[强化对齐 §4.1.3]": "response_logprobs"}
+    for citation, code in promised.items():
+        assert citation in first_cells, f"读书地图 has no row of its own for {citation}"
+        assert code in first_cells[citation][3], (citation, first_cells[citation][3])
+    assert "C3" in first_cells["[流程与实践 §3.3]"][5]
+    for tag in ("难点和问题", "从理论到实践"):
+        assert sum(c.startswith(f"[{tag} §") for c in first_cells) >= 3, tag
+
+
+def test_ppo_docstring_states_the_mdp_the_map_points_to():
+    """The map sends [难点和问题 §4.1] and [强化对齐 §4.1.1]-§4.1.3 to ppo.py's docstring: it must state them."""
+    import ast
+    doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, "ppo.py"), encoding="utf-8").read()))
+    for citation in ("[难点和问题 §4.1]", "[强化对齐 §4.1.1]", "[强化对齐 §4.1.2]", "[强化对齐 §4.1.3]"):
+        assert citation in doc, citation
+    assert "MDP" in doc and "deterministic" in doc
+
+
+# every erratum the guide was asked to hold: its citation, and how many rows carry it at least
+ERRATA = {"[实战框架 §4.2.1]": 1, "[实战框架 §4.2.3]": 1, "[实战框架 §5.2.1]": 1, "[实战框架 §5.2.2]": 1,
+          "[实战框架 §5.2.3]": 2, "[实战框架 §5.3.3]": 1, "[实战框架 §5.4.1]": 2, "[实战框架 §7.3.3]": 1,
+          "[流程与实践 §3.1]": 1, "[流程与实践 §3.3]": 1, "[流程与实践 §4.3]": 1, "[难点和问题 §1.1]": 1,
+          "[难点和问题 §3.1]": 1, "[难点和问题 §4.1]": 1, "[难点和问题 §3.4]": 3, "[难点和问题 §4.3]": 1,
+          "[难点和问题 §4.4]": 2, "[难点和问题 §4.5]": 2, "[难点和问题 §5.2]": 1, "[强化对齐 §5.1.3]": 2,
+          "[强化对齐 §5.2.2]": 1, "[强化对齐 §5.3.1]": 1, "[从理论到实践 §4.1]": 1}
+
+
+def test_the_chinese_errata_hold_every_erratum_and_name_real_tests():
+    """勘误表: every erratum listed above is a row; a row's test cell names test functions that exist (in
+    tests/test_errata.py unless another file is named), or says （文字）/（公式）: no code to test."""
+    rows = [r for r in _rows(_section(ZH, "勘误表")) if len(r) == 5]
+    for citation, n in ERRATA.items():
+        assert sum(citation in r[0] for r in rows) >= n, f"勘误表: {citation} in fewer than {n} rows"
+    tests = {f: open(os.path.join(ROOT, "tests", f), encoding="utf-8").read()
+             for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py")}
+    for where, *_, test in rows:
+        names = re.findall(r"`(test_\w+)`", test)
+        if not names:
+            assert test in ("（文字）", "（公式）") or re.search(r"`test_\w+\.py`", test), (where, test)
+        for name in names:
+            assert any(re.search(rf"^def {name}\(", src, re.M) for src in tests.values()), (where, name)
+    assert len(rows) == int(re.search(r"书中 (\d+) 处错误", ZH).group(1))
+
+
+MODULES = ("model", "ppo", "reward", "sample", "train_ppo", "train_rm", "train_sft", "chat",
+           "data.prepare", "data.panel", "data.plumbing", "data.feedback", "data.classroom")
+
+
+def _defines(src, name):
+    return re.search(rf"^\s*(?:def|class)\s+{name}\b|^\s*{name}\s*[:=]|^[\w, ]*\b{name}\b[\w, ]*=|"
+                     rf"^(?:from|import)\b.*\b{name}\b|self\.{name}\s*=", src, re.M)
+
+
+def test_every_code_name_the_chinese_guide_cites_exists():
+    """`file.py` `name`、`name` and `module.name` in README_zh.md and README.md's Chinese section: each name is
+    defined in that file (an attribute `A.b`: A defined, b in the file). The flags it names are real flags,
+    min_p excepted (exercise C5 adds it)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = re.sub(r"```.*?```", "", ZH + readme[readme.index("## 给读这本书的同学"):readme.index("## Quick start")],
+                  flags=re.S)
+    cited = []
+    for m in re.finditer(r"`((?:data/|tests/)?\w+\.py)`((?:[ 、，,]*`[^`\n]+`)+)", text):
+        for token in re.findall(r"`([^`\n]+)`", m.group(2)):
+            for part in re.split(r",\s*", token):
+                if re.match(r"[A-Za-z_]\w*(\.\w+)?(\(.*\))?$", part) and not re.search(r"\.(py|pt|png|md)\b", part):
+                    cited.append((m.group(1), part.split("(")[0]))
+    book_code = _section(ZH, "勘误表")                      # quotes the book's own code: model.train(False) ...
+    for m in re.finditer(r"`(" + "|".join(re.escape(x) for x in MODULES) + r")\.([A-Za-z_]\w*)",
+                         text.replace(book_code, "")):
+        if m.group(2) != "py":
+            cited.append((m.group(1).replace(".", "/") + ".py", m.group(2)))
+    assert len(cited) > 150
+    missing = []
+    for path, name in cited:
+        src = open(os.path.join(ROOT, path), encoding="utf-8").read()
+        head, _, attr = name.partition(".")
+        if not _defines(src, head) or (attr and not re.search(rf"\b{attr}\b", src)):
+            missing.append(f"{path} {name}")
+    assert not missing, "the guide names code that does not exist: " + ", ".join(sorted(set(missing)))
+    sources = "\n".join(open(p, encoding="utf-8").read() for p in FILES if p.endswith(".py"))
+    flags = set(re.findall(r"--([a-z][a-z_]+)", text)) - {"help", "min_p"}
+    unknown = [f for f in sorted(flags) if not re.search(rf"^\s+{f}\s*:", sources, re.M)
+               and f"--{f}" not in sources.replace('"--' + f + " ", "")]
+    assert not unknown, "flags the guide names that no script has: " + ", ".join(unknown)

@@ -105,6 +105,16 @@ def test_q_learning_example_done_right():
         new[(s, a)] = Q[(s, a)] + alpha * (r + gamma * max(Q[(s2, b)] for b in "UD") - Q[(s, a)])
     assert new[(2, "D")] == pytest.approx(0.1) and new[(3, "D")] == pytest.approx(0.1)   # the book prints 0.9
     assert new[(1, "U")] == new[(1, "D")] == 0.0               # a tie at s = 1: no reason yet to prefer D
+    # the book's own step, Q + α·r + γ·max Q': with max Q(3, ·) read as 1 (all Q are 0) its sum is 1.0, not its
+    # printed 0.9; and α on r alone, without −Q, is no update rule at all: swept, it never converges
+    assert 0 + alpha * 1 + gamma * 1 == pytest.approx(1.0) and 0 + alpha * 1 + gamma * 1 != pytest.approx(0.9)
+    book, right = dict.fromkeys(MOVES, 0.0), dict.fromkeys(MOVES, 0.0)
+    for _ in range(20):
+        book = {(s, a): book[(s, a)] + alpha * (1.0 if s2 == 3 else 0.0) + gamma * max(book[(s2, b)] for b in "UD")
+                for (s, a), s2 in MOVES.items()}
+        right = {(s, a): right[(s, a)] + alpha * ((1.0 if s2 == 3 else 0.0) + gamma * max(right[(s2, b)] for b in "UD")
+                                                  - right[(s, a)]) for (s, a), s2 in MOVES.items()}
+    assert book[(3, "D")] > 1e3 and max(right.values()) < 1 / (1 - gamma)   # Q* is at most 10 here
     Q = {sa: 0.0 for sa in MOVES}                               # value iteration to the fixed point
     for _ in range(500):
         Q = {(s, a): (1.0 if s2 == 3 else 0.0) + gamma * max(Q[(s2, b)] for b in "UD") for (s, a), s2 in MOVES.items()}

@@ -279,6 +279,39 @@ def test_10_clip_eps_reaches_ppo_loss():
 
 def test_the_replacements_run_with_the_names_of_the_file_they_edit():
     # edit() runs a replacement with the edited function's module globals: the names they use are there
-    for mod, names in ((train_ppo, ("apply_no_eos_penalty", "per_token_rewards")), (ppo, ("kl_k3", "torch")),
-                       (reward, ("F",)), (model, ("torch",)), (sample, ("torch",))):
+    # (C3's two lines in shape_rewards use words and torch; C4's learned table nn.Embedding; C1's hinge F.relu)
+    for mod, names in ((train_ppo, ("apply_no_eos_penalty", "per_token_rewards", "words", "torch")),
+                       (ppo, ("kl_k3", "torch")), (reward, ("F",)), (model, ("torch", "nn")), (sample, ("torch",))):
         assert all(hasattr(mod, n) for n in names), mod.__name__
+
+
+def test_the_chinese_sheet_gives_every_exercise_its_command_place_outcome_and_undo():
+    """tests/README_zh.md 练习: every C1-C10 and E1-E8 is a row whose cells are all filled: where to edit (a file
+    and a function, or a flag), the command (a training command in its own --out_dir, never over out/'s
+    checkpoints), what to look at, the measured outcome, how to undo. Each C row has its route test here."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    zh = open(os.path.join(root, "tests", "README_zh.md"), encoding="utf-8").read()
+    sheet = zh[zh.index("\n## 练习"):]
+    rows = {}
+    for line in sheet.split("\n"):
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if cells and re.fullmatch(r"[CE]\d+", cells[0]):
+            rows[cells[0]] = cells
+    assert sorted(rows) == sorted([f"C{i}" for i in range(1, 11)] + [f"E{i}" for i in range(1, 9)])
+    here = open(os.path.abspath(__file__), encoding="utf-8").read()
+    for key, cells in rows.items():
+        if key.startswith("C"):
+            _, _, _, where, command, look, outcome, undo = cells
+        else:
+            _, _, where, command, look, outcome, undo = cells
+        assert all((where, command, look, outcome, undo)), key
+        assert re.search(r"`\w+\.py`|参数 `--", where), (key, where)
+        if not command.startswith("见 C"):
+            for run in re.findall(r"python (train_\w+\.py[^`]*)", command):
+                assert re.search(r"--out_dir out/\w+", run), (key, run)    # its own folder, never out/ itself
+        assert re.search(r"\d", outcome), (key, outcome)                 # a measured figure
+        assert "git checkout" in undo or "去掉" in undo or "见 C" in undo or "不用撤销" in undo, (key, undo)
+        if key.startswith("C"):
+            assert re.search(rf"^def test_{key[1:]}_", here, re.M), key
