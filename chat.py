@@ -288,7 +288,7 @@ class Terminal:
             if not self.interactive:
                 line = sys.stdin.readline()
                 if not line:
-                    raise EOFError
+                    return None                                          # end of input
             elif self.color:  # \001 \002 tell readline the colour codes take no room on the screen
                 line = input(f"\001\033[1;32m\002{prompt}\001\033[0m\002")
             else:
@@ -433,9 +433,9 @@ class Chat:
     def settings(self):
         return {k: getattr(self.s, k) for k in KNOBS}
 
-    def save(self, record, extra, said):
+    def save(self, record, extra, detail):
         """Append a record, with where it came from (under "meta" for train_rm.py), to the feedback file
-        (write_feedback checks the schema, mends a cut-short last line, fsyncs): "saved a {kind}{said}"."""
+        (write_feedback checks the schema, mends a cut-short last line, fsyncs): "saved a {kind}{detail}"."""
         record = {**record, "checkpoint": self.ckpt_path, **extra,
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": "chat.py"}
         try:
@@ -447,7 +447,7 @@ class Chat:
         if healed:
             self.term.info(healed)
         self.saved += 1
-        self.term.info(f"saved a {record['kind']}{said}")
+        self.term.info(f"saved a {record['kind']}{detail}")
 
 
 # The feedback commands ([流程与实践 §3.2]): comparison, ranking, rating, correction

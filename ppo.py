@@ -268,7 +268,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ctx.save_for_backward(h, weight, tokens)
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
         ctx.chunks = [slice(i, i + chunk_size) for i in range(0, h.size(0), chunk_size)]  # rows of each chunk
-        logp, entropy = torch.zeros(2, h.size(0), device=h.device)  # (N,), (N,); entropy 0 if not asked
+        logp, entropy = (torch.zeros(h.size(0), device=h.device) for _ in range(2))  # (N,) each
         for c in ctx.chunks:
             logp_all = _chunk_log_softmax(h[c], weight, temperature)          # (n, V)
             logp[c] = logp_all.gather(1, tokens[c, None]).squeeze(1)          # (n,) log pi(token)

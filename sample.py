@@ -119,7 +119,7 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_logits, order = logits.sort(dim=-1, descending=True)           # (B, V), (B, V)
         probs = F.softmax(sorted_logits, dim=-1)                              # (B, V) most probable first
         before = probs.cumsum(dim=-1) - probs                               # (B, V) mass of the tokens before
-        drop_sorted = before >= top_p          # (B, V) set already reached p; top token (before = 0) stays
+        drop_sorted = before >= top_p          # (B, V) set reached p; top token stays (before = 0 < top_p)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V) back in vocab order
         logits = logits.masked_fill(drop, float("-inf"))                      # (B, V)
     return logits

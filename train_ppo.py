@@ -364,7 +364,8 @@ def rollout(m, model, prompts, generator=None):
     """`model` (the policy, or the SFT reference for comparison) replies to each prompt by pure sampling."""
     ids = [encode_prompt(m.enc, p) for p in prompts]
     with m.autocast:  # bf16 with --dtype bfloat16; the sampling itself is in float32 (sample.filter_logits)
-        return Rollout(*generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator))
+        seq, pad, resp_mask = generate(model, ids, m.s.max_new_tokens, temperature=1.0, generator=generator)
+        return Rollout(seq, pad, resp_mask)
 
 
 # ---- 2. score: the reward, advantages ----------------------------------------------------------------------
@@ -525,6 +526,8 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
     rep.update(examples=list(zip(prompts, sft_side["text"], ppo_side["text"])),
                minutes_total=(time.time() - t_start) / 60, minutes_ppo=(time.time() - t_ppo) / 60,
                device=device, iters=s.iters, preset=s.preset, processes=m.world.size)
+    if m.world.main:
+        write_report(rep, os.path.join(s.out_dir, "ppo_report"))
     print("\nfinal report on {n} held-out prompts (plays never trained on), replies sampled at temperature 1:"
           "\n  reward-model score  SFT {rm_score_sft:+.3f} -> PPO {rm_score:+.3f}"
           "   (shaped reward, beta = 0: SFT {reward_sft:+.3f} -> PPO {reward:+.3f})"
@@ -540,7 +543,6 @@ def final_report(s, m, panel, history, device, t_start, t_ppo):
         ck = load_checkpoint(os.path.join(d, "ppo.pt"), made_by="train_ppo.py", kind="ppo")
         runs[f"{d} ({beta_setting(ck['config'])})"] = ck["history"]
     if m.world.main:
-        write_report(rep, os.path.join(s.out_dir, "ppo_report"))
         plot_overoptimisation(runs, os.path.join(s.out_dir, "overoptimisation.png"))
     return rep
 

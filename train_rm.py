@@ -198,10 +198,13 @@ def rank_with_panel(prompts, replies, panel, rng):
     records = []
     for p, rs in zip(prompts, replies):
         rs = list(dict.fromkeys(x.strip() for x in rs))
-        order, rater = panel.rank(rs, rng) if len(rs) > 1 else ([], None)        # one reply ranks nothing
+        if len(rs) < 2:                                                           # one reply ranks nothing
+            records.append([])
+            continue
+        order, rater = panel.rank(rs, rng)
         records.append([{"kind": "ranking", "prompt": p, "replies": [rs[i] for i in order],
                          "rater": int(rater), "gold": [round(float(panel.gold(rs[i])), 4) for i in order],
-                         "source": "panel"}] if order else [])
+                         "source": "panel"}])
     return records
 
 
@@ -423,8 +426,8 @@ def evaluate(s, rm, items, panel):
     ev = {"loss": sum(loss for _, loss, _ in scored) / len(batches),
           "acc": float(np.mean(np.greater(s_better, s_worse))) if pairs else math.nan, "gold_acc": math.nan,
           "rater_ceiling": math.nan, "gold_pairs": 0, "context_acc": None, "context_pairs": 0}
-    if pairs and all(r["meta"].get("source") == "panel" for r in items) \
-            and (np.abs(panel.golds(better) - panel.golds(worse)) > 0).any():          # gold means something
+    if (pairs and all(r["meta"].get("source") == "panel" for r in items)
+            and (np.abs(panel.golds(better) - panel.golds(worse)) > 0).any()):         # gold means something
         ev.update(gold_verdict(panel, better, worse, s_better, s_worse))
         ev["rater_ceiling"], _ = panel.single_rater_ceiling(list(zip(better, worse)))
     return ev
@@ -453,9 +456,9 @@ def bag_of_words_baseline(train_items, eval_items, panel, l2s=(1e-5, 1e-4, 1e-3,
     ranked = [r for r in train_items if r["kind"] != "rating"]
     vocab = {v: i for i, v in enumerate(sorted({v for r in ranked for x in r["replies"] for v in words(x)}))}
 
-    def pair_scores(items):   # theta -> the (better, worse) scores theta . f of every ordered pair, (P,)
-        # each (f: 1 per word a reply uses); and the pairs' (better, worse) texts. index_select, not
-        # theta[word]: its backward is an index_add, twice as fast as indexing's on a CPU
+    def pair_scores(items):   # theta -> (better, worse) scores theta . f, (P,) each; and the pairs' texts
+        # (f: 1 per word a reply uses). index_select, not theta[word]: its backward is an index_add, twice as
+        # fast as indexing's on a CPU
         texts = [x for r in items for x in r["replies"]]
         firsts = np.cumsum([0] + [len(r["replies"]) for r in items])       # where each item's replies start
         pairs = [p for r, n in zip(items, firsts) for p in combinations(range(n, n + len(r["replies"])), 2)]

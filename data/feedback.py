@@ -40,8 +40,8 @@ if os.path.dirname(HERE) not in sys.path:  # `python data/feedback.py` finds the
 from data.prepare import ASSISTANT, HUMAN, format_prompt  # noqa: E402
 
 GZIP_MAGIC = b"\x1f\x8b"   # the first two bytes of a gzip file
-# each kind's fields (a line's other keys go under "meta"), and those holding its replies, best first: a
-# correction's edited reply is preferred to the original
+# each kind's fields (a line's other keys go under "meta"), and those holding its replies, best first (a
+# ranking's: its list 'replies'): a correction's edited reply is preferred to the original
 FIELDS = {"comparison": ("prompt", "chosen", "rejected", "tie"), "ranking": ("prompt", "replies"),
           "rating": ("prompt", "reply", "rating", "scale"), "correction": ("prompt", "reply", "corrected")}
 REPLIES = {"comparison": ("chosen", "rejected"), "rating": ("reply",), "correction": ("corrected", "reply")}

@@ -143,7 +143,9 @@ def common_problems(s):
         problems.append(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
                         "False); use --device cpu")
     if hasattr(s, "out_dir"):
-        problems += [f"--out_dir {why}" for why in [out_dir_problem(s.out_dir)] if why]
+        why = out_dir_problem(s.out_dir)
+        if why:
+            problems.append(f"--out_dir {why}")
         problems += [f"--out_dir {s.out_dir}: {name} is a folder, not the checkpoint file the run reads or "
                      "writes" for name in ("sft.pt", "rm.pt", "ppo.pt")
                      if os.path.isdir(os.path.join(s.out_dir, name))]
@@ -422,7 +424,7 @@ MAX_WEIGHT = 1e3   # a trained model's weights stay far below this (here: below 
 def weights_problem(module):
     """None when every weight is finite and smaller than MAX_WEIGHT; else what is wrong with them. The
     trainers check this before every save, so a diverged run never replaces a checkpoint."""
-    biggest = float(torch.stack([p.detach().abs().max() for p in module.parameters()]).max())   # nan: any is
+    biggest = float(torch.stack([p.detach().abs().max() for p in module.parameters()]).max())   # nan if any is
     if not math.isfinite(biggest):
         return "not finite"
     if biggest > MAX_WEIGHT:

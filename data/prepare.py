@@ -162,7 +162,8 @@ def classify_lines(text):
             continue
         had_direction = in_direction or "[" in line or "]" in line
         if in_direction:                                           # inside a multi-line [direction]:
-            line, in_direction = line.partition("]")[2], "]" not in line   # keep what follows "]", if any
+            in_direction = "]" not in line
+            line = line.partition("]")[2]                              # keep what follows "]", if any
         line = BRACKET_RE.sub(" ", line)                           # inline [directions]
         if "[" in line:                                            # a direction that goes on below
             line, in_direction = line.split("[", 1)[0], True
@@ -205,7 +206,8 @@ def parse_play(text):
 
     for i, (kind, line) in enumerate(lines + [("heading", "")]):   # a last heading ends the last scene
         if kind == "heading":                                      # ACT / SCENE: the dialogue restarts
-            runs = itertools.groupby((s for s in speeches or [] if s[1]), key=lambda s: s[0])  # by speaker
+            spoken = [(who, said) for who, said in speeches or [] if said]     # speeches with words
+            runs = itertools.groupby(spoken, key=lambda speech: speech[0])   # a speaker's consecutive ones
             scene = [(who, " ".join(part for _, said in run for part in said)) for who, run in runs]
             if scene:
                 scenes.append(scene)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from data.prepare import ASSISTANT, EOT, HUMAN, encode_reply, format_prompt, get_tokenizer
+from data.prepare import EOT, encode_reply, format_prompt, get_tokenizer
 from data.plumbing import load_checkpoint, save_checkpoint
 from data.prepare import words
 from data.panel import LEXICON_FILE, Panel, gold_accuracy, load_lexicon, vader_tokens
@@ -154,7 +154,7 @@ def test_score_is_the_mean_over_the_reply_and_values():
         assert torch.allclose(rm.score(idx, reply), (r - 0.5) / 2.0)
 
 
-def test_scalar_head_stays_float32_under_bf16_autocast():
+def test_values_and_scores_stay_float32_under_bf16_autocast():
     # bf16 keeps 8 significant bits: scores 1.150 and 1.156 would be one number. The body may run in bf16,
     # the head (a d-vector dot product) runs in float32 on whatever the body gives it.
     torch.manual_seed(0)
